@@ -1,0 +1,84 @@
+//! vastream storage core.
+//!
+//! Everything the daemons (`vablk`, `vanbd`, `vamem`) and the `va` tool share, and nothing
+//! about their transports (virtio, NBD, FUSE):
+//!
+//! * [`format`] — the versioned bundle format: manifest, index pages, pack files.
+//! * [`pack`] — building a bundle from raw images (dedup, zero elision, plan order).
+//! * [`origin`] — fetching byte ranges of bundle files from HTTP(S) servers or a local directory.
+//! * [`cache`] — the size-bounded, LRU, multi-process local chunk cache.
+//! * [`overlay`] — the copy-on-write overlay that holds guest writes.
+//! * [`appliance`] — an opened bundle: verified manifest, index pages on demand, chunk fetcher.
+//! * [`volume`] — one image of an appliance as a block device: origin + cache + overlay behind
+//!   the [`device::BlockDevice`] trait that every transport serves.
+//! * [`trace`] — the working-set trace format (first access to each chunk).
+
+pub mod appliance;
+pub mod cache;
+pub mod device;
+pub mod format;
+pub mod origin;
+pub mod overlay;
+pub mod pack;
+pub mod trace;
+pub mod volume;
+
+pub use device::{BlockDevice, DevError, DevErrorKind, Extent, ExtentKind};
+
+/// BLAKE3 digest of plain bytes: the identity of chunks, index pages and manifests.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    /// Hashes `data` with BLAKE3.
+    pub fn of(data: &[u8]) -> Self {
+        Hash(*blake3::hash(data).as_bytes())
+    }
+
+    /// Lower-case hex form (64 characters).
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Hash(out))
+    }
+}
+
+impl std::fmt::Debug for Hash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+impl std::fmt::Display for Hash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let h = Hash::of(b"abc");
+        assert_eq!(Hash::from_hex(&h.to_hex()), Some(h));
+        assert_eq!(Hash::from_hex("zz"), None);
+        assert_eq!(Hash::from_hex(&"g".repeat(64)), None);
+    }
+}

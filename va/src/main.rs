@@ -1,0 +1,49 @@
+//! `va` — the vastream user tool.
+
+mod cat;
+mod pack_cmd;
+mod serve;
+mod wan;
+
+use clap::{Parser, Subcommand};
+
+/// Run a virtual appliance before it has been downloaded: pack images into a bundle, serve it
+/// over HTTP, read it back, and emulate a WAN for tests and demos.
+#[derive(Parser, Debug)]
+#[command(name = "va", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log filter (also RUST_LOG), e.g. `info`, `debug`, `va_store=trace`.
+    #[arg(long, global = true, default_value = "info", env = "VA_LOG")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Pack raw images (disk, RAM, device state, machine description) into a bundle.
+    Pack(pack_cmd::PackArgs),
+    /// Serve bundle directories over HTTP/1.1 (range requests, keep-alive, ETag).
+    Serve(serve::ServeArgs),
+    /// Materialize one image of an appliance (the full-download baseline).
+    Cat(cat::CatArgs),
+    /// User-space WAN emulator: a TCP proxy with bandwidth and latency shaping.
+    Wan(wan::WanArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let r = match cli.cmd {
+        Cmd::Pack(a) => pack_cmd::run(a),
+        Cmd::Serve(a) => serve::run(a),
+        Cmd::Cat(a) => cat::run(a),
+        Cmd::Wan(a) => wan::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("va: error: {e:#}");
+        std::process::exit(1);
+    }
+}
