@@ -82,3 +82,39 @@ mod tests {
         assert_eq!(Hash::from_hex(&"g".repeat(64)), None);
     }
 }
+
+#[cfg(feature = "cli")]
+pub mod cli;
+
+/// Parses a byte count: `123`, `64K`, `64KiB`, `10G`, `1.5G` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown size unit (use K, M, G or T)")),
+    };
+    let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    if !(v >= 0.0) || v * mult as f64 > u64::MAX as f64 / 2.0 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("64KiB"), Ok(65536));
+        assert_eq!(super::parse_size("10G"), Ok(10 << 30));
+        assert_eq!(super::parse_size("1.5k"), Ok(1536));
+        assert_eq!(super::parse_size("12"), Ok(12));
+        assert!(super::parse_size("12q").is_err());
+        assert!(super::parse_size("").is_err());
+    }
+}
