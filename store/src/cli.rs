@@ -27,7 +27,9 @@ impl StoreArgs {
     /// The volume options these arguments describe.
     pub fn volume_options(&self) -> Result<VolumeOptions, String> {
         let digest = match &self.digest {
-            Some(d) => Some(Hash::from_hex(d).ok_or_else(|| format!("--digest: {d:?} is not 64 hex digits"))?),
+            Some(d) => Some(
+                Hash::from_hex(d).ok_or_else(|| format!("--digest: {d:?} is not 64 hex digits"))?,
+            ),
             None => None,
         };
         Ok(VolumeOptions {

@@ -36,7 +36,10 @@ pub struct DevError {
 impl DevError {
     /// A new error of `kind` with a human-readable message (logged server-side).
     pub fn new(kind: DevErrorKind, msg: impl Into<String>) -> Self {
-        DevError { kind, msg: msg.into() }
+        DevError {
+            kind,
+            msg: msg.into(),
+        }
     }
 
     /// The class of the failure, for mapping to a protocol status.
@@ -189,7 +192,10 @@ impl MemDevice {
     }
 
     fn fill(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        let mut d = self.data.write().map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
+        let mut d = self
+            .data
+            .write()
+            .map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
         d[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
     }
@@ -204,7 +210,10 @@ impl BlockDevice for MemDevice {
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
         DevError::check_range(offset, buf.len() as u64, self.size())?;
-        let d = self.data.read().map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
+        let d = self
+            .data
+            .read()
+            .map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
         buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
         if let Ok(mut s) = self.stats.lock() {
             s.reads += 1;
@@ -215,7 +224,10 @@ impl BlockDevice for MemDevice {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevError> {
         self.check_write(offset, data.len() as u64)?;
         {
-            let mut d = self.data.write().map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
+            let mut d = self
+                .data
+                .write()
+                .map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
             d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         }
         self.set_zero(offset, data.len() as u64, false);
@@ -242,17 +254,28 @@ impl BlockDevice for MemDevice {
     }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DevError> {
         DevError::check_range(offset, len, self.size())?;
-        let zero = self.zero.read().map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
+        let zero = self
+            .zero
+            .read()
+            .map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
         let mut out: Vec<Extent> = Vec::new();
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let b = pos / MEM_BLOCK;
             let next = ((b + 1) * MEM_BLOCK).min(end);
-            let kind = if zero[b as usize] { ExtentKind::Zero } else { ExtentKind::Data };
+            let kind = if zero[b as usize] {
+                ExtentKind::Zero
+            } else {
+                ExtentKind::Data
+            };
             match out.last_mut() {
                 Some(e) if e.kind == kind => e.len += next - pos,
-                _ => out.push(Extent { offset: pos, len: next - pos, kind }),
+                _ => out.push(Extent {
+                    offset: pos,
+                    len: next - pos,
+                    kind,
+                }),
             }
             pos = next;
         }
@@ -282,9 +305,21 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                Extent { offset: 0, len: 4096, kind: ExtentKind::Zero },
-                Extent { offset: 4096, len: 4096, kind: ExtentKind::Data },
-                Extent { offset: 8192, len: 8192, kind: ExtentKind::Zero },
+                Extent {
+                    offset: 0,
+                    len: 4096,
+                    kind: ExtentKind::Zero
+                },
+                Extent {
+                    offset: 4096,
+                    len: 4096,
+                    kind: ExtentKind::Data
+                },
+                Extent {
+                    offset: 8192,
+                    len: 8192,
+                    kind: ExtentKind::Zero
+                },
             ]
         );
         d.write(8192, &[7; 10]).unwrap();
@@ -294,6 +329,9 @@ mod tests {
         assert_eq!(b, [0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]);
         assert!(d.read(4 * 4096 - 1, &mut [0u8; 2]).is_err());
         let ro = MemDevice::new(vec![0; 4096], true);
-        assert_eq!(ro.write(0, &[1]).unwrap_err().kind(), DevErrorKind::ReadOnly);
+        assert_eq!(
+            ro.write(0, &[1]).unwrap_err().kind(),
+            DevErrorKind::ReadOnly
+        );
     }
 }

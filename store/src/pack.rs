@@ -1,1 +1,990 @@
-//! TODO
+//! Building a bundle from raw images (`va pack`).
+//!
+//! Two passes, so that the source images are read once and chunks land in the pack in plan
+//! order:
+//!
+//! 1. Worker threads read the images chunk by chunk (holes found with `SEEK_DATA` are zero
+//!    without being read), drop all-zero chunks, hash the rest with BLAKE3 and compress each
+//!    chunk not seen before (in this run or in the store's existing packs) into a spool file.
+//! 2. The new blobs are copied from the spool into pack files in plan order (the plan's chunks
+//!    first, then every other chunk in logical order), then the index pages go into an index
+//!    pack, and the manifest is written last (atomically), so a crash leaves no manifest that
+//!    names missing data.
+//!
+//! Packs are named by the BLAKE3 of their contents and never rewritten.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::format::{
+    self, BlobRef, ChunkEntry, ImageInfo, ImageKind, Manifest, PackEntry, PackInfo, PageRef,
+    PACK_HEADER_LEN, PACK_TAIL_LEN,
+};
+use crate::trace::PlanItem;
+use crate::Hash;
+
+/// Packing errors.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("existing pack {path}: {source}")]
+    BadPack {
+        path: PathBuf,
+        source: format::FormatError,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PackError + '_ {
+    move |source| PackError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One input image.
+#[derive(Debug, Clone)]
+pub struct PackInput {
+    pub kind: ImageKind,
+    pub path: PathBuf,
+}
+
+/// Packing parameters.
+#[derive(Debug, Clone)]
+pub struct PackOptions {
+    /// Chunk size (power of two, 4 KiB..4 MiB).
+    pub chunk_size: u32,
+    /// zstd level.
+    pub level: i32,
+    /// Index entries per page.
+    pub page_chunks: u32,
+    /// Worker threads.
+    pub threads: usize,
+    /// Chunks to place first, in this order.
+    pub plan: Vec<PlanItem>,
+    /// Start a new pack file beyond this size.
+    pub max_pack_size: u64,
+    /// Directory whose `packs/` holds the pack files (default: the output directory). Chunks
+    /// already in its packs are not stored again.
+    pub store: Option<PathBuf>,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions {
+            chunk_size: 64 << 10,
+            level: 3,
+            page_chunks: 2048,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            plan: Vec::new(),
+            max_pack_size: 1 << 30,
+            store: None,
+        }
+    }
+}
+
+/// What a pack run did.
+#[derive(Debug, Clone, Default)]
+pub struct PackReport {
+    /// The appliance identity (BLAKE3 of the manifest).
+    pub digest: Hash,
+    /// Bytes of input.
+    pub input_bytes: u64,
+    /// Chunks in all images.
+    pub chunks: u64,
+    /// All-zero chunks (recorded, not stored).
+    pub zero_chunks: u64,
+    /// Non-zero chunks whose content appeared earlier in this run.
+    pub dup_chunks: u64,
+    /// Chunks already present in the store's packs.
+    pub reused_chunks: u64,
+    /// Chunks written to new packs.
+    pub stored_chunks: u64,
+    /// Plain and compressed bytes of the stored chunks.
+    pub stored_plain: u64,
+    pub stored_compressed: u64,
+    /// New pack files (data and index).
+    pub new_packs: Vec<PathBuf>,
+    /// Manifest size in bytes.
+    pub manifest_len: u64,
+    /// Chunks of the plan that exist in the images.
+    pub planned_chunks: u64,
+    pub elapsed: Duration,
+}
+
+/// Progress phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading, hashing and compressing (units: input bytes).
+    Read,
+    /// Writing packs (units: compressed bytes).
+    Write,
+}
+
+/// Where a unique chunk's compressed bytes are during the run.
+#[derive(Clone, Copy)]
+enum Loc {
+    /// In the spool at (offset, clen, plen).
+    Spool(u64, u32, u32),
+    /// In an existing pack of the store: (store pack index, offset, clen).
+    Store(usize, u64, u32),
+}
+
+/// An existing pack in the store.
+struct StorePack {
+    file_name: String,
+    size: u64,
+    hash: Hash,
+}
+
+/// Packs `inputs` into a bundle in `out`. `progress(phase, done, total)` is called a few times a
+/// second from the calling thread.
+pub fn pack(
+    inputs: &[PackInput],
+    out: &Path,
+    opts: &PackOptions,
+    progress: &dyn Fn(Phase, u64, u64),
+) -> Result<PackReport, PackError> {
+    let started = Instant::now();
+    let cs = opts.chunk_size;
+    if !cs.is_power_of_two() || !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&cs) {
+        return Err(PackError::Invalid(format!(
+            "chunk size {cs} must be a power of two between 4 KiB and 4 MiB"
+        )));
+    }
+    if opts.page_chunks == 0 || opts.page_chunks > format::MAX_PAGE_CHUNKS {
+        return Err(PackError::Invalid(format!(
+            "page size {} out of range",
+            opts.page_chunks
+        )));
+    }
+    if inputs.is_empty() {
+        return Err(PackError::Invalid("nothing to pack".into()));
+    }
+    for (i, a) in inputs.iter().enumerate() {
+        if inputs[..i].iter().any(|b| b.kind == a.kind) {
+            return Err(PackError::Invalid(format!("image {} given twice", a.kind)));
+        }
+    }
+    let files: Vec<File> = inputs
+        .iter()
+        .map(|i| File::open(&i.path).map_err(io(&i.path)))
+        .collect::<Result<_, _>>()?;
+    let sizes: Vec<u64> = files
+        .iter()
+        .zip(inputs)
+        .map(|(f, i)| {
+            let md = f.metadata().map_err(io(&i.path))?;
+            if !md.is_file() {
+                return Err(PackError::Invalid(format!(
+                    "{}: not a regular file",
+                    i.path.display()
+                )));
+            }
+            if md.len() > format::MAX_IMAGE {
+                return Err(PackError::Invalid(format!(
+                    "{}: too large",
+                    i.path.display()
+                )));
+            }
+            Ok(md.len())
+        })
+        .collect::<Result<_, _>>()?;
+
+    fs::create_dir_all(out).map_err(io(out))?;
+    let store = opts.store.clone().unwrap_or_else(|| out.to_path_buf());
+    let packs_dir = store.join("packs");
+    fs::create_dir_all(&packs_dir).map_err(io(&packs_dir))?;
+    let rel_packs = relative_dir(out, &packs_dir)?;
+
+    // Existing chunks in the store.
+    let (store_packs, known) = load_store(&packs_dir)?;
+
+    let mut report = PackReport {
+        input_bytes: sizes.iter().sum(),
+        ..Default::default()
+    };
+    let chunk_counts: Vec<u64> = sizes.iter().map(|s| s.div_ceil(cs as u64)).collect();
+    report.chunks = chunk_counts.iter().sum();
+
+    // Pass 1.
+    let spool_file = tempfile::tempfile_in(&packs_dir).map_err(io(&packs_dir))?;
+    let table: Vec<Vec<AtomicHashSlot>> = chunk_counts
+        .iter()
+        .map(|&n| (0..n).map(|_| AtomicHashSlot::default()).collect())
+        .collect();
+    let shared = Pass1 {
+        files: &files,
+        inputs,
+        sizes: &sizes,
+        chunk_counts: &chunk_counts,
+        cs,
+        level: opts.level,
+        next: AtomicU64::new(0),
+        done_bytes: AtomicU64::new(0),
+        table: &table,
+        seen: Mutex::new(HashMap::new()),
+        known: &known,
+        spool: &spool_file,
+        spool_end: AtomicU64::new(0),
+        error: Mutex::new(None),
+        counts: Default::default(),
+    };
+    let threads = opts.threads.clamp(1, 64);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| shared.worker());
+        }
+        loop {
+            let done = shared.done_bytes.load(Ordering::Relaxed);
+            progress(Phase::Read, done, report.input_bytes);
+            if done >= report.input_bytes
+                || shared.error.lock().map(|e| e.is_some()).unwrap_or(true)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    if let Some(e) = shared.error.lock().ok().and_then(|mut e| e.take()) {
+        return Err(e);
+    }
+    let spooled: HashMap<Hash, Loc> = shared.seen.into_inner().unwrap_or_default();
+    report.zero_chunks = shared.counts.zero.load(Ordering::Relaxed);
+    report.dup_chunks = shared.counts.dup.load(Ordering::Relaxed);
+    report.reused_chunks = shared.counts.reused.load(Ordering::Relaxed);
+
+    // Pass 2: order new blobs (plan first, then logical), copy them into packs.
+    let mut order: Vec<Hash> = Vec::new();
+    let mut placed: HashMap<Hash, ()> = HashMap::new();
+    let mut push = |h: Hash, order: &mut Vec<Hash>| {
+        if matches!(spooled.get(&h), Some(Loc::Spool(..))) && placed.insert(h, ()).is_none() {
+            order.push(h);
+        }
+    };
+    for item in &opts.plan {
+        if let Some(i) = inputs.iter().position(|x| x.kind == item.image) {
+            if let Some(slot) = table[i].get(item.chunk as usize) {
+                report.planned_chunks += 1;
+                if let Some(h) = slot.get() {
+                    push(h, &mut order);
+                }
+            }
+        }
+    }
+    for t in &table {
+        for slot in t {
+            if let Some(h) = slot.get() {
+                push(h, &mut order);
+            }
+        }
+    }
+    let total_c: u64 = order
+        .iter()
+        .map(|h| match spooled.get(h) {
+            Some(Loc::Spool(_, c, _)) => *c as u64,
+            _ => 0,
+        })
+        .sum();
+    // Manifest pack list: existing store packs first as referenced, then new ones.
+    let mut manifest_packs: Vec<PackInfo> = Vec::new();
+    let mut store_pack_index: HashMap<usize, u32> = HashMap::new();
+    let mut final_loc: HashMap<Hash, BlobRef> = HashMap::new();
+    let mut writer = PackWriter::new(&packs_dir)?;
+    let mut written_c = 0u64;
+    let mut last_progress = Instant::now();
+    let mut buf = Vec::new();
+    let mut pending: Vec<(Hash, u64, u32)> = Vec::new(); // blobs of the pack being written
+    for h in &order {
+        let Some(Loc::Spool(off, clen, plen)) = spooled.get(h).copied() else {
+            continue;
+        };
+        buf.resize(clen as usize, 0);
+        spool_file
+            .read_exact_at(&mut buf, off)
+            .map_err(|source| PackError::Io {
+                path: packs_dir.join("(spool)"),
+                source,
+            })?;
+        let at = writer.append(h, &buf, plen)?;
+        pending.push((*h, at, clen));
+        report.stored_chunks += 1;
+        report.stored_plain += plen as u64;
+        report.stored_compressed += clen as u64;
+        written_c += clen as u64;
+        if writer.len() >= opts.max_pack_size {
+            let info = writer.finish(&rel_packs)?;
+            report
+                .new_packs
+                .push(packs_dir.join(file_name_of(&info.path)));
+            let idx = manifest_packs.len() as u32;
+            manifest_packs.push(info);
+            for (h, off, clen) in pending.drain(..) {
+                final_loc.insert(
+                    h,
+                    BlobRef {
+                        pack: idx,
+                        offset: off,
+                        clen,
+                        hash: h,
+                    },
+                );
+            }
+            writer = PackWriter::new(&packs_dir)?;
+        }
+        if last_progress.elapsed() > Duration::from_millis(100) {
+            progress(Phase::Write, written_c, total_c);
+            last_progress = Instant::now();
+        }
+    }
+    if !pending.is_empty() {
+        let info = writer.finish(&rel_packs)?;
+        report
+            .new_packs
+            .push(packs_dir.join(file_name_of(&info.path)));
+        let idx = manifest_packs.len() as u32;
+        manifest_packs.push(info);
+        for (h, off, clen) in pending.drain(..) {
+            final_loc.insert(
+                h,
+                BlobRef {
+                    pack: idx,
+                    offset: off,
+                    clen,
+                    hash: h,
+                },
+            );
+        }
+    } else {
+        writer.abandon();
+    }
+    progress(Phase::Write, total_c, total_c);
+
+    let mut locate = |h: &Hash, manifest_packs: &mut Vec<PackInfo>| -> Option<BlobRef> {
+        if let Some(b) = final_loc.get(h) {
+            return Some(*b);
+        }
+        let (si, off, clen) = match spooled.get(h).copied().or_else(|| known.get(h).copied()) {
+            Some(Loc::Store(si, off, clen)) => (si, off, clen),
+            _ => return None,
+        };
+        let idx = *store_pack_index.entry(si).or_insert_with(|| {
+            let sp = &store_packs[si];
+            manifest_packs.push(PackInfo {
+                path: format!("{rel_packs}{}", sp.file_name),
+                size: sp.size,
+                hash: sp.hash,
+            });
+            (manifest_packs.len() - 1) as u32
+        });
+        Some(BlobRef {
+            pack: idx,
+            offset: off,
+            clen,
+            hash: *h,
+        })
+    };
+
+    // Index pages.
+    let mut images = Vec::new();
+    let mut page_blobs: Vec<(Hash, Vec<u8>, u32, usize, usize)> = Vec::new(); // hash, zstd, plen, image, page
+    for (i, input) in inputs.iter().enumerate() {
+        let n = chunk_counts[i];
+        let n_pages = n.div_ceil(opts.page_chunks as u64);
+        let mut pages = Vec::with_capacity(n_pages as usize);
+        for p in 0..n_pages {
+            let start = p * opts.page_chunks as u64;
+            let end = (start + opts.page_chunks as u64).min(n);
+            let mut entries = Vec::with_capacity((end - start) as usize);
+            for c in start..end {
+                match table[i][c as usize].get() {
+                    None => entries.push(ChunkEntry::Zero),
+                    Some(h) => {
+                        let b = locate(&h, &mut manifest_packs).ok_or_else(|| {
+                            PackError::Invalid(format!("internal: chunk {h} has no location"))
+                        })?;
+                        entries.push(ChunkEntry::Stored(b));
+                    }
+                }
+            }
+            if entries.iter().all(|e| *e == ChunkEntry::Zero) {
+                pages.push(PageRef::Zero);
+            } else {
+                let plain = format::encode_page(&entries);
+                let h = Hash::of(&plain);
+                let z = zstd::bulk::compress(&plain, opts.level)
+                    .map_err(|e| PackError::Invalid(format!("compressing index page: {e}")))?;
+                page_blobs.push((h, z, plain.len() as u32, i, pages.len()));
+                pages.push(PageRef::Zero); // placeholder, filled below
+            }
+        }
+        images.push(ImageInfo {
+            kind: input.kind,
+            size: sizes[i],
+            pages,
+        });
+    }
+    if !page_blobs.is_empty() {
+        let mut w = PackWriter::new(&packs_dir)?;
+        let mut at = Vec::new();
+        for (h, z, plen, _, _) in &page_blobs {
+            at.push(w.append(h, z, *plen)?);
+        }
+        let info = w.finish(&rel_packs)?;
+        report
+            .new_packs
+            .push(packs_dir.join(file_name_of(&info.path)));
+        let idx = manifest_packs.len() as u32;
+        manifest_packs.push(info);
+        for ((h, z, plen, i, p), off) in page_blobs.iter().zip(at) {
+            images[*i].pages[*p] = PageRef::Stored {
+                blob: BlobRef {
+                    pack: idx,
+                    offset: off,
+                    clen: z.len() as u32,
+                    hash: *h,
+                },
+                plen: *plen,
+            };
+        }
+    }
+
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let manifest = Manifest {
+        chunk_size: cs,
+        page_chunks: opts.page_chunks,
+        created,
+        packs: manifest_packs,
+        images,
+    };
+    let bytes = manifest.encode();
+    report.manifest_len = bytes.len() as u64;
+    report.digest = Hash::of(&bytes);
+    write_atomic(&out.join("manifest"), &bytes)?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+fn file_name_of(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+/// Writes `data` to `path` via a temporary file, fsync and rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), PackError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        file_name_of(&path.to_string_lossy()),
+        std::process::id()
+    ));
+    {
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(data).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io(path))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The path of `to` relative to `from` (both directories), ending in `/`.
+fn relative_dir(from: &Path, to: &Path) -> Result<String, PackError> {
+    let from = fs::canonicalize(from).map_err(io(from))?;
+    let to = fs::canonicalize(to).map_err(io(to))?;
+    let a: Vec<Component<'_>> = from.components().collect();
+    let b: Vec<Component<'_>> = to.components().collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut s = String::new();
+    for _ in common..a.len() {
+        s.push_str("../");
+    }
+    for c in &b[common..] {
+        s.push_str(&c.as_os_str().to_string_lossy());
+        s.push('/');
+    }
+    let probe = format!("{s}x.pack");
+    if !format::valid_pack_path(&probe) {
+        return Err(PackError::Invalid(format!(
+            "store path {} cannot be named from {} with a plain relative path",
+            to.display(),
+            from.display()
+        )));
+    }
+    Ok(s)
+}
+
+/// Reads the tables of every pack in `dir`.
+fn load_store(dir: &Path) -> Result<(Vec<StorePack>, HashMap<Hash, Loc>), PackError> {
+    let mut packs = Vec::new();
+    let mut known = HashMap::new();
+    let mut names: Vec<String> = Vec::new();
+    for e in fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.ends_with(".pack") && !name.starts_with('.') {
+            names.push(name);
+        }
+    }
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let f = File::open(&path).map_err(io(&path))?;
+        let size = f.metadata().map_err(io(&path))?.len();
+        let bad = |source| PackError::BadPack {
+            path: path.clone(),
+            source,
+        };
+        if size < PACK_HEADER_LEN + PACK_TAIL_LEN {
+            return Err(bad(format::FormatError::Truncated {
+                what: "pack",
+                at: 0,
+                need: 80,
+                have: size as usize,
+            }));
+        }
+        let mut tail = [0u8; PACK_TAIL_LEN as usize];
+        f.read_exact_at(&mut tail, size - PACK_TAIL_LEN)
+            .map_err(io(&path))?;
+        let (_n, table_off, sum) = format::decode_pack_tail(&tail, size).map_err(bad)?;
+        let mut t = vec![0u8; (size - PACK_TAIL_LEN - table_off) as usize];
+        f.read_exact_at(&mut t, table_off).map_err(io(&path))?;
+        let entries = format::decode_pack_table(&t, &sum, table_off).map_err(bad)?;
+        let hash = match name.strip_suffix(".pack").and_then(Hash::from_hex) {
+            Some(h) => h,
+            None => continue, // not one of ours
+        };
+        let si = packs.len();
+        packs.push(StorePack {
+            file_name: name,
+            size,
+            hash,
+        });
+        for e in entries {
+            known
+                .entry(e.hash)
+                .or_insert(Loc::Store(si, e.offset, e.clen));
+        }
+    }
+    Ok((packs, known))
+}
+
+/// A chunk's hash once pass 1 has seen it (`None` = zero chunk).
+#[derive(Default)]
+struct AtomicHashSlot(std::sync::OnceLock<Option<Hash>>);
+
+impl AtomicHashSlot {
+    fn get(&self) -> Option<Hash> {
+        self.0.get().copied().flatten()
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    zero: AtomicU64,
+    dup: AtomicU64,
+    reused: AtomicU64,
+}
+
+struct Pass1<'a> {
+    files: &'a [File],
+    inputs: &'a [PackInput],
+    sizes: &'a [u64],
+    chunk_counts: &'a [u64],
+    cs: u32,
+    level: i32,
+    next: AtomicU64,
+    done_bytes: AtomicU64,
+    table: &'a [Vec<AtomicHashSlot>],
+    seen: Mutex<HashMap<Hash, Loc>>,
+    known: &'a HashMap<Hash, Loc>,
+    spool: &'a File,
+    spool_end: AtomicU64,
+    error: Mutex<Option<PackError>>,
+    counts: Counts,
+}
+
+const BATCH: u64 = 16;
+
+impl Pass1<'_> {
+    fn fail(&self, e: PackError) {
+        if let Ok(mut g) = self.error.lock() {
+            g.get_or_insert(e);
+        }
+    }
+
+    fn worker(&self) {
+        let mut comp = match zstd::bulk::Compressor::new(self.level) {
+            Ok(c) => c,
+            Err(e) => {
+                return self.fail(PackError::Invalid(format!(
+                    "zstd level {}: {e}",
+                    self.level
+                )))
+            }
+        };
+        let mut buf = vec![0u8; self.cs as usize];
+        let total: u64 = self.chunk_counts.iter().sum();
+        loop {
+            if self.error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                return;
+            }
+            let first = self.next.fetch_add(BATCH, Ordering::Relaxed);
+            if first >= total {
+                return;
+            }
+            for g in first..(first + BATCH).min(total) {
+                // Map the global chunk number to (image, chunk).
+                let mut img = 0;
+                let mut c = g;
+                while c >= self.chunk_counts[img] {
+                    c -= self.chunk_counts[img];
+                    img += 1;
+                }
+                if let Err(e) = self.one(img, c, &mut buf, &mut comp) {
+                    return self.fail(e);
+                }
+            }
+        }
+    }
+
+    fn one(
+        &self,
+        img: usize,
+        c: u64,
+        buf: &mut [u8],
+        comp: &mut zstd::bulk::Compressor<'_>,
+    ) -> Result<(), PackError> {
+        let off = c * self.cs as u64;
+        let len = (self.sizes[img] - off).min(self.cs as u64) as usize;
+        let f = &self.files[img];
+        let path = &self.inputs[img].path;
+        let data = &mut buf[..len];
+        let hash = if is_hole(f, off, len as u64) {
+            None
+        } else {
+            f.read_exact_at(data, off).map_err(io(path))?;
+            if data.iter().all(|&b| b == 0) {
+                None
+            } else {
+                Some(Hash::of(data))
+            }
+        };
+        self.done_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        let _ = self.table[img][c as usize].0.set(hash);
+        let Some(h) = hash else {
+            self.counts.zero.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        };
+        if let Some(loc) = self.known.get(&h) {
+            self.counts.reused.fetch_add(1, Ordering::Relaxed);
+            let mut seen = self
+                .seen
+                .lock()
+                .map_err(|_| PackError::Invalid("poisoned".into()))?;
+            seen.entry(h).or_insert(*loc);
+            return Ok(());
+        }
+        {
+            let mut seen = self
+                .seen
+                .lock()
+                .map_err(|_| PackError::Invalid("poisoned".into()))?;
+            if seen.contains_key(&h) {
+                self.counts.dup.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            // Reserve the hash so that concurrent duplicates are counted as such.
+            seen.insert(h, Loc::Spool(u64::MAX, 0, 0));
+        }
+        let z = comp
+            .compress(data)
+            .map_err(|e| PackError::Invalid(format!("zstd: {e}")))?;
+        let at = self.spool_end.fetch_add(z.len() as u64, Ordering::Relaxed);
+        self.spool
+            .write_all_at(&z, at)
+            .map_err(|source| PackError::Io {
+                path: "(spool)".into(),
+                source,
+            })?;
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|_| PackError::Invalid("poisoned".into()))?;
+        seen.insert(h, Loc::Spool(at, z.len() as u32, len as u32));
+        Ok(())
+    }
+}
+
+/// True when `[off, off+len)` of `f` is entirely a hole (reads as zeros without being read).
+fn is_hole(f: &File, off: u64, len: u64) -> bool {
+    // SAFETY: lseek on a valid, open descriptor owned by `f`; no memory is touched.
+    let next = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if next < 0 {
+        // ENXIO: no data at or after `off`. Anything else (EINVAL on a filesystem without
+        // SEEK_DATA): assume data.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    next as u64 >= off + len
+}
+
+/// Writes one pack file: header, blobs, table, tail; named by its hash when finished.
+struct PackWriter {
+    dir: PathBuf,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    hasher: blake3::Hasher,
+    len: u64,
+    entries: Vec<PackEntry>,
+}
+
+impl PackWriter {
+    fn new(dir: &Path) -> Result<Self, PackError> {
+        let tmp = dir.join(format!(
+            ".new-{}-{:x}.pack.tmp",
+            std::process::id(),
+            rand_u64()
+        ));
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        let mut w = PackWriter {
+            dir: dir.into(),
+            tmp,
+            out: BufWriter::with_capacity(1 << 20, f),
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            entries: Vec::new(),
+        };
+        w.put(&format::encode_pack_header())?;
+        Ok(w)
+    }
+
+    fn put(&mut self, b: &[u8]) -> Result<(), PackError> {
+        self.out.write_all(b).map_err(io(&self.tmp))?;
+        self.hasher.update(b);
+        self.len += b.len() as u64;
+        Ok(())
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Appends a blob; returns its offset.
+    fn append(&mut self, h: &Hash, z: &[u8], plen: u32) -> Result<u64, PackError> {
+        let at = self.len;
+        self.put(z)?;
+        self.entries.push(PackEntry {
+            hash: *h,
+            offset: at,
+            clen: z.len() as u32,
+            plen,
+        });
+        Ok(at)
+    }
+
+    /// Writes the table, syncs, renames to `<hash>.pack`; returns the manifest entry.
+    fn finish(mut self, rel: &str) -> Result<PackInfo, PackError> {
+        let t = format::encode_pack_table(&self.entries, self.len);
+        self.put(&t)?;
+        self.out.flush().map_err(io(&self.tmp))?;
+        self.out.get_ref().sync_all().map_err(io(&self.tmp))?;
+        let hash = Hash(*self.hasher.finalize().as_bytes());
+        let name = format!("{}.pack", hash.to_hex());
+        let dest = self.dir.join(&name);
+        fs::rename(&self.tmp, &dest).map_err(io(&dest))?;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(PackInfo {
+            path: format!("{rel}{name}"),
+            size: self.len,
+            hash,
+        })
+    }
+
+    fn abandon(self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        fs::write(&p, data).unwrap();
+        p
+    }
+
+    #[test]
+    fn dedup_zero_and_plan_order() {
+        let d = tempfile::tempdir().unwrap();
+        let cs = 4096usize;
+        let mut disk = vec![0u8; cs * 8];
+        for (i, b) in disk[..cs].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        disk.copy_within(0..cs, cs * 3); // duplicate of chunk 0
+        disk[cs * 5] = 9; // unique
+        let mut mem = vec![0u8; cs * 2 + 100];
+        mem[..cs].copy_from_slice(&disk[..cs]); // duplicate across images
+        mem[cs * 2] = 1; // short last chunk
+        let dp = write(d.path(), "disk", &disk);
+        let mp = write(d.path(), "mem", &mem);
+        let out = d.path().join("bundle");
+        let opts = PackOptions {
+            chunk_size: cs as u32,
+            page_chunks: 4,
+            plan: vec![
+                PlanItem {
+                    image: ImageKind::Mem,
+                    chunk: 2,
+                },
+                PlanItem {
+                    image: ImageKind::Disk,
+                    chunk: 99,
+                },
+            ],
+            ..Default::default()
+        };
+        let inputs = [
+            PackInput {
+                kind: ImageKind::Disk,
+                path: dp,
+            },
+            PackInput {
+                kind: ImageKind::Mem,
+                path: mp,
+            },
+        ];
+        let r = pack(&inputs, &out, &opts, &|_, _, _| {}).unwrap();
+        assert_eq!(r.chunks, 11);
+        assert_eq!(r.zero_chunks, 5 + 1);
+        assert_eq!(r.dup_chunks, 2);
+        assert_eq!(r.stored_chunks, 3);
+        assert_eq!(r.planned_chunks, 1);
+        let m = Manifest::decode(&fs::read(out.join("manifest")).unwrap()).unwrap();
+        assert_eq!(Hash::of(&fs::read(out.join("manifest")).unwrap()), r.digest);
+        // Disk page 1 (chunks 4..8) has chunk 5; mem's only page has chunks 0 and 2.
+        let disk_img = m.image(ImageKind::Disk).unwrap();
+        assert!(matches!(disk_img.pages[1], PageRef::Stored { .. }));
+        // The planned chunk (mem 2) is the first blob of the data pack.
+        let mem_img = m.image(ImageKind::Mem).unwrap();
+        let PageRef::Stored { blob, .. } = mem_img.pages[0] else {
+            panic!()
+        };
+        let packf = out.join(&m.packs[blob.pack as usize].path);
+        let pbytes = fs::read(packf).unwrap();
+        let plain = zstd::bulk::decompress(
+            &pbytes[blob.offset as usize..][..blob.clen as usize],
+            1 << 20,
+        )
+        .unwrap();
+        let entries = m.decode_page(mem_img, 0, &plain).unwrap();
+        let ChunkEntry::Stored(c2) = entries[2] else {
+            panic!()
+        };
+        assert_eq!(c2.offset, PACK_HEADER_LEN);
+
+        // Packing the same images again into a second bundle sharing the store stores nothing new.
+        let out2 = d.path().join("bundle2");
+        let r2 = pack(
+            &inputs,
+            &out2,
+            &PackOptions {
+                store: Some(out.clone()),
+                ..opts
+            },
+            &|_, _, _| {},
+        )
+        .unwrap();
+        assert_eq!(r2.stored_chunks, 0);
+        assert_eq!(r2.reused_chunks, 4 + 1);
+        let m2 = Manifest::decode(&fs::read(out2.join("manifest")).unwrap()).unwrap();
+        assert!(
+            m2.packs
+                .iter()
+                .all(|p| p.path.starts_with("../bundle/packs/")),
+            "{:?}",
+            m2.packs
+        );
+    }
+
+    #[test]
+    fn sparse_image_is_cheap_and_small() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("big");
+        let f = File::create(&p).unwrap();
+        f.set_len(100 << 30).unwrap(); // 100 GiB, all hole
+        f.write_all_at(b"hello", 50 << 30).unwrap();
+        drop(f);
+        let out = d.path().join("b");
+        let r = pack(
+            &[PackInput {
+                kind: ImageKind::Disk,
+                path: p,
+            }],
+            &out,
+            &PackOptions::default(),
+            &|_, _, _| {},
+        )
+        .unwrap();
+        assert_eq!(r.stored_chunks, 1);
+        assert!(
+            r.manifest_len < 256 << 10,
+            "manifest is {} bytes",
+            r.manifest_len
+        );
+    }
+
+    #[test]
+    fn bad_options() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "x", b"abc");
+        let inp = [PackInput {
+            kind: ImageKind::Disk,
+            path: p,
+        }];
+        let o = PackOptions {
+            chunk_size: 1000,
+            ..Default::default()
+        };
+        assert!(pack(&inp, d.path(), &o, &|_, _, _| {}).is_err());
+        let missing = [PackInput {
+            kind: ImageKind::Disk,
+            path: d.path().join("nope"),
+        }];
+        let e = pack(&missing, d.path(), &PackOptions::default(), &|_, _, _| {}).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+}

@@ -1,1 +1,229 @@
-//! TODO
+//! Working-set traces and pack plans.
+//!
+//! A trace records the first access to every chunk of an appliance, in order. It is a text file:
+//!
+//! ```text
+//! # vastream-trace v1 chunk_size=65536 appliance=<manifest hex>
+//! <microseconds since start> <image> <chunk index>
+//! 1520 disk 0
+//! 1733 disk 1
+//! 90211 mem 4410
+//! ```
+//!
+//! Lines starting with `#` and blank lines are comments. A *plan* (what `va pack --plan` reads)
+//! is the same format, and the timestamp column is optional: `disk 17` is a valid plan line.
+//! Several traces can be concatenated into one plan; repeated chunks keep their first position.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::format::ImageKind;
+
+/// Trace and plan errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {msg}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+}
+
+/// One planned chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PlanItem {
+    pub image: ImageKind,
+    pub chunk: u64,
+}
+
+/// Reads a plan or trace file (see the module docs). Duplicates keep their first position.
+pub fn read_plan(path: &Path) -> Result<Vec<PlanItem>, TraceError> {
+    let f = File::open(path).map_err(|source| TraceError::Io {
+        path: path.into(),
+        source,
+    })?;
+    parse_plan(BufReader::new(f), path)
+}
+
+/// Parses a plan from any reader; `path` is only used in messages.
+pub fn parse_plan(r: impl BufRead, path: &Path) -> Result<Vec<PlanItem>, TraceError> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, line) in r.lines().enumerate() {
+        let line = line.map_err(|source| TraceError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let err = |msg: String| TraceError::Parse {
+            path: path.into(),
+            line: i + 1,
+            msg,
+        };
+        let f: Vec<&str> = t.split_whitespace().collect();
+        let (img, idx) = match f.as_slice() {
+            [img, idx] => (*img, *idx),
+            [ts, img, idx] => {
+                ts.parse::<u64>()
+                    .map_err(|_| err(format!("bad timestamp {ts:?}")))?;
+                (*img, *idx)
+            }
+            _ => return Err(err(format!("expected `[time] image chunk`, got {t:?}"))),
+        };
+        let image =
+            ImageKind::from_name(img).ok_or_else(|| err(format!("unknown image {img:?}")))?;
+        let chunk = idx
+            .parse::<u64>()
+            .map_err(|_| err(format!("bad chunk index {idx:?}")))?;
+        let item = PlanItem { image, chunk };
+        if seen.insert(item) {
+            out.push(item);
+        }
+    }
+    Ok(out)
+}
+
+/// Records first accesses. Cheap to call on every access: a chunk already recorded costs one
+/// atomic load.
+pub struct TraceWriter {
+    start: Instant,
+    seen: Vec<Vec<AtomicU64>>, // per image kind, one bit per chunk
+    out: Mutex<BufWriter<File>>,
+    path: PathBuf,
+}
+
+impl TraceWriter {
+    /// Creates (truncating) a trace file. `chunks[k]` is the chunk count of image kind `k`
+    /// (in [`ImageKind::ALL`] order).
+    pub fn create(
+        path: &Path,
+        chunk_size: u32,
+        appliance: &str,
+        chunks: [u64; 4],
+    ) -> Result<Self, TraceError> {
+        let f = File::create(path).map_err(|source| TraceError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let mut w = BufWriter::new(f);
+        writeln!(
+            w,
+            "# vastream-trace v1 chunk_size={chunk_size} appliance={appliance}"
+        )
+        .map_err(|source| TraceError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let seen = chunks
+            .iter()
+            .map(|&n| (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+            .collect();
+        Ok(TraceWriter {
+            start: Instant::now(),
+            seen,
+            out: Mutex::new(w),
+            path: path.into(),
+        })
+    }
+
+    /// Notes an access to `chunk` of `image`; writes a line if it is the first.
+    pub fn record(&self, image: ImageKind, chunk: u64) {
+        let Some(word) = self
+            .seen
+            .get(image.code() as usize)
+            .and_then(|v| v.get((chunk / 64) as usize))
+        else {
+            return;
+        };
+        let bit = 1u64 << (chunk % 64);
+        if word.load(Ordering::Relaxed) & bit != 0
+            || word.fetch_or(bit, Ordering::Relaxed) & bit != 0
+        {
+            return;
+        }
+        let t = self.start.elapsed().as_micros();
+        if let Ok(mut w) = self.out.lock() {
+            if let Err(e) = writeln!(w, "{t} {image} {chunk}") {
+                tracing::warn!("trace {}: {e}", self.path.display());
+            }
+        }
+    }
+
+    /// Flushes buffered lines to the file.
+    pub fn flush(&self) {
+        if let Ok(mut w) = self.out.lock() {
+            let _ = w.flush();
+        }
+    }
+}
+
+impl Drop for TraceWriter {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writer_records_first_access_only_and_reads_back_as_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        {
+            let w = TraceWriter::create(&p, 65536, "abc", [10, 100, 0, 0]).unwrap();
+            w.record(ImageKind::Disk, 3);
+            w.record(ImageKind::Mem, 70);
+            w.record(ImageKind::Disk, 3);
+            w.record(ImageKind::Disk, 1);
+            w.record(ImageKind::State, 1); // out of range: ignored
+        }
+        let plan = read_plan(&p).unwrap();
+        assert_eq!(
+            plan,
+            vec![
+                PlanItem {
+                    image: ImageKind::Disk,
+                    chunk: 3
+                },
+                PlanItem {
+                    image: ImageKind::Mem,
+                    chunk: 70
+                },
+                PlanItem {
+                    image: ImageKind::Disk,
+                    chunk: 1
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn plan_parse_errors_name_the_line() {
+        let e = parse_plan("disk 1\nfloppy 2\n".as_bytes(), Path::new("p")).unwrap_err();
+        assert_eq!(e.to_string(), "p:2: unknown image \"floppy\"");
+        assert!(parse_plan("disk x".as_bytes(), Path::new("p")).is_err());
+        assert!(parse_plan("1 2 3 4".as_bytes(), Path::new("p")).is_err());
+        assert_eq!(
+            parse_plan("# c\n\n5 mem 2\nmem 2\n".as_bytes(), Path::new("p"))
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+}

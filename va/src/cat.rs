@@ -1,10 +1,210 @@
-//! `va cat` (not yet implemented).
+//! `va cat`: materialize one image of an appliance.
 
-/// Arguments of `va cat`.
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use va_store::appliance::{Appliance, OpenOptions as AppOpen};
+use va_store::format::ImageKind;
+use va_store::volume::{Volume, VolumeOptions};
+use va_store::{BlockDevice, ExtentKind, Hash};
+
+/// Download one image of an appliance in full (tooling, and the "full download" baseline).
+///
+/// The image is fetched with several parallel range requests, every chunk is verified against
+/// its hash, and zero chunks are never fetched. Into a file (`--out`, or stdout redirected to a
+/// file) the output is written sparse: zero ranges become holes. Into a pipe it is written in
+/// order.
 #[derive(clap::Args, Debug)]
-pub struct CatArgs {}
+#[command(
+    after_help = "EXAMPLES:\n  va cat http://127.0.0.1:8080/app/ > disk.raw\n  \
+    va cat --image mem --out ram.img 'http://cdn.example/app/#<digest>'"
+)]
+pub struct CatArgs {
+    /// Appliance URL (`http(s)://…/`, `file:///dir`, or a directory); `#<digest>` pins it.
+    url: String,
+    /// Which image: disk, mem, state or machine.
+    #[arg(long, default_value = "disk")]
+    image: String,
+    /// Output file (default: stdout).
+    #[arg(long, short, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Expected manifest digest.
+    #[arg(long, value_name = "HEX")]
+    digest: Option<String>,
+    /// Parallel range requests.
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// Bytes per request window.
+    #[arg(long, value_name = "SIZE", default_value = "8M", value_parser = va_store::parse_size)]
+    window: u64,
+    /// Also fill this local chunk cache.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
 
 /// Runs `va cat`.
-pub fn run(_args: CatArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(a: CatArgs) -> anyhow::Result<()> {
+    let kind =
+        ImageKind::from_name(&a.image).with_context(|| format!("unknown image {:?}", a.image))?;
+    let digest = match &a.digest {
+        Some(d) => Some(
+            Hash::from_hex(d).with_context(|| format!("--digest {d:?} is not 64 hex digits"))?,
+        ),
+        None => None,
+    };
+    let app = Appliance::open(
+        &a.url,
+        &AppOpen {
+            digest,
+            cache_dir: a.cache_dir.clone(),
+            cache_size: 1 << 40,
+            ..Default::default()
+        },
+    )?;
+    let vol = Arc::new(Volume::from_appliance(
+        app.clone(),
+        kind,
+        &VolumeOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?);
+    let size = vol.size();
+    let window = a.window.clamp(64 << 10, 256 << 20);
+    let n = size.div_ceil(window);
+
+    // Output: a seekable file gets positioned, sparse writes; a pipe gets ordered writes.
+    let (file, seekable) = match &a.out {
+        Some(p) => {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)
+                .with_context(|| format!("creating {}", p.display()))?;
+            (f, true)
+        }
+        None => {
+            // SAFETY: fd 1 stays open for the life of the process, and the File is turned back
+            // into a raw fd (not closed) before this function returns.
+            let f = unsafe { File::from_raw_fd(std::io::stdout().as_raw_fd()) };
+            let md = f.metadata();
+            let seekable = md.map(|m| m.is_file()).unwrap_or(false);
+            (f, seekable)
+        }
+    };
+    if seekable {
+        file.set_len(0).context("truncating output")?;
+        file.set_len(size).context("sizing output")?;
+    }
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(size)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let t = Instant::now();
+    let next = AtomicU64::new(0);
+    let written = Mutex::new(0u64); // windows written in order (pipe mode)
+    let cv = Condvar::new();
+    let failed = AtomicBool::new(false);
+    let pending: Mutex<BTreeMap<u64, Vec<u8>>> = Mutex::new(BTreeMap::new());
+    let err: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let lead = (a.parallel.max(1) * 2) as u64;
+    std::thread::scope(|s| {
+        for _ in 0..a.parallel.clamp(1, 64) {
+            s.spawn(|| {
+                let r = (|| -> anyhow::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n || failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        if !seekable {
+                            // Bound the reorder buffer.
+                            let mut w = written.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                            while i >= *w + lead && !failed.load(Ordering::Relaxed) {
+                                w = cv.wait(w).map_err(|_| anyhow::anyhow!("poisoned"))?;
+                            }
+                        }
+                        let off = i * window;
+                        let len = window.min(size - off);
+                        let all_zero = vol
+                            .extents(off, len)?
+                            .iter()
+                            .all(|e| e.kind == ExtentKind::Zero);
+                        let mut buf = vec![0u8; len as usize];
+                        if !all_zero {
+                            vol.read(off, &mut buf)?;
+                        }
+                        if seekable {
+                            if !all_zero {
+                                file.write_all_at(&buf, off).context("writing output")?;
+                            }
+                        } else {
+                            let mut p = pending.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                            p.insert(i, buf);
+                            let mut w = written.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                            while let Some(b) = p.remove(&*w) {
+                                (&file).write_all(&b).context("writing output")?;
+                                *w += 1;
+                            }
+                            cv.notify_all();
+                        }
+                        bar.inc(len);
+                    }
+                })();
+                if let Err(e) = r {
+                    failed.store(true, Ordering::Relaxed);
+                    cv.notify_all();
+                    if let Ok(mut g) = err.lock() {
+                        g.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let result = match err.lock().ok().and_then(|mut e| e.take()) {
+        Some(e) => Err(e),
+        None => {
+            if seekable {
+                file.sync_all().context("syncing output")?;
+            }
+            let st = app.stats();
+            let secs = t.elapsed().as_secs_f64().max(1e-6);
+            eprintln!(
+                "{}: {} bytes in {:.2}s ({:.1} MB/s); fetched {} bytes in {} requests",
+                kind,
+                size,
+                secs,
+                size as f64 / secs / 1e6,
+                st.fetched_bytes,
+                st.requests
+            );
+            Ok(())
+        }
+    };
+    if a.out.is_none() {
+        // Give fd 1 back without closing it.
+        use std::os::unix::io::IntoRawFd;
+        let _ = file.into_raw_fd();
+    }
+    result
 }

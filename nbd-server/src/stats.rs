@@ -1,0 +1,80 @@
+//! Server-side counters (protocol level; the device keeps its own [`va_store::device::DevStats`]).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::decode::Command;
+
+/// Live counters, shared by all connections.
+#[derive(Default)]
+pub struct Counters {
+    pub connections: AtomicU64,
+    pub active: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    /// Connections closed by the server because the client broke the protocol.
+    pub protocol_errors: AtomicU64,
+    /// Requests per command, indexed by [`Command::index`].
+    pub requests: [AtomicU64; 9],
+    /// Requests answered with an error.
+    pub errors: AtomicU64,
+    /// Requests handled by the reader thread itself (local and small).
+    pub inline: AtomicU64,
+    /// Requests handed to worker threads (large, or waiting for the network).
+    pub queued: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn request(&self, cmd: Command) {
+        Self::inc(&self.requests[cmd.index()]);
+    }
+
+    /// A consistent-enough copy for printing.
+    pub fn snapshot(&self) -> Snapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Snapshot {
+            connections: l(&self.connections),
+            active: l(&self.active),
+            handshake_failures: l(&self.handshake_failures),
+            protocol_errors: l(&self.protocol_errors),
+            requests: std::array::from_fn(|i| l(&self.requests[i])),
+            errors: l(&self.errors),
+            inline: l(&self.inline),
+            queued: l(&self.queued),
+        }
+    }
+}
+
+/// A copy of [`Counters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub connections: u64,
+    pub active: u64,
+    pub handshake_failures: u64,
+    pub protocol_errors: u64,
+    pub requests: [u64; 9],
+    pub errors: u64,
+    pub inline: u64,
+    pub queued: u64,
+}
+
+const NAMES: [&str; 9] = ["read", "write", "disc", "flush", "trim", "cache", "write_zeroes", "block_status", "unknown"];
+
+impl fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "connections {} (active {}, failed handshakes {}, protocol errors {}); requests",
+            self.connections, self.active, self.handshake_failures, self.protocol_errors
+        )?;
+        for (n, v) in NAMES.iter().zip(self.requests) {
+            if v > 0 {
+                write!(f, " {n} {v}")?;
+            }
+        }
+        write!(f, "; errors {}; inline {}, queued {}", self.errors, self.inline, self.queued)
+    }
+}

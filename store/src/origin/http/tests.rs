@@ -1,0 +1,658 @@
+//! Tests of the HTTP origin against a scripted in-test server.
+
+use super::*;
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// What the test server does with the next request.
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    /// A correct reply (206 for a range, 200 otherwise).
+    Good,
+    /// This status with a short text body.
+    Status(u16),
+    /// Correct headers, but only this many body bytes, then close.
+    Short(usize),
+    /// Read the request and never answer.
+    Hang,
+    /// 206 with a Content-Range one byte off.
+    WrongRange,
+    /// Ignore Range: 200 with the whole file.
+    Full,
+    /// A correct reply with a chunked body (200 and 206 alike).
+    Chunked,
+    /// A correct reply, then close without announcing it (stale keep-alive connection).
+    CloseAfter,
+    /// 200 with this Content-Length and no body (then wait).
+    BigLength(u64),
+    /// 206 with the right Content-Range but a wrong Content-Length.
+    WrongLength,
+    /// Close the connection without answering.
+    Drop,
+}
+
+/// Request targets and Range headers seen by the test server.
+type Seen = Vec<(String, Option<String>)>;
+
+struct TestServer {
+    addr: SocketAddr,
+    script: Arc<Mutex<VecDeque<Act>>>,
+    conns: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Seen>>,
+    data: Arc<Vec<u8>>,
+}
+
+fn test_data() -> Vec<u8> {
+    (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+impl TestServer {
+    fn start(script: &[Act]) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = TestServer {
+            addr,
+            script: Arc::new(Mutex::new(script.iter().copied().collect())),
+            conns: Arc::new(AtomicUsize::new(0)),
+            requests: Arc::new(Mutex::new(Vec::new())),
+            data: Arc::new(test_data()),
+        };
+        let (script, conns, requests, data) = (
+            s.script.clone(),
+            s.conns.clone(),
+            s.requests.clone(),
+            s.data.clone(),
+        );
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (script, requests, data) = (script.clone(), requests.clone(), data.clone());
+                std::thread::spawn(move || serve_conn(stream, &script, &requests, &data));
+            }
+        });
+        s
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> Vec<(String, Option<String>)> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn serve_conn(
+    stream: TcpStream,
+    script: &Mutex<VecDeque<Act>>,
+    requests: &Mutex<Seen>,
+    data: &[u8],
+) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut range = None;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h == "\r\n" {
+                break;
+            }
+            if let Some((n, v)) = h.split_once(':') {
+                if n.eq_ignore_ascii_case("range") {
+                    range = Some(v.trim().to_string());
+                }
+            }
+        }
+        requests
+            .lock()
+            .unwrap()
+            .push((target.clone(), range.clone()));
+        let act = script.lock().unwrap().pop_front().unwrap_or(Act::Good);
+        let (a, b) = match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
+            Some(r) => {
+                let (a, b) = r.split_once('-').unwrap();
+                (
+                    a.parse::<usize>().unwrap(),
+                    Some(b.parse::<usize>().unwrap()),
+                )
+            }
+            None => (0, None),
+        };
+        let good = |out: &mut TcpStream| -> std::io::Result<()> {
+            match b {
+                Some(b) => {
+                    let b = b.min(data.len() - 1);
+                    write!(
+                        out,
+                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\
+                         Content-Range: bytes {a}-{b}/{}\r\n\r\n",
+                        b + 1 - a,
+                        data.len()
+                    )?;
+                    out.write_all(&data[a..=b])
+                }
+                None => {
+                    write!(
+                        out,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                        data.len()
+                    )?;
+                    out.write_all(data)
+                }
+            }
+        };
+        let r = match act {
+            Act::Good => good(&mut out),
+            Act::Status(code) => write!(
+                out,
+                "HTTP/1.1 {code} Scripted\r\nContent-Length: 5\r\n\
+                 Content-Range: bytes */{}\r\n\r\nerror",
+                data.len()
+            ),
+            Act::Short(n) => {
+                let b = b.unwrap_or(data.len() - 1);
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\
+                     Content-Range: bytes {a}-{b}/{}\r\n\r\n",
+                    b + 1 - a,
+                    data.len()
+                );
+                let _ = out.write_all(&data[a..a + n]);
+                return;
+            }
+            Act::Hang => {
+                std::thread::sleep(Duration::from_secs(20));
+                return;
+            }
+            Act::WrongRange => {
+                let b = b.unwrap_or(0);
+                write!(
+                    out,
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\
+                     Content-Range: bytes {}-{}/{}\r\n\r\n",
+                    b + 1 - a,
+                    a + 1,
+                    b + 1,
+                    data.len()
+                )
+                .and_then(|()| out.write_all(&data[a + 1..=b + 1]))
+            }
+            Act::Full => write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                data.len()
+            )
+            .and_then(|()| out.write_all(data)),
+            Act::Chunked => {
+                let (status, body, extra) = match b {
+                    Some(b) => (
+                        "206 Partial Content",
+                        &data[a..=b],
+                        format!("Content-Range: bytes {a}-{b}/{}\r\n", data.len()),
+                    ),
+                    None => ("200 OK", data, String::new()),
+                };
+                let mut msg =
+                    format!("HTTP/1.1 {status}\r\n{extra}Transfer-Encoding: chunked\r\n\r\n")
+                        .into_bytes();
+                for piece in body.chunks(7777) {
+                    msg.extend_from_slice(format!("{:x};ext=1\r\n", piece.len()).as_bytes());
+                    msg.extend_from_slice(piece);
+                    msg.extend_from_slice(b"\r\n");
+                }
+                msg.extend_from_slice(b"0\r\nX-Trailer: y\r\n\r\n");
+                out.write_all(&msg)
+            }
+            Act::CloseAfter => {
+                let _ = good(&mut out);
+                return;
+            }
+            Act::BigLength(n) => {
+                let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+                std::thread::sleep(Duration::from_secs(20));
+                return;
+            }
+            Act::WrongLength => {
+                let b = b.unwrap_or(0);
+                write!(
+                    out,
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\
+                     Content-Range: bytes {a}-{b}/{}\r\n\r\n",
+                    b - a,
+                    data.len()
+                )
+                .and_then(|()| out.write_all(&data[a..b]))
+            }
+            Act::Drop => return,
+        };
+        if r.is_err() {
+            return;
+        }
+    }
+}
+
+fn quick() -> OriginOptions {
+    OriginOptions {
+        connect_timeout: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(10),
+        retries: 3,
+        backoff: Duration::from_millis(1),
+        max_connections: 4,
+    }
+}
+
+fn origin(s: &TestServer, opts: &OriginOptions) -> HttpOrigin {
+    HttpOrigin::new(&s.url("/app/"), opts).unwrap()
+}
+
+#[test]
+fn ranges_reuse_one_connection() {
+    let s = TestServer::start(&[]);
+    let o = origin(&s, &quick());
+    for i in 0..5u64 {
+        let (off, len) = (i * 30_000 + 3, 20_000 + i);
+        let got = o.get_range("packs/a.pack", off, len).unwrap();
+        assert_eq!(got, &s.data[off as usize..(off + len) as usize]);
+    }
+    assert_eq!(s.conns(), 1, "keep-alive connection reused");
+    let st = o.stats();
+    assert_eq!(
+        (st.requests, st.connections, st.errors, st.retries),
+        (5, 1, 0, 0)
+    );
+    assert_eq!(st.bytes, (0..5).map(|i| 20_000 + i).sum::<u64>());
+    let reqs = s.requests();
+    assert_eq!(
+        reqs[0],
+        (
+            "/app/packs/a.pack".to_string(),
+            Some("bytes=3-20002".to_string())
+        )
+    );
+}
+
+#[test]
+fn whole_file_and_relative_paths() {
+    let s = TestServer::start(&[]);
+    let o = origin(&s, &quick());
+    assert_eq!(o.get_file("manifest", 1 << 20).unwrap(), *s.data);
+    assert_eq!(
+        o.get_range("../shared/packs/b.pack", 0, 10).unwrap(),
+        &s.data[..10]
+    );
+    let reqs = s.requests();
+    assert_eq!(reqs[0], ("/app/manifest".to_string(), None));
+    assert_eq!(reqs[1].0, "/shared/packs/b.pack");
+    assert_eq!(
+        o.describe("../shared/x"),
+        format!("http://{}/shared/x", s.addr)
+    );
+    let e = o.get_range("../../x", 0, 1).unwrap_err();
+    assert!(matches!(e, OriginError::BadPath { .. }), "{e}");
+    for bad in ["/abs", "a//b", "a b", "a/../b", "%2e%2e/x"] {
+        assert!(
+            matches!(o.get_file(bad, 10), Err(OriginError::BadPath { .. })),
+            "{bad}"
+        );
+    }
+    assert_eq!(s.requests().len(), 2, "refused paths send no request");
+}
+
+#[test]
+fn not_found_is_not_retried() {
+    let s = TestServer::start(&[Act::Status(404)]);
+    let o = origin(&s, &quick());
+    let e = o.get_file("manifest", 1 << 20).unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    let msg = e.to_string();
+    assert_eq!(
+        msg,
+        format!("GET http://{}/app/manifest: HTTP 404 Scripted", s.addr)
+    );
+    assert_eq!(s.requests().len(), 1);
+    assert_eq!(o.stats().retries, 0);
+}
+
+#[test]
+fn forbidden_is_not_retried() {
+    let s = TestServer::start(&[Act::Status(403)]);
+    let o = origin(&s, &quick());
+    let e = o.get_range("packs/a.pack", 0, 100).unwrap_err();
+    assert!(matches!(e, OriginError::Status { status: 403, .. }), "{e}");
+    assert!(!e.is_not_found());
+    assert_eq!(s.requests().len(), 1);
+}
+
+#[test]
+fn unsatisfiable_range() {
+    let s = TestServer::start(&[Act::Status(416)]);
+    let o = origin(&s, &quick());
+    let e = o.get_range("packs/a.pack", 300_000, 100).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            OriginError::OutOfRange {
+                size: FileSize(Some(200_000)),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("bytes 300000-300099"), "{e}");
+    assert_eq!(s.requests().len(), 1);
+}
+
+#[test]
+fn server_errors_are_retried() {
+    let s = TestServer::start(&[Act::Status(500), Act::Status(503)]);
+    let o = origin(&s, &quick());
+    assert_eq!(
+        o.get_range("packs/a.pack", 10, 100).unwrap(),
+        &s.data[10..110]
+    );
+    let st = o.stats();
+    assert_eq!((st.retries, st.errors, st.requests), (2, 2, 3));
+    assert_eq!(s.requests().len(), 3);
+}
+
+#[test]
+fn retries_give_up() {
+    let s = TestServer::start(&[Act::Status(500); 10]);
+    let o = origin(
+        &s,
+        &OriginOptions {
+            retries: 2,
+            ..quick()
+        },
+    );
+    let e = o.get_range("packs/a.pack", 0, 65536).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "GET http://{}/app/packs/a.pack bytes 0-65535: HTTP 500 Scripted (after 2 retries)",
+            s.addr
+        )
+    );
+    assert_eq!(s.requests().len(), 3);
+}
+
+#[test]
+fn short_body() {
+    let s = TestServer::start(&[Act::Short(100)]);
+    let o = origin(
+        &s,
+        &OriginOptions {
+            retries: 0,
+            ..quick()
+        },
+    );
+    let e = o.get_range("packs/x.pack", 0, 65536).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "GET http://{}/app/packs/x.pack bytes 0-65535: short read: got 100 of 65536 bytes",
+            s.addr
+        )
+    );
+    // With a retry the next (good) reply is used.
+    let s = TestServer::start(&[Act::Short(100)]);
+    let o = origin(&s, &quick());
+    assert_eq!(
+        o.get_range("packs/x.pack", 0, 65536).unwrap(),
+        &s.data[..65536]
+    );
+    assert_eq!(o.stats().retries, 1);
+    assert_eq!(s.conns(), 2);
+}
+
+#[test]
+fn hang_times_out() {
+    let s = TestServer::start(&[Act::Hang, Act::Hang]);
+    let opts = OriginOptions {
+        retries: 1,
+        io_timeout: Duration::from_millis(200),
+        ..quick()
+    };
+    let o = origin(&s, &opts);
+    let e = o.get_range("packs/a.pack", 0, 10).unwrap_err();
+    assert!(matches!(e, OriginError::Timeout { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .ends_with("timed out after 200ms (after 1 retry)"),
+        "{e}"
+    );
+    assert_eq!(s.requests().len(), 2);
+}
+
+#[test]
+fn wrong_content_range_or_length() {
+    for act in [Act::WrongRange, Act::WrongLength] {
+        let s = TestServer::start(&[act]);
+        let o = origin(&s, &quick());
+        let e = o.get_range("packs/a.pack", 1000, 500).unwrap_err();
+        assert!(matches!(e, OriginError::Protocol { .. }), "{act:?}: {e}");
+        assert!(
+            e.to_string().contains("bytes 1000-1499: invalid reply"),
+            "{e}"
+        );
+        assert_eq!(s.requests().len(), 1, "not retried");
+    }
+}
+
+#[test]
+fn full_reply_is_sliced() {
+    let s = TestServer::start(&[Act::Full, Act::Full]);
+    let o = origin(&s, &quick());
+    assert_eq!(o.get_range("packs/a.pack", 5, 10).unwrap(), &s.data[5..15]);
+    let e = o.get_range("packs/a.pack", 199_995, 10).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            OriginError::OutOfRange {
+                size: FileSize(Some(200_000)),
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn chunked_bodies() {
+    let s = TestServer::start(&[Act::Chunked, Act::Chunked, Act::Chunked]);
+    let o = origin(&s, &quick());
+    assert_eq!(
+        o.get_range("packs/a.pack", 7, 50_000).unwrap(),
+        &s.data[7..50_007]
+    );
+    assert_eq!(o.get_file("manifest", 1 << 20).unwrap(), *s.data);
+    let e = o.get_file("manifest", 1000).unwrap_err();
+    assert!(matches!(e, OriginError::TooLarge { max: 1000, .. }), "{e}");
+    assert_eq!(
+        s.conns(),
+        2,
+        "the connection stays usable after chunked replies"
+    );
+}
+
+#[test]
+fn too_large_is_refused_before_reading() {
+    // The server announces 1 TiB and sends nothing; the client must not wait for it.
+    let s = TestServer::start(&[Act::BigLength(1 << 40)]);
+    let o = origin(&s, &quick());
+    let e = o.get_file("manifest", 1 << 20).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            OriginError::TooLarge {
+                size: 1_099_511_627_776,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn stale_connection_is_replaced() {
+    let s = TestServer::start(&[Act::CloseAfter]);
+    let o = origin(
+        &s,
+        &OriginOptions {
+            retries: 0,
+            ..quick()
+        },
+    );
+    assert_eq!(o.get_range("packs/a.pack", 0, 10).unwrap(), &s.data[..10]);
+    // The pooled connection was closed by the server; the next request reconnects silently.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        o.get_range("packs/a.pack", 10, 10).unwrap(),
+        &s.data[10..20]
+    );
+    let st = o.stats();
+    assert_eq!((st.connections, st.errors, st.retries), (2, 0, 0));
+}
+
+#[test]
+fn dropped_connection_is_retried() {
+    let s = TestServer::start(&[Act::Drop]);
+    let o = origin(&s, &quick());
+    assert_eq!(o.get_range("packs/a.pack", 0, 10).unwrap(), &s.data[..10]);
+    assert_eq!(o.stats().retries, 1);
+}
+
+#[test]
+fn connection_refused() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let o = HttpOrigin::new(&format!("http://127.0.0.1:{port}/app"), &quick()).unwrap();
+    let e = o.get_range("packs/a.pack", 0, 10).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("connect 127.0.0.1:{port}: connection refused (after 3 retries)")
+    );
+    assert_eq!(o.stats().retries, 3);
+}
+
+#[test]
+fn parallel_requests_share_a_bounded_pool() {
+    let s = TestServer::start(&[]);
+    let o = Arc::new(origin(&s, &quick()));
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (o, data) = (o.clone(), s.data.clone());
+            std::thread::spawn(move || {
+                for i in 0..25u64 {
+                    let off = (t * 25 + i) * 997;
+                    let got = o.get_range("packs/a.pack", off, 4096).unwrap();
+                    assert_eq!(got, &data[off as usize..off as usize + 4096]);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(s.conns() <= 4, "{} connections for a pool of 4", s.conns());
+    assert_eq!(o.stats().requests, 200);
+    assert_eq!(o.stats().bytes, 200 * 4096);
+}
+
+#[test]
+fn head_parsing() {
+    let (n, h) = parse_head(b"HTTP/1.1 206 Partial\r\nContent-Length: 5\r\n\r\nabc")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (n, h.status, h.framing, h.keep_alive),
+        (43, 206, Framing::Length(5), true)
+    );
+    let (_, h) = parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert!(!h.keep_alive);
+    let (_, h) = parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+    assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le")
+        .unwrap()
+        .is_none());
+    for bad in [
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"garbage\r\n\r\n",
+    ] {
+        assert!(parse_head(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+    }
+}
+
+#[test]
+fn content_range_parsing() {
+    assert_eq!(
+        parse_content_range("bytes 0-9/100"),
+        Some((0, 9, Some(100)))
+    );
+    assert_eq!(parse_content_range("Bytes 5-5/*"), Some((5, 5, None)));
+    assert_eq!(parse_content_range("bytes 0-9"), None);
+    assert_eq!(parse_content_range("bytes -9/100"), None);
+    assert_eq!(parse_content_range("items 0-9/100"), None);
+    assert_eq!(parse_content_range("bytes 0-99999999999999999999/1"), None);
+    assert_eq!(parse_unsatisfied_size("bytes */1234"), Some(1234));
+    assert_eq!(parse_unsatisfied_size("bytes 0-1/1234"), None);
+}
+
+#[test]
+fn base_urls() {
+    let b = Base::parse("http://Example.com:8080/a/b").unwrap();
+    assert_eq!(
+        (b.host.as_str(), b.port, b.host_header.as_str()),
+        ("example.com", 8080, "example.com:8080")
+    );
+    assert_eq!(b.target("../c/x").unwrap(), "/a/c/x");
+    let b = Base::parse("https://h").unwrap();
+    assert_eq!((b.port, b.host_header.as_str(), b.https), (443, "h", true));
+    assert_eq!(b.target("manifest").unwrap(), "/manifest");
+    let b = Base::parse("http://[::1]:81/x/").unwrap();
+    assert_eq!((b.host.as_str(), b.addr()), ("::1", "[::1]:81".to_string()));
+    for bad in [
+        "http://",
+        "http://h:0/",
+        "http://h:99999/",
+        "http://u@h/",
+        "http://h/a?b",
+        "http://h/a b",
+        "http://h/../x",
+        "http://h:8x/",
+        "http://[::1/",
+        "ftp://h/",
+    ] {
+        assert!(Base::parse(bad).is_err(), "{bad}");
+    }
+}

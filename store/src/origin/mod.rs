@@ -1,0 +1,605 @@
+//! Fetching byte ranges of bundle files from an origin: an HTTP(S) server or a local directory.
+//!
+//! A bundle is addressed by a base location (`http://host/app/`, `https://…`, `file:///dir/app`
+//! or a plain directory path). Everything the storage core reads from it goes through the
+//! [`Origin`] trait: exact byte ranges of pack files and whole small files (the manifest).
+//! Paths are relative to the base and may climb out of it with leading `../` segments to reach a
+//! pack store shared by several bundles (`../shared/packs/<hex>.pack`).
+//!
+//! * [`HttpOrigin`] speaks HTTP/1.1 over a keep-alive connection pool shared by all threads,
+//!   with connect and I/O timeouts, retries with exponential backoff on transient failures
+//!   (connection errors, 5xx, 408/429, short bodies, resets, timeouts) and exact validation of
+//!   every reply: a range request must be answered by `206` with the very `Content-Range` asked
+//!   for (or `200` with a small whole file that is then sliced); any length mismatch is an error.
+//!   HTTPS uses rustls with the Mozilla root store (plus the PEM certificates named by
+//!   `SSL_CERT_FILE`, if set).
+//! * [`LocalOrigin`] reads a directory with `pread` on cached open files.
+//!
+//! Both count requests and bytes in [`OriginStats`].
+
+mod http;
+mod local;
+
+pub use http::HttpOrigin;
+pub use local::LocalOrigin;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::Hash;
+
+/// How an origin connects, waits and retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginOptions {
+    /// Time allowed to establish a TCP connection (and the TLS handshake).
+    pub connect_timeout: Duration,
+    /// Time allowed for any single read or write on an established connection.
+    pub io_timeout: Duration,
+    /// How many times a failed request is retried (transient failures only).
+    pub retries: u32,
+    /// Delay before the first retry; it doubles for each further retry.
+    pub backoff: Duration,
+    /// Most connections open to an HTTP origin at once (requests beyond it wait).
+    pub max_connections: usize,
+}
+
+impl Default for OriginOptions {
+    fn default() -> Self {
+        OriginOptions {
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(30),
+            retries: 5,
+            backoff: Duration::from_millis(200),
+            max_connections: 16,
+        }
+    }
+}
+
+/// Counters of one origin since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OriginStats {
+    /// Requests issued (HTTP requests sent, or local reads), including failed attempts.
+    pub requests: u64,
+    /// Payload bytes returned to callers.
+    pub bytes: u64,
+    /// Attempts that were repeated after a transient failure.
+    pub retries: u64,
+    /// Attempts that failed (whether or not a retry then succeeded).
+    pub errors: u64,
+    /// Connections opened (HTTP) or files opened (local directory).
+    pub connections: u64,
+}
+
+/// The " (after N retries)" suffix of an error message; empty when there was no retry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retries(pub u32);
+
+impl fmt::Display for Retries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            1 => f.write_str(" (after 1 retry)"),
+            n => write!(f, " (after {n} retries)"),
+        }
+    }
+}
+
+/// Formats a duration the way people write timeouts: `30s`, `1.5s`, `200ms`.
+pub(crate) fn fmt_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// Size suffix for [`OriginError::OutOfRange`]: " (N bytes)" when known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSize(pub Option<u64>);
+
+impl fmt::Display for FileSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, " ({n} bytes)"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Why an origin request failed. Every message names the request (method, URL or path, range)
+/// and what went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    /// The origin location itself is unusable.
+    #[error("invalid origin {url:?}: {why}")]
+    BadUrl {
+        /// The location as given.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A bundle-relative path was refused (absolute, `//`, odd characters, escapes the root).
+    #[error("invalid bundle path {path:?}: {why}")]
+    BadPath {
+        /// The path as given.
+        path: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The file does not exist (HTTP 404/410, or no such local file).
+    #[error("{what}: {detail}")]
+    NotFound {
+        /// The request, e.g. `GET http://h/app/manifest`.
+        what: String,
+        /// e.g. `HTTP 404 Not Found` or `no such file`.
+        detail: String,
+    },
+    /// Any other unexpected HTTP status.
+    #[error("{what}: HTTP {status} {reason}{after}")]
+    Status {
+        /// The request.
+        what: String,
+        /// The status code.
+        status: u16,
+        /// The reason phrase sent by the server.
+        reason: String,
+        /// Retries made before giving up.
+        after: Retries,
+    },
+    /// The range lies (partly) past the end of the file (HTTP 416, or a short local file).
+    #[error("{what}: range is past the end of the file{size}")]
+    OutOfRange {
+        /// The request.
+        what: String,
+        /// The file size, when the origin told it.
+        size: FileSize,
+    },
+    /// A whole-file read refused because the file is larger than allowed.
+    #[error("{what}: file is {size} bytes, more than the limit of {max} bytes")]
+    TooLarge {
+        /// The request.
+        what: String,
+        /// The size announced by the origin (at least this much).
+        size: u64,
+        /// The caller's limit.
+        max: u64,
+    },
+    /// The body ended (connection closed or reset) before all announced bytes arrived.
+    #[error("{what}: short read: got {got} of {want} bytes{after}")]
+    ShortRead {
+        /// The request.
+        what: String,
+        /// Bytes received.
+        got: u64,
+        /// Bytes expected.
+        want: u64,
+        /// Retries made before giving up.
+        after: Retries,
+    },
+    /// No progress within the I/O timeout.
+    #[error("{what}: timed out after {}{after}", fmt_duration(*.timeout))]
+    Timeout {
+        /// The request.
+        what: String,
+        /// The timeout that expired.
+        timeout: Duration,
+        /// Retries made before giving up.
+        after: Retries,
+    },
+    /// The TCP connection could not be established.
+    #[error("connect {addr}: {msg}{after}")]
+    Connect {
+        /// `host:port`.
+        addr: String,
+        /// What happened, e.g. `connection refused`.
+        msg: String,
+        /// Retries made before giving up.
+        after: Retries,
+    },
+    /// The TLS handshake failed (certificate, protocol); not retried.
+    #[error("TLS handshake with {addr}: {msg}")]
+    Tls {
+        /// `host:port`.
+        addr: String,
+        /// What rustls reported.
+        msg: String,
+    },
+    /// The reply does not match the request (wrong Content-Range, bad framing, ...).
+    #[error("{what}: invalid reply: {msg}{after}")]
+    Protocol {
+        /// The request.
+        what: String,
+        /// What is wrong with the reply.
+        msg: String,
+        /// Retries made before giving up.
+        after: Retries,
+    },
+    /// Any other I/O failure.
+    #[error("{what}: {source}{after}")]
+    Io {
+        /// The request.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+        /// Retries made before giving up.
+        after: Retries,
+    },
+}
+
+impl OriginError {
+    /// True when the file does not exist at the origin (so callers can say "no manifest at URL").
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, OriginError::NotFound { .. })
+    }
+
+    /// True for failures worth retrying: connection problems, 5xx/408/429, short bodies,
+    /// resets and timeouts.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OriginError::Status { status, .. } => {
+                *status >= 500 || *status == 408 || *status == 429
+            }
+            OriginError::ShortRead { .. }
+            | OriginError::Timeout { .. }
+            | OriginError::Connect { .. }
+            | OriginError::Io { .. } => true,
+            OriginError::BadUrl { .. }
+            | OriginError::BadPath { .. }
+            | OriginError::NotFound { .. }
+            | OriginError::OutOfRange { .. }
+            | OriginError::TooLarge { .. }
+            | OriginError::Tls { .. }
+            | OriginError::Protocol { .. } => false,
+        }
+    }
+
+    /// Records how many retries preceded this (final) error, for its message.
+    pub(crate) fn with_retries(mut self, n: u32) -> Self {
+        match &mut self {
+            OriginError::Status { after, .. }
+            | OriginError::ShortRead { after, .. }
+            | OriginError::Timeout { after, .. }
+            | OriginError::Connect { after, .. }
+            | OriginError::Protocol { after, .. }
+            | OriginError::Io { after, .. } => *after = Retries(n),
+            OriginError::BadUrl { .. }
+            | OriginError::BadPath { .. }
+            | OriginError::NotFound { .. }
+            | OriginError::OutOfRange { .. }
+            | OriginError::TooLarge { .. }
+            | OriginError::Tls { .. } => {}
+        }
+        self
+    }
+}
+
+/// A place bundle files are read from.
+pub trait Origin: Send + Sync + fmt::Debug {
+    /// Exactly `len` bytes of bundle file `path` (relative to the bundle base, e.g. "manifest",
+    /// "packs/<hex>.pack", "../shared/packs/<hex>.pack") starting at `offset`.
+    fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>, OriginError>;
+    /// A whole file, refusing (with an error, before reading it all) one larger than `max_len`.
+    fn get_file(&self, path: &str, max_len: u64) -> Result<Vec<u8>, OriginError>;
+    /// Human-readable location of `path` (full URL or filesystem path) for messages.
+    fn describe(&self, path: &str) -> String;
+    /// Counters since the origin was opened.
+    fn stats(&self) -> OriginStats;
+}
+
+/// Splits "URL#<64 hex>" into (base, Some(digest)); base normalised to end with '/'.
+pub fn split_digest(url: &str) -> Result<(String, Option<Hash>), OriginError> {
+    let bad = |why: &str| OriginError::BadUrl {
+        url: url.to_string(),
+        why: why.to_string(),
+    };
+    let (base, digest) = match url.split_once('#') {
+        None => (url, None),
+        Some((base, frag)) => {
+            let d = Hash::from_hex(frag).ok_or_else(|| {
+                bad("the part after '#' must be the 64-hex-digit BLAKE3 digest of the manifest")
+            })?;
+            (base, Some(d))
+        }
+    };
+    if base.trim().is_empty() {
+        return Err(bad("empty location"));
+    }
+    if base.trim() != base {
+        return Err(bad("leading or trailing white space"));
+    }
+    let mut base = base.to_string();
+    if !base.ends_with('/') {
+        base.push('/');
+    }
+    Ok((base, digest))
+}
+
+/// Opens an origin: http://, https:// (rustls), file:///abs/dir, or a plain local directory path.
+///
+/// `base` must not carry a `#digest` fragment (use [`split_digest`] first).
+pub fn open(base: &str, opts: &OriginOptions) -> Result<Arc<dyn Origin>, OriginError> {
+    let bad = |why: &str| OriginError::BadUrl {
+        url: base.to_string(),
+        why: why.to_string(),
+    };
+    if base.contains('#') {
+        return Err(bad("remove the '#digest' fragment first (split_digest)"));
+    }
+    if opts.max_connections == 0 {
+        return Err(bad("max_connections must be at least 1"));
+    }
+    let lower = base.get(..8).unwrap_or(base).to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Ok(Arc::new(HttpOrigin::new(base, opts)?));
+    }
+    if lower.starts_with("file://") {
+        let rest = &base[7..];
+        let path = if let Some(p) = rest.strip_prefix("localhost/") {
+            format!("/{p}")
+        } else if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            return Err(bad("a file URL must be file:///absolute/path"));
+        };
+        let decoded = percent_decode(&path).ok_or_else(|| bad("bad %-escape in file URL"))?;
+        return Ok(Arc::new(LocalOrigin::new(Path::new(&decoded), base)?));
+    }
+    if let Some((scheme, _)) = base.split_once("://") {
+        if !scheme.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+')
+        {
+            return Err(bad(
+                "unsupported scheme (use http://, https://, file:// or a directory)",
+            ));
+        }
+    }
+    Ok(Arc::new(LocalOrigin::new(Path::new(base), base)?))
+}
+
+/// Decodes `%XX` escapes; `None` on a malformed escape or a result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A validated bundle-relative path: `ups` leading `..` segments, then plain segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RelPath<'a> {
+    pub ups: usize,
+    pub segments: Vec<&'a str>,
+}
+
+/// Checks a bundle-relative path: non-empty, relative, `/`-separated segments of ASCII letters,
+/// digits, `.`, `_`, `-`; `..` only as leading segments; no `.`, empty segments or trailing `/`.
+pub(crate) fn parse_rel_path(path: &str) -> Result<RelPath<'_>, OriginError> {
+    let bad = |why: &'static str| OriginError::BadPath {
+        path: path.to_string(),
+        why,
+    };
+    if path.is_empty() {
+        return Err(bad("empty path"));
+    }
+    if path.starts_with('/') {
+        return Err(bad("absolute paths are not allowed"));
+    }
+    if path.contains("//") {
+        return Err(bad("empty segment ('//')"));
+    }
+    if !path
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'/'))
+    {
+        return Err(bad(
+            "only ASCII letters, digits, '.', '_', '-' and '/' are allowed",
+        ));
+    }
+    let mut ups = 0;
+    let mut segments = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" => return Err(bad("trailing '/'")),
+            "." => return Err(bad("'.' segments are not allowed")),
+            ".." if segments.is_empty() => ups += 1,
+            ".." => return Err(bad("'..' is only allowed at the start")),
+            s => segments.push(s),
+        }
+    }
+    if segments.is_empty() {
+        return Err(bad("names no file"));
+    }
+    Ok(RelPath { ups, segments })
+}
+
+/// Atomic counters behind [`OriginStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+    pub retries: AtomicU64,
+    pub errors: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> OriginStats {
+        OriginStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            connections: self.connections.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Human-readable description of a byte range request: `bytes 0-65535`.
+pub(crate) fn range_desc(offset: u64, len: u64) -> String {
+    format!(
+        "bytes {}-{}",
+        offset,
+        offset.saturating_add(len).saturating_sub(1)
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_digest_forms() {
+        let h = Hash::of(b"manifest");
+        let (b, d) = split_digest(&format!("http://h/app#{}", h.to_hex())).unwrap();
+        assert_eq!(b, "http://h/app/");
+        assert_eq!(d, Some(h));
+        let (b, d) = split_digest("http://h/app/").unwrap();
+        assert_eq!((b.as_str(), d), ("http://h/app/", None));
+        let (b, d) = split_digest(&format!("/srv/app/#{}", h.to_hex().to_uppercase())).unwrap();
+        assert_eq!((b.as_str(), d), ("/srv/app/", Some(h)));
+        let e = split_digest("http://h/app/#1234").unwrap_err();
+        assert!(e.to_string().contains("64-hex-digit"), "{e}");
+        assert!(split_digest("").is_err());
+        assert!(split_digest(&format!("#{}", h.to_hex())).is_err());
+        assert!(split_digest(" http://h/").is_err());
+    }
+
+    #[test]
+    fn rel_paths() {
+        assert_eq!(
+            parse_rel_path("packs/ab.pack").unwrap(),
+            RelPath {
+                ups: 0,
+                segments: vec!["packs", "ab.pack"]
+            }
+        );
+        assert_eq!(
+            parse_rel_path("../../shared/packs/x.pack").unwrap(),
+            RelPath {
+                ups: 2,
+                segments: vec!["shared", "packs", "x.pack"]
+            }
+        );
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a//b",
+            "a/../b",
+            "a/./b",
+            "./a",
+            "a b",
+            "a/",
+            "..",
+            "../..",
+            "a\\b",
+            "a%2e",
+            "a?b",
+            "a#b",
+            "caf\u{e9}",
+            "a\0b",
+        ] {
+            let e = parse_rel_path(bad).unwrap_err();
+            assert!(matches!(e, OriginError::BadPath { .. }), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn open_dispatch() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("manifest"), b"m").unwrap();
+        let plain = open(dir.path().to_str().unwrap(), &OriginOptions::default()).unwrap();
+        assert_eq!(plain.get_file("manifest", 10).unwrap(), b"m");
+        let url = format!("file://{}/", dir.path().display());
+        let f = open(&url, &OriginOptions::default()).unwrap();
+        assert_eq!(f.get_range("manifest", 0, 1).unwrap(), b"m");
+        assert!(f.describe("manifest").ends_with("/manifest"));
+
+        let https = open("https://example.invalid/app/", &OriginOptions::default()).unwrap();
+        assert_eq!(
+            https.describe("packs/a.pack"),
+            "https://example.invalid/app/packs/a.pack"
+        );
+
+        for bad in [
+            "ftp://h/x/",
+            "file://h/x/",
+            "http://h/app/#00",
+            "/definitely/not/here/",
+        ] {
+            assert!(open(bad, &OriginOptions::default()).is_err(), "{bad}");
+        }
+        let missing = open("/definitely/not/here/", &OriginOptions::default()).unwrap_err();
+        assert!(
+            missing.to_string().contains("/definitely/not/here"),
+            "{missing}"
+        );
+        let zero = OriginOptions {
+            max_connections: 0,
+            ..OriginOptions::default()
+        };
+        assert!(open("http://h/", &zero).is_err());
+    }
+
+    #[test]
+    fn messages() {
+        let e = OriginError::ShortRead {
+            what: "GET http://h/app/packs/x.pack bytes 0-65535".into(),
+            got: 100,
+            want: 65536,
+            after: Retries(0),
+        };
+        assert_eq!(
+            e.to_string(),
+            "GET http://h/app/packs/x.pack bytes 0-65535: short read: got 100 of 65536 bytes"
+        );
+        let e = OriginError::Connect {
+            addr: "127.0.0.1:8080".into(),
+            msg: "connection refused".into(),
+            after: Retries(0),
+        }
+        .with_retries(5);
+        assert_eq!(
+            e.to_string(),
+            "connect 127.0.0.1:8080: connection refused (after 5 retries)"
+        );
+        let e = OriginError::Timeout {
+            what: "GET u".into(),
+            timeout: Duration::from_secs(30),
+            after: Retries(1),
+        };
+        assert_eq!(e.to_string(), "GET u: timed out after 30s (after 1 retry)");
+        assert_eq!(fmt_duration(Duration::from_millis(200)), "200ms");
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(range_desc(0, 65536), "bytes 0-65535");
+    }
+
+    #[test]
+    fn percent() {
+        assert_eq!(percent_decode("/a%20b").as_deref(), Some("/a b"));
+        assert_eq!(percent_decode("/a%2"), None);
+        assert_eq!(percent_decode("/a%zz"), None);
+    }
+}
