@@ -20,9 +20,9 @@ use crate::sys;
 /// Errors opening a [`FileDevice`].
 #[derive(Debug, thiserror::Error)]
 pub enum FileDeviceError {
-    #[error("{path}: {source}")]
+    #[error("cannot open {path}")]
     Open { path: PathBuf, source: io::Error },
-    #[error("{path} is in use by another writer (or, for a writer, by any other server): {source}")]
+    #[error("{path} is in use by another server (a writer needs it alone; readers share it)")]
     Locked { path: PathBuf, source: io::Error },
 }
 

@@ -44,7 +44,7 @@ pub struct Server {
 }
 
 /// A connected socket (TCP or Unix).
-pub trait Socket: Read + Write + Send + Sized + 'static {
+pub trait Socket: Read + Write + Send + Sync + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
     fn shutdown(&self);
@@ -109,7 +109,7 @@ impl Server {
         on_handshake_done: &dyn Fn(),
         shutdown: &(dyn Fn() + Sync),
     ) -> Result<End, ConnError> {
-        let mut reader = BufReader::with_capacity(128 << 10, r);
+        let mut reader = BufReader::with_capacity(transmission::IN_BUF, r);
         let neg = match handshake::negotiate(&mut reader, &mut w, &self.export)? {
             Outcome::Transmission(n) => n,
             Outcome::Aborted => return Ok(End::Disconnect),

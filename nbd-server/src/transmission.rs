@@ -73,7 +73,7 @@ pub enum TransmissionError {
 /// Size of the reply buffer: small replies are appended, larger ones written directly.
 const OUT_BUF: usize = 256 << 10;
 /// Size of the request read buffer (several pipelined requests arrive in one `read`).
-const IN_BUF: usize = 128 << 10;
+pub const IN_BUF: usize = 128 << 10;
 /// Per-thread data buffers above this are released after the request.
 const KEEP_BUF: usize = 4 << 20;
 /// Most block status descriptors in one reply (the spec's recommended bound).

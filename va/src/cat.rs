@@ -49,6 +49,9 @@ pub struct CatArgs {
     /// Also fill this local chunk cache.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Bound of that cache.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = va_store::parse_size)]
+    cache_size: u64,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -69,7 +72,7 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
         &AppOpen {
             digest,
             cache_dir: a.cache_dir.clone(),
-            cache_size: 1 << 40,
+            cache_size: a.cache_size,
             ..Default::default()
         },
     )?;

@@ -260,7 +260,9 @@ fn serve_connection(mut stream: TcpStream, root: &Path, limits: Limits, stats: &
             }
             if filled == buf.len() {
                 let reply = Reply::error(431, "Request Header Fields Too Large");
-                let _ = send(&mut stream, &reply, false, false, stats);
+                if send(&mut stream, &reply, false, false, stats).is_ok() {
+                    linger_close(&mut stream);
+                }
                 debug!(%peer, status = 431, "request head larger than {MAX_HEAD} bytes");
                 return;
             }
@@ -295,6 +297,10 @@ fn serve_connection(mut stream: TcpStream, root: &Path, limits: Limits, stats: &
         debug!(%peer, status = reply.status, bytes = reply.body_len(), "{line}");
         match sent {
             Ok(true) if keep_alive => {}
+            Ok(true) if reply.close => {
+                linger_close(&mut stream);
+                return;
+            }
             Ok(_) => return,
             Err(e) => {
                 debug!(%peer, "send: {e}");
@@ -303,6 +309,22 @@ fn serve_connection(mut stream: TcpStream, root: &Path, limits: Limits, stats: &
         }
         buf.copy_within(head_len..filled, 0);
         filled -= head_len;
+    }
+}
+
+/// Closes a connection whose client may still be sending (an oversized head, a request body):
+/// stop writing, then discard input for a moment, so that closing with unread data does not
+/// reset the connection before the client has read the error reply.
+fn linger_close(stream: &mut TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut sink = [0u8; 16 * 1024];
+    let mut left: usize = 1 << 20;
+    while left > 0 {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
     }
 }
 
@@ -821,7 +843,7 @@ mod tests {
         assert_eq!(http_date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
         assert_eq!(http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
         assert_eq!(http_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
-        assert_eq!(http_date(4_107_542_399), "Thu, 31 Dec 2099 23:59:59 GMT");
+        assert_eq!(http_date(4_102_444_799), "Thu, 31 Dec 2099 23:59:59 GMT");
         assert_eq!(http_date(-1), "Wed, 31 Dec 1969 23:59:59 GMT");
     }
 

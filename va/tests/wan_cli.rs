@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 //! `va wan` as a process: argument handling, the address on stdout, forwarding, fault
 //! injection, and the counters printed when a signal stops it.
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use va_store::cli::StoreArgs;
 use va_store::device::BlockDevice;
@@ -111,7 +111,11 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    // --appliance (from the shared StoreArgs) is required unless --file is given.
+    let matches = Args::command()
+        .mut_arg("appliance", |a| a.required(false).required_unless_present("file"))
+        .get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let (device, tag) = open_device(&args)?;
     let listener = vablk::socket::bind(&args.socket)?;
     let shared = Shared::new(

@@ -313,7 +313,7 @@ mod tests {
         assert!(matches!(e, OriginError::BadPath { .. }), "{e}");
         let e = o.get_range("packs/a.pack", u64::MAX, 2).unwrap_err();
         assert!(matches!(e, OriginError::OutOfRange { .. }), "{e}");
-        assert_eq!(o.stats().errors, 6);
+        assert_eq!(o.stats().errors, 7);
         assert!(o
             .describe("../shared/packs/s.pack")
             .ends_with("/shared/packs/s.pack"));

@@ -9,6 +9,7 @@ mod link;
 mod proxy;
 mod sys;
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;
 mod units;
 

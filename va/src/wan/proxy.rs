@@ -99,7 +99,8 @@ impl WanConfig {
     }
 
     /// In-flight limit of a direction of `rate`: the configured one, else
-    /// max(2 × rate × (RTT + jitter), 256 KiB), or 16 MiB when unlimited.
+    /// max(2 × rate × (RTT + jitter), 256 KiB) rounded up to 64 KiB, or 16 MiB when
+    /// unlimited.
     pub fn queue_limit(&self, rate: Rate) -> u64 {
         if let Some(q) = self.queue {
             return q.max(1);
@@ -108,7 +109,10 @@ impl WanConfig {
             None => UNLIMITED_QUEUE,
             Some(bps) => {
                 let bdp = bps as f64 * (self.rtt + self.jitter).as_secs_f64();
-                ((2.0 * bdp) as u64).max(MIN_QUEUE)
+                // Rounded up to whole segments so that it prints nicely.
+                ((2.0 * bdp) as u64)
+                    .max(MIN_QUEUE)
+                    .next_multiple_of(MAX_SEGMENT as u64)
             }
         }
     }
@@ -454,7 +458,9 @@ enum CutPlan {
 
 fn serve_conn(sh: &Arc<Shared>, client: TcpStream, peer: SocketAddr, nth: u64, at: Instant) {
     let cfg = &sh.cfg;
-    let picked = cfg.reset_every.is_some_and(|n| n > 0 && nth % n == 0);
+    let picked = cfg
+        .reset_every
+        .is_some_and(|n| n > 0 && nth.is_multiple_of(n));
     if picked && cfg.reset_at == ResetAt::Accept {
         if let Err(e) = sys::set_linger_zero(&client) {
             debug!("wan: connection {nth}: SO_LINGER: {e}");

@@ -523,11 +523,12 @@ fn config_defaults_and_description() {
     c.rate_up = Rate::BitsPerSec(100_000_000);
     c.rate_down = Rate::BitsPerSec(100_000_000);
     c.rtt = Duration::from_millis(40);
-    // 2 x 12.5 MB/s x 40 ms = 1 MB.
-    assert_eq!(c.queue_limit(c.rate_down), 1_000_000);
+    // 2 x 12.5 MB/s x 40 ms = 1 MB, rounded up to 64 KiB.
+    assert_eq!(c.queue_limit(c.rate_down), 1 << 20);
+    assert_eq!(c.queue_limit(Rate::BitsPerSec(1_000_000_000)), 10_027_008);
     assert_eq!(c.queue_limit(Rate::BitsPerSec(1_000_000)), 256 << 10);
     assert_eq!(c.queue_limit(Rate::Unlimited), 16 << 20);
-    assert_eq!(c.describe(), "100 Mbit/s, rtt 40 ms, queue 976.562 KiB");
+    assert_eq!(c.describe(), "100 Mbit/s, rtt 40 ms, queue 1 MiB");
     c.queue = Some(4096);
     assert_eq!(c.queue_limit(Rate::Unlimited), 4096);
     c.rate_up = Rate::BitsPerSec(2_000_000);

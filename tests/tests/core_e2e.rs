@@ -1,0 +1,201 @@
+//! End to end: `va pack` → `va serve` / nginx / `va wan` → `va cat`, with real processes.
+
+use std::fs;
+
+use va_tests::{du, make_image, nginx, va, va_serve, va_wan};
+
+fn pack(src: &std::path::Path, out: &std::path::Path) -> (String, String) {
+    let (ok, stdout, stderr) = va(&[
+        "pack",
+        "--quiet",
+        "--disk",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "va pack failed: {stderr}");
+    (stdout.trim().to_string(), stderr)
+}
+
+fn cat(url: &str, out: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["cat", "--quiet", url, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (ok, _, stderr) = va(&args);
+    (ok, stderr)
+}
+
+#[test]
+fn pack_counts_zero_and_duplicate_chunks() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("disk.raw");
+    make_image(&src, 7, 1); // 112 chunks of 64 KiB: 16 zero, 16 copies of chunk 0, 16 identical one-byte chunks (15 duplicates)
+    let (digest, stderr) = pack(&src, &d.path().join("b"));
+    assert_eq!(digest.len(), 64, "digest printed on stdout");
+    assert!(
+        stderr.contains("112 chunks, 16 zero, 31 duplicate"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("65 stored"), "{stderr}");
+}
+
+#[test]
+fn read_back_via_va_serve_and_nginx_and_pinned_digest() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("disk.raw");
+    let data = make_image(&src, 24, 2);
+    let site = d.path().join("site");
+    let (digest, _) = pack(&src, &site.join("app"));
+
+    let (_serve, port) = va_serve(&site);
+    let out = d.path().join("out1.raw");
+    let (ok, err) = cat(&format!("http://127.0.0.1:{port}/app/#{digest}"), &out, &[]);
+    assert!(ok, "{err}");
+    assert!(fs::read(&out).unwrap() == data, "va serve: bytes differ");
+
+    let (_ngx, nport) = nginx(&site, &d.path().join("nginx"));
+    let out2 = d.path().join("out2.raw");
+    let (ok, err) = cat(
+        &format!("http://127.0.0.1:{nport}/app/#{digest}"),
+        &out2,
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(fs::read(&out2).unwrap() == data, "nginx: bytes differ");
+
+    // Through a pipe (ordered writes) as well.
+    let o = std::process::Command::new(va_tests::bin("va"))
+        .args(["cat", "--quiet", &format!("http://127.0.0.1:{nport}/app/")])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(o.stdout == data, "pipe output differs");
+
+    // A wrong pin is refused, with a message that says so.
+    let bad = "0".repeat(64);
+    let (ok, err) = cat(
+        &format!("http://127.0.0.1:{port}/app/#{bad}"),
+        &d.path().join("x"),
+        &[],
+    );
+    assert!(!ok && err.contains("refusing"), "{err}");
+}
+
+#[test]
+fn flipped_byte_served_over_http_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("disk.raw");
+    make_image(&src, 2, 3);
+    let site = d.path().join("site");
+    pack(&src, &site.join("app"));
+    // Corrupt the biggest pack (the data pack) in its first blob.
+    let packs = site.join("app/packs");
+    let p = fs::read_dir(&packs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut b = fs::read(&p).unwrap();
+    b[200] ^= 0x80;
+    fs::write(&p, b).unwrap();
+    let (_serve, port) = va_serve(&site);
+    let (ok, err) = cat(
+        &format!("http://127.0.0.1:{port}/app/"),
+        &d.path().join("o"),
+        &[],
+    );
+    assert!(!ok, "corrupt pack accepted");
+    assert!(err.contains("failed verification twice"), "{err}");
+}
+
+#[test]
+fn warm_cache_survives_origin_down_and_stays_bounded() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("disk.raw");
+    let data = make_image(&src, 16, 4);
+    let site = d.path().join("site");
+    pack(&src, &site.join("app"));
+    let cache = d.path().join("cache");
+    let url;
+    {
+        let (_serve, port) = va_serve(&site);
+        url = format!("http://127.0.0.1:{port}/app/");
+        let (ok, err) = cat(
+            &url,
+            &d.path().join("o1"),
+            &["--cache-dir", cache.to_str().unwrap()],
+        );
+        assert!(ok, "{err}");
+        // A small cache stays under its bound while a bigger image streams through it.
+        let small = d.path().join("small-cache");
+        let (ok, err) = cat(
+            &url,
+            &d.path().join("o2"),
+            &["--cache-dir", small.to_str().unwrap(), "--cache-size", "2M"],
+        );
+        assert!(ok, "{err}");
+        assert!(fs::read(d.path().join("o2")).unwrap() == data);
+        let used = du(&small);
+        assert!(
+            used <= (2 << 20) + (256 << 10),
+            "cache holds {used} bytes, bound 2 MiB"
+        );
+    } // origin stopped here
+    let out = d.path().join("o3");
+    let (ok, err) = cat(&url, &out, &["--cache-dir", cache.to_str().unwrap()]);
+    assert!(ok, "warm restart with the origin down failed: {err}");
+    assert!(fs::read(&out).unwrap() == data);
+    // Without the cache, the same command fails cleanly.
+    let (ok, err) = cat(&url, &d.path().join("o4"), &[]);
+    assert!(!ok && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn through_the_wan_emulator() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("disk.raw");
+    let data = make_image(&src, 8, 5);
+    let site = d.path().join("site");
+    pack(&src, &site.join("app"));
+    let (_serve, port) = va_serve(&site);
+    let (_wan, wport) = va_wan(port, &["--rate", "400mbit", "--rtt", "20ms"]);
+    let out = d.path().join("o");
+    let (ok, err) = cat(&format!("http://127.0.0.1:{wport}/app/"), &out, &[]);
+    assert!(ok, "{err}");
+    assert!(fs::read(&out).unwrap() == data);
+}
+
+#[test]
+fn bad_origins_give_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    fs::create_dir_all(d.path().join("empty")).unwrap();
+    let (_serve, port) = va_serve(d.path());
+    let (ok, err) = cat(
+        &format!("http://127.0.0.1:{port}/empty/"),
+        &d.path().join("o"),
+        &[],
+    );
+    assert!(!ok && err.contains("no manifest"), "{err}");
+    // Nobody listening.
+    let dead = va_tests::free_port();
+    let (ok, err) = cat(
+        &format!("http://127.0.0.1:{dead}/app/"),
+        &d.path().join("o"),
+        &[],
+    );
+    assert!(!ok && err.contains("127.0.0.1"), "{err}");
+    // A garbled manifest.
+    fs::create_dir_all(d.path().join("garbled")).unwrap();
+    fs::write(
+        d.path().join("garbled/manifest"),
+        b"VASTMANI\x01\0\0\0garbage",
+    )
+    .unwrap();
+    let (ok, err) = cat(
+        &format!("http://127.0.0.1:{port}/garbled/"),
+        &d.path().join("o"),
+        &[],
+    );
+    assert!(!ok && err.contains("manifest"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
