@@ -56,7 +56,11 @@ impl OptionHeader {
     /// Whether the payload is small enough to be read into memory.
     pub fn check_len(&self) -> Result<(), DecodeError> {
         if self.len > MAX_OPTION_DATA {
-            return Err(DecodeError::OptionTooLong { opt: self.opt, len: self.len, max: MAX_OPTION_DATA });
+            return Err(DecodeError::OptionTooLong {
+                opt: self.opt,
+                len: self.len,
+                max: MAX_OPTION_DATA,
+            });
         }
         Ok(())
     }
@@ -116,7 +120,13 @@ pub enum ClientOption<'a> {
 /// payload is malformed (answered `NBD_REP_ERR_INVALID`).
 pub fn client_option(opt: u32, data: &[u8]) -> Result<ClientOption<'_>, DecodeError> {
     let invalid = |what| DecodeError::InvalidOption { opt, what };
-    let no_data = |o: ClientOption<'static>| if data.is_empty() { Ok(o) } else { Err(invalid("unexpected data")) };
+    let no_data = |o: ClientOption<'static>| {
+        if data.is_empty() {
+            Ok(o)
+        } else {
+            Err(invalid("unexpected data"))
+        }
+    };
     match opt {
         OPT_EXPORT_NAME => {
             if data.len() > MAX_STRING {
@@ -132,9 +142,13 @@ pub fn client_option(opt: u32, data: &[u8]) -> Result<ClientOption<'_>, DecodeEr
         OPT_INFO | OPT_GO => {
             let mut r = Reader::new(data);
             let name = r.string().ok_or_else(|| invalid("truncated export name"))?;
-            let n = r.u16().ok_or_else(|| invalid("missing information request count"))?;
+            let n = r
+                .u16()
+                .ok_or_else(|| invalid("missing information request count"))?;
             if r.remaining() != usize::from(n) * 2 {
-                return Err(invalid("information request count does not match the length"));
+                return Err(invalid(
+                    "information request count does not match the length",
+                ));
             }
             let mut infos = InfoRequests::default();
             for _ in 0..n {
@@ -146,7 +160,11 @@ pub fn client_option(opt: u32, data: &[u8]) -> Result<ClientOption<'_>, DecodeEr
                 }
             }
             let req = InfoRequest { name, infos };
-            Ok(if opt == OPT_GO { ClientOption::Go(req) } else { ClientOption::Info(req) })
+            Ok(if opt == OPT_GO {
+                ClientOption::Go(req)
+            } else {
+                ClientOption::Info(req)
+            })
         }
         OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
             let mut r = Reader::new(data);
@@ -265,7 +283,13 @@ pub fn request(b: &[u8; REQUEST_LEN]) -> Result<Request, DecodeError> {
         CMD_BLOCK_STATUS => Command::BlockStatus,
         other => Command::Unknown(other),
     };
-    Ok(Request { flags, cmd, cookie, offset, len })
+    Ok(Request {
+        flags,
+        cmd,
+        cookie,
+        offset,
+        len,
+    })
 }
 
 /// A bounds-checked big-endian reader over a byte slice.
@@ -323,9 +347,24 @@ mod tests {
 
     #[test]
     fn client_flags_known_and_unknown() {
-        assert_eq!(client_flags([0, 0, 0, 3]), Ok(ClientFlags { fixed_newstyle: true, no_zeroes: true }));
-        assert_eq!(client_flags([0, 0, 0, 0]), Ok(ClientFlags { fixed_newstyle: false, no_zeroes: false }));
-        assert_eq!(client_flags([0, 0, 0, 4]), Err(DecodeError::UnknownClientFlags(4)));
+        assert_eq!(
+            client_flags([0, 0, 0, 3]),
+            Ok(ClientFlags {
+                fixed_newstyle: true,
+                no_zeroes: true
+            })
+        );
+        assert_eq!(
+            client_flags([0, 0, 0, 0]),
+            Ok(ClientFlags {
+                fixed_newstyle: false,
+                no_zeroes: false
+            })
+        );
+        assert_eq!(
+            client_flags([0, 0, 0, 4]),
+            Err(DecodeError::UnknownClientFlags(4))
+        );
     }
 
     #[test]
@@ -336,9 +375,15 @@ mod tests {
         b[12..].copy_from_slice(&(MAX_OPTION_DATA + 1).to_be_bytes());
         let h = option_header(&b).unwrap();
         assert_eq!(h.opt, 7);
-        assert!(matches!(h.check_len(), Err(DecodeError::OptionTooLong { .. })));
+        assert!(matches!(
+            h.check_len(),
+            Err(DecodeError::OptionTooLong { .. })
+        ));
         b[0] = 0;
-        assert!(matches!(option_header(&b), Err(DecodeError::BadOptionMagic(_))));
+        assert!(matches!(
+            option_header(&b),
+            Err(DecodeError::BadOptionMagic(_))
+        ));
     }
 
     #[test]
@@ -353,13 +398,20 @@ mod tests {
             o,
             ClientOption::Go(InfoRequest {
                 name: b"disk",
-                infos: InfoRequests { name: true, description: false, block_size: true }
+                infos: InfoRequests {
+                    name: true,
+                    description: false,
+                    block_size: true
+                }
             })
         );
         // Count says 4 but only 3 requests follow.
         let n = d.len();
         d[n - 8..n - 6].copy_from_slice(&4u16.to_be_bytes());
-        assert!(matches!(client_option(OPT_INFO, &d), Err(DecodeError::InvalidOption { opt: OPT_INFO, .. })));
+        assert!(matches!(
+            client_option(OPT_INFO, &d),
+            Err(DecodeError::InvalidOption { opt: OPT_INFO, .. })
+        ));
         // Name length pointing past the end.
         assert!(client_option(OPT_GO, &[0, 0, 1, 0, b'a']).is_err());
         assert!(client_option(OPT_GO, &[]).is_err());
@@ -374,7 +426,10 @@ mod tests {
         match client_option(OPT_SET_META_CONTEXT, &d).unwrap() {
             ClientOption::SetMetaContext(m) => {
                 assert_eq!(m.export, b"");
-                assert_eq!(m.queries, vec![&b"base:allocation"[..], &b"qemu:dirty-bitmap:x"[..]]);
+                assert_eq!(
+                    m.queries,
+                    vec![&b"base:allocation"[..], &b"qemu:dirty-bitmap:x"[..]]
+                );
             }
             o => panic!("unexpected {o:?}"),
         }
@@ -395,8 +450,14 @@ mod tests {
         assert!(client_option(OPT_LIST, &[1]).is_err());
         assert!(client_option(OPT_STRUCTURED_REPLY, &[0]).is_err());
         assert_eq!(client_option(OPT_ABORT, &[1, 2]), Ok(ClientOption::Abort));
-        assert_eq!(client_option(4242, &[1, 2]), Ok(ClientOption::Unknown(4242)));
-        assert_eq!(client_option(OPT_EXPORT_NAME, b"x"), Ok(ClientOption::ExportName(b"x")));
+        assert_eq!(
+            client_option(4242, &[1, 2]),
+            Ok(ClientOption::Unknown(4242))
+        );
+        assert_eq!(
+            client_option(OPT_EXPORT_NAME, b"x"),
+            Ok(ClientOption::ExportName(b"x"))
+        );
         assert!(client_option(OPT_EXPORT_NAME, &[b'a'; MAX_STRING + 1]).is_err());
     }
 
@@ -412,7 +473,13 @@ mod tests {
         let r = request(&b).unwrap();
         assert_eq!(
             r,
-            Request { flags: CMD_FLAG_FUA, cmd: Command::Write, cookie: 0xdead_beef, offset: 4096, len: 512 }
+            Request {
+                flags: CMD_FLAG_FUA,
+                cmd: Command::Write,
+                cookie: 0xdead_beef,
+                offset: 4096,
+                len: 512
+            }
         );
         assert_eq!(r.payload_len(), 512);
         b[6..8].copy_from_slice(&99u16.to_be_bytes());
@@ -427,8 +494,19 @@ mod tests {
     #[test]
     fn random_bytes_never_panic() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-        let opts = [OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY,
-            OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, 11, 0xffff_ffff];
+        let opts = [
+            OPT_EXPORT_NAME,
+            OPT_ABORT,
+            OPT_LIST,
+            OPT_STARTTLS,
+            OPT_INFO,
+            OPT_GO,
+            OPT_STRUCTURED_REPLY,
+            OPT_LIST_META_CONTEXT,
+            OPT_SET_META_CONTEXT,
+            11,
+            0xffff_ffff,
+        ];
         let mut decoded = 0;
         for i in 0..20_000 {
             let len = rng.gen_range(0..64);
@@ -443,10 +521,20 @@ mod tests {
                 decoded += 1;
                 match o {
                     ClientOption::Info(r) | ClientOption::Go(r) => {
-                        assert_eq!(data.len(), 4 + r.name.len() + 2 + 2 * usize::from(u16::from_be_bytes([data[4 + r.name.len()], data[5 + r.name.len()]])));
+                        assert_eq!(
+                            data.len(),
+                            4 + r.name.len()
+                                + 2
+                                + 2 * usize::from(u16::from_be_bytes([
+                                    data[4 + r.name.len()],
+                                    data[5 + r.name.len()]
+                                ]))
+                        );
                     }
                     ClientOption::ListMetaContext(m) | ClientOption::SetMetaContext(m) => {
-                        let total: usize = 8 + m.export.len() + m.queries.iter().map(|q| 4 + q.len()).sum::<usize>();
+                        let total: usize = 8
+                            + m.export.len()
+                            + m.queries.iter().map(|q| 4 + q.len()).sum::<usize>();
                         assert_eq!(total, data.len());
                     }
                     _ => {}
@@ -465,6 +553,9 @@ mod tests {
             let _ = option_header(&oh);
             let _ = client_flags([rng.gen(), rng.gen(), rng.gen(), rng.gen()]);
         }
-        assert!(decoded > 1000, "too few random payloads decoded ({decoded}); the test is not exercising much");
+        assert!(
+            decoded > 1000,
+            "too few random payloads decoded ({decoded}); the test is not exercising much"
+        );
     }
 }

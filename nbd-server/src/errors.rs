@@ -36,7 +36,11 @@ impl ErrorLog {
     /// At most `burst` lines every `window`.
     pub fn new(burst: u32, window: Duration) -> Self {
         ErrorLog {
-            state: Mutex::new(Window { start: Instant::now(), logged: 0, suppressed: 0 }),
+            state: Mutex::new(Window {
+                start: Instant::now(),
+                logged: 0,
+                suppressed: 0,
+            }),
             burst,
             window,
             total: AtomicU64::new(0),
@@ -56,7 +60,11 @@ impl ErrorLog {
             if w.suppressed > 0 {
                 tracing::warn!("{} more request errors were not logged", w.suppressed);
             }
-            *w = Window { start: now, logged: 0, suppressed: 0 };
+            *w = Window {
+                start: now,
+                logged: 0,
+                suppressed: 0,
+            };
         }
         if w.logged < self.burst {
             w.logged += 1;
@@ -96,7 +104,11 @@ pub fn dev_errno(e: &DevError, cmd: Command, offset: u64, len: u64, log: &ErrorL
         libc::EOPNOTSUPP => Errno::Inval,
         _ => Errno::Io,
     };
-    log.log(format_args!("{} {offset}+{len} failed ({}): {e}", cmd.name(), errno.name()));
+    log.log(format_args!(
+        "{} {offset}+{len} failed ({}): {e}",
+        cmd.name(),
+        errno.name()
+    ));
     errno
 }
 
@@ -109,19 +121,45 @@ mod tests {
     fn mapping() {
         let log = ErrorLog::default();
         let e = |k| DevError::new(k, "x");
-        assert_eq!(dev_errno(&e(DevErrorKind::ReadOnly), Command::Write, 0, 1, &log), Errno::Perm);
-        assert_eq!(dev_errno(&e(DevErrorKind::OutOfRange), Command::Read, 0, 1, &log), Errno::Inval);
-        assert_eq!(dev_errno(&e(DevErrorKind::NoSpace), Command::Write, 0, 1, &log), Errno::NoSpc);
-        assert_eq!(dev_errno(&e(DevErrorKind::Io), Command::Read, 0, 1, &log), Errno::Io);
-        assert_eq!(dev_errno(&e(DevErrorKind::Unsupported), Command::Trim, 0, 1, &log), Errno::Inval);
-        assert_eq!(dev_errno(&e(DevErrorKind::Unsupported), Command::WriteZeroes, 0, 1, &log), Errno::NotSup);
+        assert_eq!(
+            dev_errno(&e(DevErrorKind::ReadOnly), Command::Write, 0, 1, &log),
+            Errno::Perm
+        );
+        assert_eq!(
+            dev_errno(&e(DevErrorKind::OutOfRange), Command::Read, 0, 1, &log),
+            Errno::Inval
+        );
+        assert_eq!(
+            dev_errno(&e(DevErrorKind::NoSpace), Command::Write, 0, 1, &log),
+            Errno::NoSpc
+        );
+        assert_eq!(
+            dev_errno(&e(DevErrorKind::Io), Command::Read, 0, 1, &log),
+            Errno::Io
+        );
+        assert_eq!(
+            dev_errno(&e(DevErrorKind::Unsupported), Command::Trim, 0, 1, &log),
+            Errno::Inval
+        );
+        assert_eq!(
+            dev_errno(
+                &e(DevErrorKind::Unsupported),
+                Command::WriteZeroes,
+                0,
+                1,
+                &log
+            ),
+            Errno::NotSup
+        );
         assert_eq!(log.total(), 6);
     }
 
     #[test]
     fn rate_limited() {
         let log = ErrorLog::new(3, Duration::from_secs(3600));
-        let logged = (0..10).filter(|i| log.log(format_args!("error {i}"))).count();
+        let logged = (0..10)
+            .filter(|i| log.log(format_args!("error {i}")))
+            .count();
         assert_eq!(logged, 3);
         assert_eq!(log.total(), 10);
         assert_eq!(log.suppressed(), 7);

@@ -65,9 +65,19 @@ impl FileDevice {
     /// Opens `path` (a regular file or block device) for reading, and writing unless
     /// `read_only`.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, FileDeviceError> {
-        let oe = |source| FileDeviceError::Open { path: path.to_owned(), source };
-        let mut file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(oe)?;
-        sys::lock(&file, !read_only).map_err(|source| FileDeviceError::Locked { path: path.to_owned(), source })?;
+        let oe = |source| FileDeviceError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(oe)?;
+        sys::lock(&file, !read_only).map_err(|source| FileDeviceError::Locked {
+            path: path.to_owned(),
+            source,
+        })?;
         let size = file.seek(SeekFrom::End(0)).map_err(oe)?;
         // A file whose first hole is its end has none.
         let maybe_sparse = !matches!(sys::seek_hole(&file, 0), Ok(Some(h)) if h >= size);
@@ -82,7 +92,10 @@ impl FileDevice {
 
     fn check_write(&self, offset: u64, len: u64) -> Result<(), DevError> {
         if self.read_only {
-            return Err(DevError::new(DevErrorKind::ReadOnly, "file is served read-only"));
+            return Err(DevError::new(
+                DevErrorKind::ReadOnly,
+                "file is served read-only",
+            ));
         }
         DevError::check_range(offset, len, self.size)
     }
@@ -103,7 +116,12 @@ impl FileDevice {
         self.maybe_sparse.store(true, Ordering::Relaxed);
         match sys::punch_hole(&self.file, offset, len) {
             Ok(()) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+                ) =>
+            {
                 self.zero_fill(offset, len)
             }
             Err(e) => Err(e),
@@ -123,7 +141,9 @@ impl BlockDevice for FileDevice {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
         let len = buf.len() as u64;
         DevError::check_range(offset, len, self.size)?;
-        self.file.read_exact_at(buf, offset).map_err(|e| io_err("read", offset, len, e))?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| io_err("read", offset, len, e))?;
         add(&self.stats.reads, 1);
         add(&self.stats.read_bytes, len);
         Ok(())
@@ -132,7 +152,9 @@ impl BlockDevice for FileDevice {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevError> {
         let len = data.len() as u64;
         self.check_write(offset, len)?;
-        self.file.write_all_at(data, offset).map_err(|e| io_err("write", offset, len, e))?;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| io_err("write", offset, len, e))?;
         add(&self.stats.writes, 1);
         add(&self.stats.write_bytes, len);
         Ok(())
@@ -148,14 +170,16 @@ impl BlockDevice for FileDevice {
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), DevError> {
         self.check_write(offset, len)?;
-        self.punch_or_fill(offset, len).map_err(|e| io_err("discard", offset, len, e))?;
+        self.punch_or_fill(offset, len)
+            .map_err(|e| io_err("discard", offset, len, e))?;
         add(&self.stats.discards, 1);
         Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DevError> {
         self.check_write(offset, len)?;
-        self.punch_or_fill(offset, len).map_err(|e| io_err("write_zeroes", offset, len, e))?;
+        self.punch_or_fill(offset, len)
+            .map_err(|e| io_err("write_zeroes", offset, len, e))?;
         add(&self.stats.writes, 1);
         Ok(())
     }
@@ -164,27 +188,53 @@ impl BlockDevice for FileDevice {
         DevError::check_range(offset, len, self.size)?;
         let end = offset + len;
         if !self.maybe_sparse.load(Ordering::Relaxed) {
-            return Ok(if len == 0 { Vec::new() } else { vec![Extent { offset, len, kind: ExtentKind::Data }] });
+            return Ok(if len == 0 {
+                Vec::new()
+            } else {
+                vec![Extent {
+                    offset,
+                    len,
+                    kind: ExtentKind::Data,
+                }]
+            });
         }
         let err = |e| io_err("seek", offset, len, e);
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let data = sys::seek_data(&self.file, pos).map_err(err)?.unwrap_or(end).min(end);
+            let data = sys::seek_data(&self.file, pos)
+                .map_err(err)?
+                .unwrap_or(end)
+                .min(end);
             if data > pos {
-                out.push(Extent { offset: pos, len: data - pos, kind: ExtentKind::Zero });
+                out.push(Extent {
+                    offset: pos,
+                    len: data - pos,
+                    kind: ExtentKind::Zero,
+                });
                 pos = data;
             }
             if pos >= end {
                 break;
             }
-            let hole = sys::seek_hole(&self.file, pos).map_err(err)?.unwrap_or(end).min(end);
+            let hole = sys::seek_hole(&self.file, pos)
+                .map_err(err)?
+                .unwrap_or(end)
+                .min(end);
             if hole <= pos {
                 // Should not happen; report the rest as data rather than loop.
-                out.push(Extent { offset: pos, len: end - pos, kind: ExtentKind::Data });
+                out.push(Extent {
+                    offset: pos,
+                    len: end - pos,
+                    kind: ExtentKind::Data,
+                });
                 break;
             }
-            out.push(Extent { offset: pos, len: hole - pos, kind: ExtentKind::Data });
+            out.push(Extent {
+                offset: pos,
+                len: hole - pos,
+                kind: ExtentKind::Data,
+            });
             pos = hole;
         }
         Ok(out)
@@ -237,10 +287,24 @@ mod tests {
         let d = FileDevice::open(f.path(), false).unwrap();
         assert_eq!(d.size(), 64 << 10);
         // Fully written file: one data extent without seeking.
-        assert_eq!(d.extents(0, 65536).unwrap(), vec![Extent { offset: 0, len: 65536, kind: ExtentKind::Data }]);
+        assert_eq!(
+            d.extents(0, 65536).unwrap(),
+            vec![Extent {
+                offset: 0,
+                len: 65536,
+                kind: ExtentKind::Data
+            }]
+        );
         d.discard(16384, 16384).unwrap();
         let e = d.extents(0, 65536).unwrap();
-        assert!(e.contains(&Extent { offset: 16384, len: 16384, kind: ExtentKind::Zero }), "{e:?}");
+        assert!(
+            e.contains(&Extent {
+                offset: 16384,
+                len: 16384,
+                kind: ExtentKind::Zero
+            }),
+            "{e:?}"
+        );
         assert_eq!(e.iter().map(|x| x.len).sum::<u64>(), 65536);
         assert_eq!(e.first().map(|x| x.offset), Some(0));
         d.write(16384 + 100, b"hello").unwrap();
@@ -251,7 +315,10 @@ mod tests {
         let mut b = vec![9u8; 4096];
         d.read(0, &mut b).unwrap();
         assert!(b.iter().all(|&x| x == 0));
-        assert_eq!(d.read(65535, &mut [0u8; 2]).unwrap_err().kind(), DevErrorKind::OutOfRange);
+        assert_eq!(
+            d.read(65535, &mut [0u8; 2]).unwrap_err().kind(),
+            DevErrorKind::OutOfRange
+        );
         d.flush().unwrap();
         let s = d.stats();
         assert_eq!(s.writes, 2);
@@ -263,15 +330,27 @@ mod tests {
     fn read_only_and_locking() {
         let f = file_with(&[5u8; 8192]);
         let ro = FileDevice::open(f.path(), true).unwrap();
-        assert_eq!(ro.write(0, b"x").unwrap_err().kind(), DevErrorKind::ReadOnly);
+        assert_eq!(
+            ro.write(0, b"x").unwrap_err().kind(),
+            DevErrorKind::ReadOnly
+        );
         assert_eq!(ro.discard(0, 1).unwrap_err().kind(), DevErrorKind::ReadOnly);
         // A second reader is fine, a writer is refused while a reader holds the file.
         let ro2 = FileDevice::open(f.path(), true).unwrap();
-        assert!(matches!(FileDevice::open(f.path(), false), Err(FileDeviceError::Locked { .. })));
+        assert!(matches!(
+            FileDevice::open(f.path(), false),
+            Err(FileDeviceError::Locked { .. })
+        ));
         drop((ro, ro2));
         let rw = FileDevice::open(f.path(), false).unwrap();
-        assert!(matches!(FileDevice::open(f.path(), false), Err(FileDeviceError::Locked { .. })));
-        assert!(matches!(FileDevice::open(f.path(), true), Err(FileDeviceError::Locked { .. })));
+        assert!(matches!(
+            FileDevice::open(f.path(), false),
+            Err(FileDeviceError::Locked { .. })
+        ));
+        assert!(matches!(
+            FileDevice::open(f.path(), true),
+            Err(FileDeviceError::Locked { .. })
+        ));
         drop(rw);
     }
 }

@@ -15,9 +15,13 @@
 //! connection, [`server`] accepts connections, [`errors`] maps device failures to NBD errors,
 //! [`file_device`] is a plain raw-file [`va_store::BlockDevice`] for tests and benchmarks.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod decode;
 pub mod errors;
 pub mod file_device;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod proto;
 pub mod server;

@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use va_store::cli::StoreArgs;
-use va_store::volume::Volume;
-use va_store::BlockDevice;
 use va_nbd::file_device::FileDevice;
 use va_nbd::transmission::ConnConfig;
 use va_nbd::{Export, Server, ServerConfig};
+use va_store::cli::StoreArgs;
+use va_store::volume::Volume;
+use va_store::BlockDevice;
 
 /// NBD server for vastream appliances: exports the streamed disk of an appliance that has
 /// not been downloaded (origin + local cache + copy-on-write overlay) so that stock tools work
@@ -43,7 +43,12 @@ struct ServeArgs {
     store: Option<StoreArgs>,
     /// Serve this local raw file instead of an appliance (for testing and benchmarks; the
     /// store options do not apply). Writers lock the file: a second writer is refused.
-    #[arg(long, value_name = "RAW", conflicts_with = "appliance", hide_short_help = true)]
+    #[arg(
+        long,
+        value_name = "RAW",
+        conflicts_with = "appliance",
+        hide_short_help = true
+    )]
     file: Option<PathBuf>,
     /// TCP address to listen on (default 127.0.0.1:10809 unless only --unix is given). Use
     /// port 0 for any free port; the log line says which.
@@ -92,7 +97,10 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let r = match cli.cmd {
         Cmd::Serve(a) => serve(a),
     };
@@ -158,9 +166,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             if !m.file_type().is_socket() {
                 bail!("{} exists and is not a socket", path.display());
             }
-            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
         }
-        let l = UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+        let l =
+            UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
         uris.push(format!("nbd+unix:///{}?socket={}", a.name, path.display()));
         let s = Arc::clone(&server);
         threads.push(std::thread::spawn(move || s.run_unix(l)));
@@ -169,7 +179,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         "vanbd: serving {what} ({size} bytes) as export '{}' on {}{}",
         a.name,
         uris.join(" and "),
-        if server.export().read_only { " (read-only)" } else { "" }
+        if server.export().read_only {
+            " (read-only)"
+        } else {
+            ""
+        }
     );
 
     let unix = a.unix.clone();

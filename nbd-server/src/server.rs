@@ -21,7 +21,10 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { conn: ConnConfig::default(), handshake_timeout: Duration::from_secs(30) }
+        ServerConfig {
+            conn: ConnConfig::default(),
+            handshake_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -83,7 +86,11 @@ impl Socket for UnixStream {
 
 impl Server {
     pub fn new(export: Export, cfg: ServerConfig) -> Arc<Self> {
-        Arc::new(Server { export, cfg, ctx: Context::default() })
+        Arc::new(Server {
+            export,
+            cfg,
+            ctx: Context::default(),
+        })
     }
 
     pub fn export(&self) -> &Export {
@@ -115,7 +122,15 @@ impl Server {
             Outcome::Aborted => return Ok(End::Disconnect),
         };
         on_handshake_done();
-        let end = transmission::serve(&mut reader, w, &self.export, neg, &self.cfg.conn, &self.ctx, shutdown)?;
+        let end = transmission::serve(
+            &mut reader,
+            w,
+            &self.export,
+            neg,
+            &self.cfg.conn,
+            &self.ctx,
+            shutdown,
+        )?;
         Ok(end)
     }
 
@@ -128,7 +143,9 @@ impl Server {
         c.active.fetch_sub(1, Ordering::Relaxed);
         match r {
             Ok(end) => tracing::debug!("{peer}: closed ({end:?})"),
-            Err(ConnError::Handshake(HandshakeError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Err(ConnError::Handshake(HandshakeError::Io(e)))
+                if e.kind() == io::ErrorKind::UnexpectedEof =>
+            {
                 Counters::inc(&c.handshake_failures);
                 tracing::debug!("{peer}: left during the handshake");
             }
@@ -149,7 +166,8 @@ impl Server {
 
     fn serve_socket_inner<S: Socket>(&self, s: &S) -> Result<End, ConnError> {
         s.setup().map_err(ConnError::Setup)?;
-        s.set_read_timeout(Some(self.cfg.handshake_timeout)).map_err(ConnError::Setup)?;
+        s.set_read_timeout(Some(self.cfg.handshake_timeout))
+            .map_err(ConnError::Setup)?;
         let w = s.try_clone().map_err(ConnError::Setup)?;
         let r = s.try_clone().map_err(ConnError::Setup)?;
         let done = || {
@@ -209,7 +227,13 @@ fn spawn_conn(f: impl FnOnce() + Send + 'static) {
 fn accept_error_is_transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM) | Some(libc::ECONNABORTED)
-            | Some(libc::EINTR) | Some(libc::EPROTO) | Some(libc::EPERM)
+        Some(libc::EMFILE)
+            | Some(libc::ENFILE)
+            | Some(libc::ENOBUFS)
+            | Some(libc::ENOMEM)
+            | Some(libc::ECONNABORTED)
+            | Some(libc::EINTR)
+            | Some(libc::EPROTO)
+            | Some(libc::EPERM)
     )
 }

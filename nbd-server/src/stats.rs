@@ -61,7 +61,17 @@ pub struct Snapshot {
     pub queued: u64,
 }
 
-const NAMES: [&str; 9] = ["read", "write", "disc", "flush", "trim", "cache", "write_zeroes", "block_status", "unknown"];
+const NAMES: [&str; 9] = [
+    "read",
+    "write",
+    "disc",
+    "flush",
+    "trim",
+    "cache",
+    "write_zeroes",
+    "block_status",
+    "unknown",
+];
 
 impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -75,6 +85,10 @@ impl fmt::Display for Snapshot {
                 write!(f, " {n} {v}")?;
             }
         }
-        write!(f, "; errors {}; inline {}, queued {}", self.errors, self.inline, self.queued)
+        write!(
+            f,
+            "; errors {}; inline {}, queued {}",
+            self.errors, self.inline, self.queued
+        )
     }
 }

@@ -13,7 +13,14 @@ fn off(v: u64) -> io::Result<libc::off_t> {
 pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
     let (o, l) = (off(offset)?, off(len)?);
     // SAFETY: fallocate only reads its integer arguments; the fd is valid for the borrow of `f`.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, o, l) };
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        )
+    };
     if r == 0 {
         Ok(())
     } else {
@@ -50,7 +57,11 @@ pub fn seek_hole(f: &File, offset: u64) -> io::Result<Option<u64>> {
 /// Takes a non-blocking `flock` on `f` (exclusive for writers, shared for readers); fails with
 /// `WouldBlock` when another process holds a conflicting lock.
 pub fn lock(f: &File, exclusive: bool) -> io::Result<()> {
-    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
     // SAFETY: flock only reads its integer arguments; the fd is valid for the borrow of `f`.
     let r = unsafe { libc::flock(f.as_raw_fd(), op) };
     if r == 0 {

@@ -37,7 +37,11 @@ pub struct ConnConfig {
 
 impl Default for ConnConfig {
     fn default() -> Self {
-        ConnConfig { max_workers: 16, inline_max: 256 << 10, queue_depth: 64 }
+        ConnConfig {
+            max_workers: 16,
+            inline_max: 256 << 10,
+            queue_depth: 64,
+        }
     }
 }
 
@@ -96,7 +100,11 @@ pub fn serve<R: Read, W: Write + Send>(
         neg,
         cfg,
         ctx,
-        out: Mutex::new(ReplyWriter { w: writer, buf: Vec::with_capacity(OUT_BUF), failed: false }),
+        out: Mutex::new(ReplyWriter {
+            w: writer,
+            buf: Vec::with_capacity(OUT_BUF),
+            failed: false,
+        }),
         broken: AtomicBool::new(false),
         idle: AtomicUsize::new(0),
         pool: Mutex::new(Vec::new()),
@@ -129,7 +137,10 @@ pub fn serve<R: Read, W: Write + Send>(
             }
             let plen = req.payload_len();
             if plen > export.max_payload {
-                break Err(TransmissionError::PayloadTooLarge { len: plen, max: export.max_payload });
+                break Err(TransmissionError::PayloadTooLarge {
+                    len: plen,
+                    max: export.max_payload,
+                });
             }
             if conn.is_inline(&req) {
                 Counters::inc(&ctx.counters.inline);
@@ -140,7 +151,12 @@ pub fn serve<R: Read, W: Write + Send>(
                 scratch.trim();
             } else {
                 Counters::inc(&ctx.counters.queued);
-                let mut buf = conn.pool.lock().ok().and_then(|mut p| p.pop()).unwrap_or_default();
+                let mut buf = conn
+                    .pool
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.pop())
+                    .unwrap_or_default();
                 if let Err(e) = read_payload(&conn, reader, &mut buf, plen) {
                     break Err(e.into());
                 }
@@ -301,7 +317,10 @@ struct Reject {
 }
 
 fn reject(errno: Errno, msg: impl Into<String>) -> Reject {
-    Reject { errno, msg: msg.into() }
+    Reject {
+        errno,
+        msg: msg.into(),
+    }
 }
 
 struct Conn<'a, W> {
@@ -342,10 +361,19 @@ impl<W: Write + Send> Conn<'_, W> {
     /// Whether the reader thread should execute `req` itself.
     fn is_inline(&self, req: &Request) -> bool {
         let len = u64::from(req.len);
-        let in_range = req.offset.checked_add(len).is_some_and(|e| e <= self.export.size);
+        let in_range = req
+            .offset
+            .checked_add(len)
+            .is_some_and(|e| e <= self.export.size);
         match req.cmd {
-            Command::Read | Command::Write | Command::Trim | Command::WriteZeroes | Command::Cache => {
-                !in_range || (req.len <= self.cfg.inline_max && self.export.device.is_local(req.offset, len))
+            Command::Read
+            | Command::Write
+            | Command::Trim
+            | Command::WriteZeroes
+            | Command::Cache => {
+                !in_range
+                    || (req.len <= self.cfg.inline_max
+                        && self.export.device.is_local(req.offset, len))
             }
             Command::Flush | Command::BlockStatus => false,
             Command::Disc | Command::Unknown(_) => true,
@@ -355,7 +383,9 @@ impl<W: Write + Send> Conn<'_, W> {
     /// Queues (and with `flush`, sends) one reply made of `parts`.
     fn reply(&self, parts: &[&[u8]], flush: bool) {
         let r = match self.out.lock() {
-            Ok(mut o) => o.send(parts).and_then(|_| if flush { o.flush() } else { Ok(()) }),
+            Ok(mut o) => o
+                .send(parts)
+                .and_then(|_| if flush { o.flush() } else { Ok(()) }),
             Err(_) => Err(io::ErrorKind::BrokenPipe.into()),
         };
         if r.is_err() {
@@ -387,7 +417,9 @@ impl<W: Write + Send> Conn<'_, W> {
             if self.neg.structured {
                 wire::error_chunk(&mut scratch.hdrs, req.cookie, rej.errno.code(), &rej.msg);
             } else {
-                scratch.hdrs.extend_from_slice(&wire::simple_reply(req.cookie, rej.errno.code()));
+                scratch
+                    .hdrs
+                    .extend_from_slice(&wire::simple_reply(req.cookie, rej.errno.code()));
             }
             self.reply(&[&scratch.hdrs], flush);
         }
@@ -417,43 +449,87 @@ impl<W: Write + Send> Conn<'_, W> {
             return Err(reject(Errno::Inval, format!("unknown command {t}")));
         }
         if req.flags & !allowed != 0 {
-            return Err(reject(Errno::Inval, format!("flags {:#x} not valid for {}", req.flags, req.cmd.name())));
+            return Err(reject(
+                Errno::Inval,
+                format!("flags {:#x} not valid for {}", req.flags, req.cmd.name()),
+            ));
         }
         if req.cmd == Command::Flush {
             return Ok(());
         }
-        let writes = matches!(req.cmd, Command::Write | Command::Trim | Command::WriteZeroes);
+        let writes = matches!(
+            req.cmd,
+            Command::Write | Command::Trim | Command::WriteZeroes
+        );
         if writes && e.read_only {
             return Err(reject(Errno::Perm, "export is read-only"));
         }
+        if req.cmd == Command::Read && req.len > e.max_payload {
+            let errno = if req.flags & CMD_FLAG_DF != 0 {
+                Errno::Overflow
+            } else {
+                Errno::Inval
+            };
+            return Err(reject(
+                errno,
+                format!(
+                    "read of {} bytes exceeds the maximum payload {}",
+                    req.len, e.max_payload
+                ),
+            ));
+        }
         let len = u64::from(req.len);
-        if !req.offset.checked_add(len).is_some_and(|end| end <= e.size) {
-            let errno = if matches!(req.cmd, Command::Write | Command::WriteZeroes) { Errno::NoSpc } else { Errno::Inval };
-            return Err(reject(errno, format!("{}+{} is past the end of the export ({} bytes)", req.offset, len, e.size)));
+        if req.offset.checked_add(len).is_none_or(|end| end > e.size) {
+            let errno = if matches!(req.cmd, Command::Write | Command::WriteZeroes) {
+                Errno::NoSpc
+            } else {
+                Errno::Inval
+            };
+            return Err(reject(
+                errno,
+                format!(
+                    "{}+{} is past the end of the export ({} bytes)",
+                    req.offset, len, e.size
+                ),
+            ));
         }
         let m = u64::from(e.min_block.max(1));
-        if req.offset % m != 0 || len % m != 0 {
-            return Err(reject(Errno::Inval, format!("request not aligned to the minimum block size {m}")));
+        // `m` is a power of two.
+        if (req.offset | len) & (m - 1) != 0 {
+            return Err(reject(
+                Errno::Inval,
+                format!("request not aligned to the minimum block size {m}"),
+            ));
         }
         match req.cmd {
-            Command::Read if req.len > e.max_payload => {
-                let errno = if req.flags & CMD_FLAG_DF != 0 { Errno::Overflow } else { Errno::Inval };
-                Err(reject(errno, format!("read of {} bytes exceeds the maximum payload {}", req.len, e.max_payload)))
-            }
             Command::BlockStatus if !self.neg.base_allocation => {
                 Err(reject(Errno::Inval, "no metadata context was negotiated"))
             }
-            Command::BlockStatus if req.len == 0 => Err(reject(Errno::Inval, "zero-length block status")),
+            Command::BlockStatus if req.len == 0 => {
+                Err(reject(Errno::Inval, "zero-length block status"))
+            }
             _ => Ok(()),
         }
     }
 
-    fn execute(&self, req: &Request, payload: &[u8], scratch: &mut Scratch, flush: bool) -> Result<(), Reject> {
+    fn execute(
+        &self,
+        req: &Request,
+        payload: &[u8],
+        scratch: &mut Scratch,
+        flush: bool,
+    ) -> Result<(), Reject> {
         self.validate(req)?;
         let dev = &*self.export.device;
         let (off, len) = (req.offset, u64::from(req.len));
         let fua = req.flags & CMD_FLAG_FUA != 0;
-        let flush_if_fua = |c: &Self| if fua { dev.flush().map_err(|e| c.dev_err(req, &e)) } else { Ok(()) };
+        let flush_if_fua = |c: &Self| {
+            if fua {
+                dev.flush().map_err(|e| c.dev_err(req, &e))
+            } else {
+                Ok(())
+            }
+        };
         match req.cmd {
             Command::Read => self.read(req, scratch, flush),
             Command::Write => {
@@ -476,7 +552,8 @@ impl<W: Write + Send> Conn<'_, W> {
                 // The device stores zeroes as a record (no data written), which is always
                 // faster than a write: NBD_CMD_FLAG_FAST_ZERO is honoured by doing it.
                 if len > 0 {
-                    dev.write_zeroes(off, len).map_err(|e| self.dev_err(req, &e))?;
+                    dev.write_zeroes(off, len)
+                        .map_err(|e| self.dev_err(req, &e))?;
                 }
                 flush_if_fua(self)?;
                 self.ok(req, flush)
@@ -509,13 +586,23 @@ impl<W: Write + Send> Conn<'_, W> {
         }
         let extents = if req.flags & CMD_FLAG_DF != 0 {
             // One content chunk: holes are sent as explicit zeroes.
-            vec![Extent { offset: off, len: u64::from(len), kind: ExtentKind::Data }]
+            vec![Extent {
+                offset: off,
+                len: u64::from(len),
+                kind: ExtentKind::Data,
+            }]
         } else {
-            let ext = dev.extents(off, u64::from(len)).map_err(|e| self.dev_err(req, &e))?;
+            let ext = dev
+                .extents(off, u64::from(len))
+                .map_err(|e| self.dev_err(req, &e))?;
             if tiles(&ext, off, u64::from(len)) {
                 ext
             } else {
-                vec![Extent { offset: off, len: u64::from(len), kind: ExtentKind::Data }]
+                vec![Extent {
+                    offset: off,
+                    len: u64::from(len),
+                    kind: ExtentKind::Data,
+                }]
             }
         };
         let Scratch { data, hdrs } = scratch;
@@ -525,7 +612,8 @@ impl<W: Write + Send> Conn<'_, W> {
         let data = &mut data[..len as usize];
         for e in extents.iter().filter(|e| e.kind == ExtentKind::Data) {
             let s = (e.offset - off) as usize;
-            dev.read(e.offset, &mut data[s..s + e.len as usize]).map_err(|err| self.dev_err(req, &err))?;
+            dev.read(e.offset, &mut data[s..s + e.len as usize])
+                .map_err(|err| self.dev_err(req, &err))?;
         }
         hdrs.clear();
         if let [e] = extents.as_slice() {
@@ -549,8 +637,12 @@ impl<W: Write + Send> Conn<'_, W> {
             let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
             let start = hdrs.len();
             match e.kind {
-                ExtentKind::Data => wire::data_chunk_header(hdrs, flags, req.cookie, e.offset, e.len as u32),
-                ExtentKind::Zero => wire::hole_chunk(hdrs, flags, req.cookie, e.offset, e.len as u32),
+                ExtentKind::Data => {
+                    wire::data_chunk_header(hdrs, flags, req.cookie, e.offset, e.len as u32)
+                }
+                ExtentKind::Zero => {
+                    wire::hole_chunk(hdrs, flags, req.cookie, e.offset, e.len as u32)
+                }
             }
             marks.push((start, hdrs.len()));
         }
@@ -567,11 +659,24 @@ impl<W: Write + Send> Conn<'_, W> {
         Ok(())
     }
 
-    fn block_status(&self, req: &Request, scratch: &mut Scratch, flush: bool) -> Result<(), Reject> {
+    fn block_status(
+        &self,
+        req: &Request,
+        scratch: &mut Scratch,
+        flush: bool,
+    ) -> Result<(), Reject> {
         let dev = &*self.export.device;
         let (off, len) = (req.offset, u64::from(req.len));
         let ext = dev.extents(off, len).map_err(|e| self.dev_err(req, &e))?;
-        let ext = if tiles(&ext, off, len) { ext } else { vec![Extent { offset: off, len, kind: ExtentKind::Data }] };
+        let ext = if tiles(&ext, off, len) {
+            ext
+        } else {
+            vec![Extent {
+                offset: off,
+                len,
+                kind: ExtentKind::Data,
+            }]
+        };
         let state = |k: ExtentKind| match k {
             ExtentKind::Data => 0u32,
             ExtentKind::Zero => STATE_HOLE | STATE_ZERO,
@@ -597,7 +702,12 @@ impl<W: Write + Send> Conn<'_, W> {
         let hdrs = &mut scratch.hdrs;
         hdrs.clear();
         let plen = 4 + 8 * desc.len() as u32;
-        hdrs.extend_from_slice(&wire::chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, req.cookie, plen));
+        hdrs.extend_from_slice(&wire::chunk_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            req.cookie,
+            plen,
+        ));
         hdrs.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
         for (l, s) in desc {
             hdrs.extend_from_slice(&l.to_be_bytes());
@@ -627,10 +737,495 @@ fn tiles(ext: &[Extent], off: u64, len: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testclient::*;
+    use std::sync::Arc;
+    use va_store::device::MemDevice;
+    use va_store::BlockDevice;
+
+    const K4: u64 = 4096;
+
+    /// 64 KiB: data in blocks 1, 2 and 5 (byte = block + 1), zeros elsewhere.
+    fn dev() -> Arc<MemDevice> {
+        mem_device(64 << 10, &[1, 2, 5])
+    }
+
+    fn harness(dev: Arc<dyn BlockDevice>, structured: bool, meta: bool) -> Harness {
+        let mut h = Harness::new(Export::new("disk", dev));
+        h.c.handshake(structured, meta);
+        h
+    }
+
+    fn chunk_kinds(m: &[Msg]) -> Vec<(u16, u64, u64, bool)> {
+        m.iter()
+            .map(|m| match m {
+                Msg::Chunk {
+                    flags, ty, payload, ..
+                } => {
+                    let off = u64::from_be_bytes(payload[..8].try_into().unwrap());
+                    let len = if *ty == REPLY_TYPE_OFFSET_HOLE {
+                        u64::from(u32::from_be_bytes(payload[8..12].try_into().unwrap()))
+                    } else {
+                        payload.len() as u64 - 8
+                    };
+                    (*ty, off, len, flags & REPLY_FLAG_DONE != 0)
+                }
+                m => panic!("{m:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn structured_read_sends_data_and_hole_chunks() {
+        let d = dev();
+        let mut h = harness(d.clone(), true, false);
+        let c = &mut h.c;
+        c.request(CMD_READ, 0, 1, 0, 32768, &[]);
+        let m = c.structured();
+        assert_eq!(
+            chunk_kinds(&m),
+            vec![
+                (REPLY_TYPE_OFFSET_HOLE, 0, K4, false),
+                (REPLY_TYPE_OFFSET_DATA, K4, 2 * K4, false),
+                (REPLY_TYPE_OFFSET_HOLE, 3 * K4, 2 * K4, false),
+                (REPLY_TYPE_OFFSET_DATA, 5 * K4, K4, false),
+                (REPLY_TYPE_OFFSET_HOLE, 6 * K4, 2 * K4, true),
+            ]
+        );
+        assert_eq!(reassemble(&m, 0, 32768).unwrap(), d.contents()[..32768]);
+        // Unaligned, all data, all hole.
+        assert_eq!(c.sread(2, 4000, 5000).unwrap(), d.contents()[4000..9000]);
+        c.request(CMD_READ, 0, 3, 8192 + 100, 200, &[]);
+        let m = c.structured();
+        assert_eq!(
+            chunk_kinds(&m),
+            vec![(REPLY_TYPE_OFFSET_DATA, 8292, 200, true)]
+        );
+        c.request(CMD_READ, 0, 4, 40000, 1000, &[]);
+        assert_eq!(
+            chunk_kinds(&c.structured()),
+            vec![(REPLY_TYPE_OFFSET_HOLE, 40000, 1000, true)]
+        );
+        // DF: one data chunk with the zeroes present.
+        c.request(CMD_READ, CMD_FLAG_DF, 5, 0, 16384, &[]);
+        let m = c.structured();
+        assert_eq!(
+            chunk_kinds(&m),
+            vec![(REPLY_TYPE_OFFSET_DATA, 0, 16384, true)]
+        );
+        assert_eq!(reassemble(&m, 0, 16384).unwrap(), d.contents()[..16384]);
+        // Zero length: a lone NONE chunk.
+        c.request(CMD_READ, 0, 6, 0, 0, &[]);
+        assert_eq!(
+            c.structured(),
+            vec![Msg::Chunk {
+                flags: REPLY_FLAG_DONE,
+                ty: REPLY_TYPE_NONE,
+                cookie: 6,
+                payload: vec![]
+            }]
+        );
+    }
+
+    #[test]
+    fn simple_replies_without_structured() {
+        let d = dev();
+        let mut h = harness(d.clone(), false, false);
+        let c = &mut h.c;
+        c.request(CMD_WRITE, CMD_FLAG_FUA, 1, 4090, 10, b"0123456789");
+        assert_eq!(c.simple(), (1, 0));
+        assert_eq!(d.stats().flushes, 1, "FUA must flush");
+        c.request(CMD_READ, 0, 2, 4088, 14, &[]);
+        match c.msg(|_| 14) {
+            Msg::Simple {
+                errno: 0,
+                cookie: 2,
+                data,
+            } => assert_eq!(data, b"\0\x000123456789\x02\x02"),
+            m => panic!("{m:?}"),
+        }
+        // Errors are simple replies without data.
+        c.request(CMD_READ, 0, 3, 65536, 1, &[]);
+        assert_eq!(c.simple(), (3, Errno::Inval.code()));
+        c.request(CMD_FLUSH, 0, 4, 0, 0, &[]);
+        assert_eq!(c.simple(), (4, 0));
+        assert_eq!(d.stats().flushes, 2);
+        // Block status without a negotiated context.
+        c.request(CMD_BLOCK_STATUS, 0, 5, 0, 4096, &[]);
+        assert_eq!(c.simple(), (5, Errno::Inval.code()));
+    }
+
+    fn descriptors(m: &[Msg]) -> Vec<(u32, u32)> {
+        assert_eq!(m.len(), 1);
+        let Msg::Chunk {
+            ty: REPLY_TYPE_BLOCK_STATUS,
+            payload,
+            flags,
+            ..
+        } = &m[0]
+        else {
+            panic!("{m:?}")
+        };
+        assert_ne!(flags & REPLY_FLAG_DONE, 0);
+        assert_eq!(payload[..4], BASE_ALLOCATION_ID.to_be_bytes());
+        payload[4..]
+            .chunks(8)
+            .map(|d| {
+                (
+                    u32::from_be_bytes(d[..4].try_into().unwrap()),
+                    u32::from_be_bytes(d[4..].try_into().unwrap()),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn block_status_base_allocation() {
+        let mut h = harness(dev(), true, true);
+        let c = &mut h.c;
+        let z = STATE_HOLE | STATE_ZERO;
+        c.request(CMD_BLOCK_STATUS, 0, 1, 0, 65536, &[]);
+        assert_eq!(
+            descriptors(&c.structured()),
+            vec![(4096, z), (8192, 0), (8192, z), (4096, 0), (40960, z)]
+        );
+        c.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 2, 100, 65000, &[]);
+        assert_eq!(descriptors(&c.structured()), vec![(3996, z)]);
+        c.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 3, 4096, 100, &[]);
+        assert_eq!(descriptors(&c.structured()), vec![(100, 0)]);
+        // Trim and write-zeroes make holes; a write makes data.
+        c.request(CMD_TRIM, 0, 4, 4096, 4096, &[]);
+        assert_eq!(c.status(), (4, 0));
+        c.request(
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            5,
+            8192,
+            4096,
+            &[],
+        );
+        assert_eq!(c.status(), (5, 0));
+        c.request(CMD_WRITE, 0, 6, 0, 4, b"abcd");
+        assert_eq!(c.status(), (6, 0));
+        c.request(CMD_BLOCK_STATUS, 0, 7, 0, 32768, &[]);
+        assert_eq!(
+            descriptors(&c.structured()),
+            vec![(4096, 0), (16384, z), (4096, 0), (8192, z)]
+        );
+        assert_eq!(c.sread(8, 4096, 8192).unwrap(), vec![0u8; 8192]);
+        // Past the end.
+        c.request(CMD_BLOCK_STATUS, 0, 9, 65536 - 10, 11, &[]);
+        assert_eq!(c.status(), (9, Errno::Inval.code()));
+    }
+
+    #[test]
+    fn request_errors() {
+        let d = dev();
+        let mut h = harness(d.clone(), true, false);
+        let c = &mut h.c;
+        let inval = Errno::Inval.code();
+        assert_eq!(c.sread(1, 65535, 2), Err(inval));
+        assert_eq!(c.sread(2, u64::MAX - 1, 10), Err(inval));
+        // Past the end writes: ENOSPC, and the payload is drained (the next request works).
+        c.request(CMD_WRITE, 0, 3, 65530, 10, b"0123456789");
+        assert_eq!(c.status(), (3, Errno::NoSpc.code()));
+        c.request(CMD_WRITE_ZEROES, 0, 4, 65536, 1, &[]);
+        assert_eq!(c.status(), (4, Errno::NoSpc.code()));
+        c.request(CMD_TRIM, 0, 5, 60000, 6000, &[]);
+        assert_eq!(c.status(), (5, inval));
+        c.request(CMD_CACHE, 0, 6, 60000, 6000, &[]);
+        assert_eq!(c.status(), (6, inval));
+        c.request(CMD_CACHE, 0, 7, 0, 60000, &[]);
+        assert_eq!(c.status(), (7, 0));
+        // Over the maximum payload.
+        c.request(CMD_READ, 0, 8, 0, (32 << 20) + 1, &[]);
+        assert_eq!(reassemble(&c.structured(), 0, 0), Err(inval));
+        c.request(CMD_READ, CMD_FLAG_DF, 9, 0, (32 << 20) + 1, &[]);
+        assert_eq!(
+            reassemble(&c.structured(), 0, 0),
+            Err(Errno::Overflow.code())
+        );
+        // Unknown command and flags that do not belong to the command.
+        c.request(42, 0, 10, 0, 0, &[]);
+        assert_eq!(c.status(), (10, inval));
+        c.request(CMD_WRITE, CMD_FLAG_REQ_ONE, 11, 0, 3, b"xyz");
+        assert_eq!(c.status(), (11, inval));
+        c.request(CMD_READ, 1 << 9, 12, 0, 1, &[]);
+        assert_eq!(reassemble(&c.structured(), 0, 1), Err(inval));
+        // Nothing above was written.
+        assert_eq!(d.contents(), dev().contents());
+        assert_eq!(c.sread(13, 4096, 3).unwrap(), vec![2, 2, 2]);
+        // A write whose payload exceeds the maximum closes the connection.
+        c.request(CMD_WRITE, 0, 14, 0, (32 << 20) + 1, &[]);
+        assert!(c.at_eof());
+        assert!(matches!(
+            h.join(),
+            Err(crate::server::ConnError::Transmission(
+                TransmissionError::PayloadTooLarge { .. }
+            ))
+        ));
+        assert!(
+            h.server.error_counts().0 == 0,
+            "protocol refusals are not device errors"
+        );
+        assert_eq!(h.server.counters().errors, 11);
+    }
+
+    #[test]
+    fn misaligned_requests_are_refused_below_min_block() {
+        let mut e = Export::new("disk", dev());
+        e.min_block = 512;
+        let mut h = Harness::new(e);
+        h.c.handshake(true, true);
+        let c = &mut h.c;
+        let inval = Errno::Inval.code();
+        assert_eq!(c.sread(1, 100, 512), Err(inval));
+        assert_eq!(c.sread(2, 512, 100), Err(inval));
+        assert!(c.sread(3, 512, 1024).is_ok());
+        c.request(CMD_WRITE, 0, 4, 1, 512, &[7u8; 512]);
+        assert_eq!(c.status(), (4, inval));
+        c.request(CMD_TRIM, 0, 5, 512, 10, &[]);
+        assert_eq!(c.status(), (5, inval));
+        c.request(CMD_BLOCK_STATUS, 0, 6, 3, 512, &[]);
+        assert_eq!(c.status(), (6, inval));
+        c.request(CMD_FLUSH, 0, 7, 0, 0, &[]);
+        assert_eq!(c.status(), (7, 0));
+    }
+
+    #[test]
+    fn read_only_refuses_writes_after_draining_them() {
+        let d = Arc::new(MemDevice::new(vec![3u8; 65536], true));
+        let mut h = Harness::new(Export::new("disk", d.clone()));
+        let (_, flags) = h.c.handshake(true, false);
+        assert_ne!(flags & TF_READ_ONLY, 0);
+        assert_eq!(flags & TF_SEND_TRIM, 0);
+        let c = &mut h.c;
+        let perm = Errno::Perm.code();
+        c.request(CMD_WRITE, 0, 1, 0, 8192, &[9u8; 8192]);
+        assert_eq!(c.status(), (1, perm));
+        c.request(CMD_WRITE, 0, 2, 1 << 40, 8, &[9u8; 8]);
+        assert_eq!(c.status(), (2, perm));
+        c.request(CMD_TRIM, 0, 3, 0, 4096, &[]);
+        assert_eq!(c.status(), (3, perm));
+        c.request(CMD_WRITE_ZEROES, 0, 4, 0, 4096, &[]);
+        assert_eq!(c.status(), (4, perm));
+        // Still in sync: the payloads were consumed, not parsed as requests.
+        assert_eq!(c.sread(5, 0, 8192).unwrap(), vec![3u8; 8192]);
+        assert_eq!(d.contents(), vec![3u8; 65536]);
+        // The export can also be read-only over a writable device.
+        let mut e = Export::new("disk", dev());
+        e.read_only = true;
+        let mut h = Harness::new(e);
+        h.c.handshake(false, false);
+        h.c.request(CMD_WRITE, 0, 1, 0, 4, b"abcd");
+        assert_eq!(h.c.simple(), (1, perm));
+    }
+
+    #[test]
+    fn bad_request_magic_closes_the_connection() {
+        let mut h = harness(dev(), true, false);
+        assert!(h.c.sread(1, 0, 10).is_ok());
+        let mut b = vec![0u8; 28];
+        b[..4].copy_from_slice(&0x1256_0953u32.to_be_bytes());
+        h.c.send(&b);
+        assert!(h.c.at_eof());
+        assert!(matches!(
+            h.join(),
+            Err(crate::server::ConnError::Transmission(
+                TransmissionError::Protocol(_)
+            ))
+        ));
+    }
+
+    #[test]
+    fn replies_out_of_order_and_disc_waits_for_outstanding() {
+        let gate = GateDevice::new(MemDevice::new(vec![5u8; 65536], false), 32768, 4096);
+        let mut h = harness(gate.clone(), true, false);
+        let c = &mut h.c;
+        // The gated read waits for the "network"; the later requests overtake it.
+        c.request(CMD_READ, 0, 1, 32768, 4096, &[]);
+        gate.wait_entered(1);
+        assert_eq!(c.sread(2, 0, 4096).unwrap(), vec![5u8; 4096]);
+        c.request(CMD_WRITE, 0, 3, 0, 4, b"wxyz");
+        assert_eq!(c.status(), (3, 0));
+        assert_eq!(c.sread(4, 0, 4).unwrap(), b"wxyz");
+        // Another gated read, then DISC: both gated reads must still be answered.
+        c.request(CMD_READ, 0, 5, 32768 + 100, 10, &[]);
+        gate.wait_entered(2);
+        c.request(CMD_DISC, 0, 6, 0, 0, &[]);
+        gate.open();
+        let mut seen = vec![];
+        for _ in 0..2 {
+            let m = c.structured();
+            let cookie = m[0].cookie();
+            let len = if cookie == 1 { 4096 } else { 10 };
+            let off = if cookie == 1 { 32768 } else { 32868 };
+            assert_eq!(reassemble(&m, off, len).unwrap(), vec![5u8; len as usize]);
+            seen.push(cookie);
+        }
+        seen.sort();
+        assert_eq!(seen, vec![1, 5]);
+        assert!(c.at_eof());
+        assert!(matches!(h.join(), Ok(End::Disconnect)));
+        let s = h.server.counters();
+        assert_eq!(s.queued, 2);
+    }
+
+    #[test]
+    fn pipelined_requests_all_answered() {
+        let d = Arc::new(MemDevice::new(vec![0u8; 1 << 20], false));
+        let mut h = harness(d.clone(), true, false);
+        // Many writes in one burst, then many reads, then the replies.
+        let mut burst = Client {
+            s: h.c.s.try_clone().unwrap(),
+        };
+        let writer = std::thread::spawn(move || {
+            for i in 0..200u64 {
+                let data = vec![i as u8 + 1; 4096];
+                burst.request(CMD_WRITE, 0, i, i * 4096, 4096, &data);
+            }
+            for i in 0..200u64 {
+                burst.request(CMD_READ, 0, 1000 + i, i * 4096, 4096, &[]);
+            }
+            // A large read (queued to a worker) in the middle of small ones.
+            burst.request(CMD_READ, 0, 5000, 0, 1 << 20, &[]);
+        });
+        let mut got = std::collections::HashMap::new();
+        for _ in 0..401 {
+            let m = h.c.structured();
+            got.insert(m[0].cookie(), m);
+        }
+        writer.join().unwrap();
+        for i in 0..200u64 {
+            let m = &got[&i];
+            assert!(matches!(&m[0], Msg::Simple { errno: 0, .. }), "{m:?}");
+            assert_eq!(
+                reassemble(&got[&(1000 + i)], i * 4096, 4096).unwrap(),
+                vec![i as u8 + 1; 4096]
+            );
+        }
+        assert_eq!(reassemble(&got[&5000], 0, 1 << 20).unwrap(), d.contents());
+    }
+
+    #[test]
+    fn several_connections_share_the_device() {
+        let d = Arc::new(MemDevice::new(vec![0u8; 1 << 20], false));
+        let h = Harness::new(Export::new("disk", d.clone()));
+        let mut threads = vec![];
+        for t in 0..4u64 {
+            let (mut c, srv) = h.connect();
+            threads.push(std::thread::spawn(move || {
+                c.handshake(t % 2 == 0, false);
+                for i in 0..16u64 {
+                    let off = (t * 16 + i) * 4096;
+                    c.request(
+                        CMD_WRITE,
+                        CMD_FLAG_FUA,
+                        i,
+                        off,
+                        4096,
+                        &vec![t as u8 + 10; 4096],
+                    );
+                    assert_eq!(c.status(), (i, 0));
+                }
+                c.request(CMD_DISC, 0, 99, 0, 0, &[]);
+                assert!(c.at_eof());
+                assert!(matches!(srv.join().unwrap(), Ok(End::Disconnect)));
+            }));
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        let data = d.contents();
+        for t in 0..4usize {
+            assert!(data[t * 65536..(t + 1) * 65536]
+                .iter()
+                .all(|&b| b == t as u8 + 10));
+        }
+        // The first harness connection is still usable and sees the writes.
+        let mut h = h;
+        h.c.handshake(true, false);
+        assert_eq!(h.c.sread(1, 65536, 4).unwrap(), vec![11u8; 4]);
+        assert_eq!(h.server.counters().requests[Command::Write.index()], 64);
+    }
+
+    #[test]
+    fn device_errors_are_reported_and_logged() {
+        // Reads of the gated range fail with an I/O error (is_local false → worker path too).
+        struct Failing(MemDevice);
+        impl BlockDevice for Failing {
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            fn read_only(&self) -> bool {
+                false
+            }
+            fn read(&self, o: u64, b: &mut [u8]) -> Result<(), DevError> {
+                if o >= 8192 {
+                    Err(DevError::new(
+                        va_store::DevErrorKind::Io,
+                        "origin unreachable",
+                    ))
+                } else {
+                    self.0.read(o, b)
+                }
+            }
+            fn write(&self, _: u64, _: &[u8]) -> Result<(), DevError> {
+                Err(DevError::new(
+                    va_store::DevErrorKind::NoSpace,
+                    "overlay full",
+                ))
+            }
+            fn flush(&self) -> Result<(), DevError> {
+                Ok(())
+            }
+            fn discard(&self, o: u64, l: u64) -> Result<(), DevError> {
+                self.0.discard(o, l)
+            }
+            fn write_zeroes(&self, o: u64, l: u64) -> Result<(), DevError> {
+                self.0.write_zeroes(o, l)
+            }
+            fn extents(&self, o: u64, l: u64) -> Result<Vec<Extent>, DevError> {
+                Ok(vec![Extent {
+                    offset: o,
+                    len: l,
+                    kind: ExtentKind::Data,
+                }])
+            }
+            fn is_local(&self, o: u64, _: u64) -> bool {
+                o < 8192
+            }
+            fn prefetch(&self, _: u64, _: u64) -> Result<(), DevError> {
+                Err(DevError::new(
+                    va_store::DevErrorKind::Io,
+                    "origin unreachable",
+                ))
+            }
+            fn stats(&self) -> va_store::device::DevStats {
+                self.0.stats()
+            }
+        }
+        let mut h = harness(
+            Arc::new(Failing(MemDevice::new(vec![1u8; 65536], false))),
+            true,
+            false,
+        );
+        let c = &mut h.c;
+        assert_eq!(c.sread(1, 0, 4096).unwrap(), vec![1u8; 4096]);
+        assert_eq!(c.sread(2, 8192, 4096), Err(Errno::Io.code()));
+        c.request(CMD_WRITE, 0, 3, 0, 2, b"ab");
+        assert_eq!(c.status(), (3, Errno::NoSpc.code()));
+        c.request(CMD_CACHE, 0, 4, 0, 2, &[]);
+        assert_eq!(c.status(), (4, Errno::Io.code()));
+        assert_eq!(h.server.error_counts().0, 3);
+    }
 
     #[test]
     fn tiling() {
-        let d = |offset, len| Extent { offset, len, kind: ExtentKind::Data };
+        let d = |offset, len| Extent {
+            offset,
+            len,
+            kind: ExtentKind::Data,
+        };
         assert!(tiles(&[d(10, 5), d(15, 5)], 10, 10));
         assert!(!tiles(&[d(10, 5), d(16, 4)], 10, 10));
         assert!(!tiles(&[d(10, 5)], 10, 10));
@@ -640,7 +1235,11 @@ mod tests {
 
     #[test]
     fn reply_writer_buffers_small_and_writes_large_directly() {
-        let mut w = ReplyWriter { w: Vec::new(), buf: Vec::new(), failed: false };
+        let mut w = ReplyWriter {
+            w: Vec::new(),
+            buf: Vec::new(),
+            failed: false,
+        };
         w.send(&[b"abc", b"de"]).unwrap();
         assert!(w.w.is_empty());
         let big = vec![7u8; OUT_BUF];

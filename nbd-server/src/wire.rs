@@ -26,7 +26,16 @@ pub fn opt_reply(out: &mut Vec<u8>, opt: u32, rep: u32, parts: &[&[u8]]) {
 
 /// Appends an `NBD_REP_INFO` / `NBD_INFO_EXPORT` reply.
 pub fn info_export(out: &mut Vec<u8>, opt: u32, size: u64, flags: u16) {
-    opt_reply(out, opt, REP_INFO, &[&INFO_EXPORT.to_be_bytes(), &size.to_be_bytes(), &flags.to_be_bytes()]);
+    opt_reply(
+        out,
+        opt,
+        REP_INFO,
+        &[
+            &INFO_EXPORT.to_be_bytes(),
+            &size.to_be_bytes(),
+            &flags.to_be_bytes(),
+        ],
+    );
 }
 
 /// Appends an `NBD_REP_INFO` / `NBD_INFO_BLOCK_SIZE` reply.
@@ -35,7 +44,12 @@ pub fn info_block_size(out: &mut Vec<u8>, opt: u32, min: u32, pref: u32, max: u3
         out,
         opt,
         REP_INFO,
-        &[&INFO_BLOCK_SIZE.to_be_bytes(), &min.to_be_bytes(), &pref.to_be_bytes(), &max.to_be_bytes()],
+        &[
+            &INFO_BLOCK_SIZE.to_be_bytes(),
+            &min.to_be_bytes(),
+            &pref.to_be_bytes(),
+            &max.to_be_bytes(),
+        ],
     );
 }
 
@@ -78,14 +92,24 @@ pub fn hole_chunk(out: &mut Vec<u8>, flags: u16, cookie: u64, offset: u64, len: 
 
 /// Appends the header and offset of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk (the data follows).
 pub fn data_chunk_header(out: &mut Vec<u8>, flags: u16, cookie: u64, offset: u64, len: u32) {
-    out.extend_from_slice(&chunk_header(flags, REPLY_TYPE_OFFSET_DATA, cookie, len + 8));
+    out.extend_from_slice(&chunk_header(
+        flags,
+        REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        len + 8,
+    ));
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
 /// Appends a complete `NBD_REPLY_TYPE_ERROR` chunk (always final).
 pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, errno: u32, msg: &str) {
     let m = truncate(msg.as_bytes());
-    out.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + m.len() as u32));
+    out.extend_from_slice(&chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + m.len() as u32,
+    ));
     out.extend_from_slice(&errno.to_be_bytes());
     out.extend_from_slice(&(m.len() as u16).to_be_bytes());
     out.extend_from_slice(m);

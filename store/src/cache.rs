@@ -36,10 +36,11 @@
 //!
 //! Each process evicts from its own LRU index (its reads and inserts, plus everything found on
 //! disk at open, ordered by mtime). When its index runs dry while the shared total is still over
-//! the bound, or every two minutes when eviction is needed, it rescans the directory under the
-//! lock: that learns the other processes' chunks (with their mtime recency), drops entries whose
-//! file is gone, and recomputes the exact total (which also repairs a count left stale by a
-//! process killed between a link and the counter update).
+//! the bound, or at most every two minutes when eviction is needed and another process changed
+//! the total meanwhile, it rescans the directory under the lock: that learns the other
+//! processes' chunks (with their mtime recency), drops entries whose file is gone, and
+//! recomputes the exact total (which also repairs a count left stale by a process killed
+//! between a link and the counter update).
 //!
 //! Slack: on top of `max_bytes`, the directory may hold the temporary files of inserts in
 //! flight (at most one chunk per inserting thread), and files that other processes evicted
@@ -47,8 +48,8 @@
 //!
 //! # Reads
 //!
-//! A hit costs one `pread` on a cached descriptor (an LRU of up to 1024 open files, fewer if
-//! the descriptor limit is low) plus a short critical section on one of 16 index shards (never
+//! A hit costs one `pread` on a cached descriptor (an LRU of up to 65536 open files, at most
+//! half the descriptor limit) plus a short critical section on one of 16 index shards (never
 //! held across I/O). An evicted chunk reads as a miss; a process that still holds the file open
 //! keeps reading it correctly (the bytes are immutable) until its descriptor is evicted or its
 //! next rescan notices the file is gone.
@@ -88,7 +89,7 @@ const USAGE_CHECK: u64 = u64::from_le_bytes(*b"vastream");
 /// Index shards (a power of two).
 const SHARDS: usize = 16;
 /// Upper bound on cached open descriptors.
-const MAX_FDS: usize = 1024;
+const MAX_FDS: usize = 32768;
 /// Allocation unit assumed when charging chunk files.
 const CHARGE_BLOCK: u64 = 4096;
 /// Per-file allowance for the inode and directory entry.
@@ -185,14 +186,39 @@ struct Entry {
 
 struct Shard {
     /// Every chunk this process believes is on disk, least recently used first.
-    index: LruCache<Hash, Entry>,
+    index: LruCache<Hash, Entry, crate::counter::DigestBuildHasher>,
     /// Open descriptors of recently read chunks.
-    fds: LruCache<Hash, Arc<File>>,
+    fds: LruCache<Hash, Arc<OpenChunk>, crate::counter::DigestBuildHasher>,
+}
+
+/// An open chunk file, mapped when possible (a hit is then a memcpy, no system call).
+struct OpenChunk {
+    file: File,
+    map: Option<sys::Mapping>,
+}
+
+impl OpenChunk {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(m) = &self.map {
+            let src = usize::try_from(offset)
+                .ok()
+                .and_then(|o| m.bytes().get(o..o.checked_add(buf.len())?));
+            if let Some(src) = src {
+                buf.copy_from_slice(src);
+                return Ok(());
+            }
+        }
+        self.file.read_exact_at(buf, offset)
+    }
 }
 
 struct UsageFile {
     file: File,
     last_rescan: Option<Instant>,
+    /// The total this process last wrote (or read) under the lock.
+    last_total: Option<u64>,
+    /// Another process changed the total since our last rescan.
+    foreign: bool,
 }
 
 /// The local chunk cache. `Send + Sync`; share it with an `Arc`.
@@ -203,7 +229,7 @@ pub struct ChunkCache {
     max_bytes: u64,
     shards: Box<[Mutex<Shard>]>,
     usage: Mutex<UsageFile>,
-    hits: AtomicU64,
+    hits: crate::counter::Counter,
     misses: AtomicU64,
     inserts: AtomicU64,
     evictions: AtomicU64,
@@ -274,6 +300,7 @@ impl UsageLock<'_> {
             self.dirty = false;
         }
         self.cache.known_total.store(self.total, Ordering::Relaxed);
+        self.guard.last_total = Some(self.total);
         Ok(())
     }
 }
@@ -322,14 +349,14 @@ impl ChunkCache {
             .open(&usage_path)
             .map_err(io_err(&usage_path))?;
         let fd_total = sys::nofile_soft_limit()
-            .map_or(256, |n| usize::try_from(n / 4).unwrap_or(MAX_FDS))
+            .map_or(256, |n| usize::try_from(n / 2).unwrap_or(MAX_FDS))
             .clamp(SHARDS, MAX_FDS);
         let fd_cap = NonZeroUsize::new(fd_total / SHARDS).unwrap_or(NonZeroUsize::MIN);
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
-                    index: LruCache::unbounded(),
-                    fds: LruCache::new(fd_cap),
+                    index: LruCache::unbounded_with_hasher(Default::default()),
+                    fds: LruCache::with_hasher(fd_cap, Default::default()),
                 })
             })
             .collect();
@@ -342,8 +369,10 @@ impl ChunkCache {
             usage: Mutex::new(UsageFile {
                 file: usage,
                 last_rescan: None,
+                last_total: None,
+                foreign: false,
             }),
-            hits: AtomicU64::new(0),
+            hits: Default::default(),
             misses: AtomicU64::new(0),
             inserts: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -371,7 +400,8 @@ impl ChunkCache {
     /// Copies bytes `[offset, offset + buf.len())` of chunk `h` into `buf`. `Ok(false)` if the
     /// chunk is not cached (or was evicted meanwhile, also by another process).
     pub fn read(&self, h: &Hash, offset: u32, buf: &mut [u8]) -> Result<bool, CacheError> {
-        let now = self.stamp();
+        // Hits need no unique stamp (the in-memory LRU keeps the order); skip the shared clock.
+        let now = system_us(SystemTime::now());
         let known = {
             let mut sh = self.shard(h);
             let touch_after = self.touch_after_us;
@@ -390,8 +420,8 @@ impl ChunkCache {
         };
         let (len, file, touch) = match known {
             Some((len, Some(f), touch)) => (len, f, touch),
-            other => match self.open_chunk(h, now)? {
-                Some((len, f, t)) => (len, f, t || other.is_some_and(|(_, _, t)| t)),
+            other => match self.open_chunk(h, now, other.as_ref().map(|k| k.0))? {
+                Some((len, f, t)) => (len, f, t || other.is_some_and(|k| k.2)),
                 None => {
                     self.misses.fetch_add(1, Ordering::Relaxed);
                     return Ok(false);
@@ -409,7 +439,7 @@ impl ChunkCache {
                 size: len,
             });
         }
-        match file.read_exact_at(buf, offset) {
+        match file.read_at(buf, offset) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 // Shorter than when we looked: not a chunk file we wrote. Forget it.
@@ -423,9 +453,9 @@ impl ChunkCache {
             }
             Err(e) => return Err(io_err(&self.chunk_path(h))(e)),
         }
-        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.hits.add(1);
         if touch {
-            if let Err(e) = file.set_modified(SystemTime::now()) {
+            if let Err(e) = file.file.set_modified(SystemTime::now()) {
                 tracing::debug!("chunk cache {}: touch: {e}", self.chunk_path(h).display());
             }
         }
@@ -512,7 +542,7 @@ impl ChunkCache {
     /// Counters of this process and the shared total.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
+            hits: self.hits.get(),
             misses: self.misses.load(Ordering::Relaxed),
             inserts: self.inserts.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
@@ -598,7 +628,13 @@ impl ChunkCache {
     }
 
     /// Opens chunk `h` for reading and caches the descriptor. `None` if its file is absent.
-    fn open_chunk(&self, h: &Hash, now: u64) -> Result<Option<(u64, Arc<File>, bool)>, CacheError> {
+    /// `known_len` is the length the index records (then no `fstat` is needed).
+    fn open_chunk(
+        &self,
+        h: &Hash,
+        now: u64,
+        known_len: Option<u64>,
+    ) -> Result<Option<(u64, Arc<OpenChunk>, bool)>, CacheError> {
         let path = self.chunk_path(h);
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -608,32 +644,43 @@ impl ChunkCache {
             }
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let md = file.metadata().map_err(io_err(&path))?;
-        let file = Arc::new(file);
-        let mut sh = self.shard(h);
-        let touch_after = self.touch_after_us;
-        let (len, touch) = match sh.index.get_mut(h) {
-            Some(e) => {
-                // Read while another thread was opening it: the hit path already decided about
-                // touching the file.
-                e.len = md.len();
-                (e.len, false)
-            }
+        let (len, mtime) = match known_len {
+            Some(len) => (len, None),
             None => {
-                let touched = mtime_us(&md);
-                let touch = now.saturating_sub(touched) >= touch_after;
-                sh.index.put(
-                    *h,
-                    Entry {
-                        len: md.len(),
-                        last_us: now,
-                        touched_us: if touch { now } else { touched },
-                    },
-                );
-                (md.len(), touch)
+                let md = file.metadata().map_err(io_err(&path))?;
+                (md.len(), Some(mtime_us(&md)))
             }
         };
-        let old = sh.fds.push(*h, Arc::clone(&file));
+        // Map exactly the bytes the file has now (never past its end).
+        let map = match file.metadata() {
+            Ok(md) if md.len() >= len => sys::Mapping::new(&file, len),
+            _ => None,
+        };
+        let file = Arc::new(OpenChunk { file, map });
+        let mut sh = self.shard(h);
+        let touch_after = self.touch_after_us;
+        let (known, touch) = match (sh.index.get_mut(h), mtime) {
+            (Some(e), _) => {
+                // The hit path decided about touching the file.
+                if known_len.is_none() {
+                    e.len = len;
+                }
+                (true, false)
+            }
+            (None, Some(touched)) => {
+                let touch = now.saturating_sub(touched) >= touch_after;
+                let entry = Entry {
+                    len,
+                    last_us: now,
+                    touched_us: if touch { now } else { touched },
+                };
+                sh.index.put(*h, entry);
+                (true, touch)
+            }
+            // Evicted while we were opening it: serve this read, do not cache the descriptor.
+            (None, None) => (false, false),
+        };
+        let old = known.then(|| sh.fds.push(*h, Arc::clone(&file)));
         drop(sh);
         drop(old);
         Ok(Some((len, file, touch)))
@@ -650,7 +697,13 @@ impl ChunkCache {
             dirty: false,
         };
         match read_usage(&l.guard.file) {
-            Some(t) => l.total = t,
+            Some(t) => {
+                l.total = t;
+                if l.guard.last_total.is_some_and(|last| last != t) {
+                    l.guard.foreign = true;
+                }
+                l.guard.last_total = Some(t);
+            }
             None => self.rescan_locked(&mut l)?,
         }
         Ok(l)
@@ -702,10 +755,13 @@ impl ChunkCache {
             return Ok(());
         }
         let mut rescanned = false;
-        if l.guard
+        // Other processes store chunks we do not know about: from time to time, learn them
+        // (with their recency) so that eviction follows the shared LRU order.
+        let stale = l
+            .guard
             .last_rescan
-            .is_none_or(|t| t.elapsed() > RESCAN_INTERVAL)
-        {
+            .is_none_or(|t| t.elapsed() > RESCAN_INTERVAL);
+        if stale && l.guard.foreign {
             self.rescan_locked(l)?;
             rescanned = true;
         }
@@ -780,7 +836,7 @@ impl ChunkCache {
                 })
                 .collect();
             entries.sort_by_key(|(_, e)| e.last_us);
-            let mut index = LruCache::unbounded();
+            let mut index = LruCache::unbounded_with_hasher(Default::default());
             for (h, e) in entries {
                 index.put(h, e);
             }
@@ -801,6 +857,7 @@ impl ChunkCache {
         );
         l.set_total(total);
         l.guard.last_rescan = Some(Instant::now());
+        l.guard.foreign = false;
         Ok(())
     }
 
@@ -895,4 +952,5 @@ fn remove_stale_tmp(tmp: &Path) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;

@@ -15,6 +15,7 @@
 
 pub mod appliance;
 pub mod cache;
+pub mod counter;
 pub mod device;
 pub mod format;
 pub mod origin;

@@ -315,7 +315,8 @@ struct Journal {
     journal_records: u64,
 }
 
-/// A copy-on-write overlay. `Send + Sync`: share it with an `Arc`.
+/// A copy-on-write overlay. `Send + Sync`: share it with an `Arc`. Dropping it flushes
+/// (errors are logged) and releases the writer lock.
 pub struct Overlay {
     path: PathBuf,
     map_path: PathBuf,
@@ -384,7 +385,9 @@ impl Overlay {
             atomic_words(dirty_words),
             atomic_words(dirty_words.div_ceil(64)),
         ) else {
-            return Err(invalid(format!("no memory for the map of {nblocks} blocks")));
+            return Err(invalid(format!(
+                "no memory for the map of {nblocks} blocks"
+            )));
         };
         let map_file = match File::options().read(true).write(true).open(&map_path) {
             Ok(f) => Some(f),
@@ -600,8 +603,14 @@ impl Overlay {
         }
     }
 
-    fn check_range(&self, what: &str, offset: u64, len: u64, aligned: bool) -> Result<(), OverlayError> {
-        if aligned && (offset % OVERLAY_BLOCK != 0 || len % OVERLAY_BLOCK != 0) {
+    fn check_range(
+        &self,
+        what: &str,
+        offset: u64,
+        len: u64,
+        aligned: bool,
+    ) -> Result<(), OverlayError> {
+        if aligned && (offset | len) & (OVERLAY_BLOCK - 1) != 0 {
             return Err(OverlayError::Invalid {
                 path: self.path.clone(),
                 detail: format!("{what} of {len} bytes at {offset} is not 4096-byte aligned"),
@@ -639,7 +648,7 @@ impl Overlay {
         let mut b = start;
         while b < end {
             let w = self.states[(b / PER_STATE_WORD) as usize].load(Ordering::SeqCst);
-            if b % PER_STATE_WORD == 0 && end - b >= PER_STATE_WORD {
+            if b & (PER_STATE_WORD - 1) == 0 && end - b >= PER_STATE_WORD {
                 let uniform = [BlockState::Base, BlockState::Data, BlockState::Zero]
                     .into_iter()
                     .find(|s| s.replicated() == w);
@@ -650,7 +659,11 @@ impl Overlay {
                 }
             }
             let code = (w >> (2 * (b % PER_STATE_WORD))) & 3;
-            add(b, 1, BlockState::from_code(code).unwrap_or(BlockState::Base));
+            add(
+                b,
+                1,
+                BlockState::from_code(code).unwrap_or(BlockState::Base),
+            );
             b += 1;
         }
         if let Some((rb, rn, rs)) = run {
@@ -851,7 +864,8 @@ impl Overlay {
                 io_err(&self.map_path)(e)
             }
         })?;
-        let u32_at = |o: usize| u32::from_le_bytes([fixed[o], fixed[o + 1], fixed[o + 2], fixed[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([fixed[o], fixed[o + 1], fixed[o + 2], fixed[o + 3]]);
         let u64_at = |o: usize| {
             let mut w = [0u8; 8];
             w.copy_from_slice(&fixed[o..o + 8]);
@@ -868,14 +882,19 @@ impl Overlay {
             });
         }
         if u64::from(u32_at(12)) != OVERLAY_BLOCK {
-            return Err(corrupt(format!("block size {} in the map header", u32_at(12))));
+            return Err(corrupt(format!(
+                "block size {} in the map header",
+                u32_at(12)
+            )));
         }
         let image_size = u64_at(16);
         let generation = u64_at(24);
         let snapshot_records = u64_at(32);
         let id_len = u32_at(40) as usize;
         if id_len > MAX_IDENTITY {
-            return Err(corrupt(format!("identity length {id_len} in the map header")));
+            return Err(corrupt(format!(
+                "identity length {id_len} in the map header"
+            )));
         }
         let hlen = header_len(id_len);
         let mut header = vec![0u8; hlen];
@@ -931,7 +950,9 @@ impl Overlay {
                     }
                     Decoded::BadChecksum if !in_snapshot => break 'outer,
                     Decoded::BadChecksum => {
-                        return Err(corrupt(format!("snapshot record {index} checksum mismatch")))
+                        return Err(corrupt(format!(
+                            "snapshot record {index} checksum mismatch"
+                        )))
                     }
                     Decoded::Invalid(d) => return Err(corrupt(format!("record {index}: {d}"))),
                 }
@@ -1031,4 +1052,5 @@ fn write_map_file(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;

@@ -19,11 +19,11 @@
 //! blocks. Flush makes the overlay durable.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::appliance::{micros_since, Appliance, ApplianceError, OpenOptions};
+use crate::counter::Counter;
 use crate::device::{BlockDevice, DevError, DevErrorKind, DevStats, Extent, ExtentKind};
 use crate::format::{BlobRef, ChunkEntry, ImageKind};
 use crate::overlay::{BlockState, Overlay, OverlayError, OVERLAY_BLOCK};
@@ -69,16 +69,16 @@ const PREFETCH_BATCH: u64 = 256;
 
 #[derive(Default)]
 struct Counters {
-    reads: AtomicU64,
-    read_bytes: AtomicU64,
-    writes: AtomicU64,
-    write_bytes: AtomicU64,
-    flushes: AtomicU64,
-    discards: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    zero_reads: AtomicU64,
-    miss_wait_us: AtomicU64,
+    reads: Counter,
+    read_bytes: Counter,
+    writes: Counter,
+    write_bytes: Counter,
+    flushes: Counter,
+    discards: Counter,
+    hits: Counter,
+    misses: Counter,
+    zero_reads: Counter,
+    miss_wait_us: Counter,
 }
 
 /// An opened image.
@@ -226,7 +226,7 @@ impl Volume {
             match self.entry(c)? {
                 ChunkEntry::Zero => {
                     dst.fill(0);
-                    self.c.zero_reads.fetch_add(1, Ordering::Relaxed);
+                    self.c.zero_reads.add(1);
                 }
                 ChunkEntry::Stored(b) => {
                     let hit = match cache {
@@ -234,9 +234,9 @@ impl Volume {
                         None => false,
                     };
                     if hit {
-                        self.c.hits.fetch_add(1, Ordering::Relaxed);
+                        self.c.hits.add(1);
                     } else {
-                        self.c.misses.fetch_add(1, Ordering::Relaxed);
+                        self.c.misses.add(1);
                         if !misses.iter().any(|(x, _)| x.hash == b.hash) {
                             misses.push((b, self.app.chunk_len(self.kind, c)));
                         }
@@ -268,7 +268,7 @@ impl Volume {
         });
         self.c
             .miss_wait_us
-            .fetch_add(micros_since(t), Ordering::Relaxed);
+            .add(micros_since(t));
         r.map_err(dev_err)?;
         if filled != fills.len() {
             return Err(DevError::new(
@@ -371,7 +371,7 @@ impl Volume {
                 let r = self.app.fetch_blobs("chunk", &want, &mut |_, _| {});
                 self.c
                     .miss_wait_us
-                    .fetch_add(micros_since(t), Ordering::Relaxed);
+                    .add(micros_since(t));
                 r.map_err(dev_err)?;
             }
             c = stop;
@@ -391,10 +391,10 @@ impl BlockDevice for Volume {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
         DevError::check_range(offset, buf.len() as u64, self.size)?;
-        self.c.reads.fetch_add(1, Ordering::Relaxed);
+        self.c.reads.add(1);
         self.c
             .read_bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            .add(buf.len() as u64);
         let Some(o) = &self.overlay else {
             return self.read_base(offset, buf);
         };
@@ -411,15 +411,15 @@ impl BlockDevice for Volume {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevError> {
         self.modify(offset, data.len() as u64, Some(data))?;
-        self.c.writes.fetch_add(1, Ordering::Relaxed);
+        self.c.writes.add(1);
         self.c
             .write_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+            .add(data.len() as u64);
         Ok(())
     }
 
     fn flush(&self) -> Result<(), DevError> {
-        self.c.flushes.fetch_add(1, Ordering::Relaxed);
+        self.c.flushes.add(1);
         self.flush_trace();
         match &self.overlay {
             Some(o) => o.flush().map_err(overlay_err),
@@ -429,13 +429,13 @@ impl BlockDevice for Volume {
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), DevError> {
         self.modify(offset, len, None)?;
-        self.c.discards.fetch_add(1, Ordering::Relaxed);
+        self.c.discards.add(1);
         Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DevError> {
         self.modify(offset, len, None)?;
-        self.c.writes.fetch_add(1, Ordering::Relaxed);
+        self.c.writes.add(1);
         Ok(())
     }
 
@@ -502,7 +502,7 @@ impl BlockDevice for Volume {
 
     fn stats(&self) -> DevStats {
         let f = self.app.stats();
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let l = |a: &Counter| a.get();
         DevStats {
             reads: l(&self.c.reads),
             read_bytes: l(&self.c.read_bytes),

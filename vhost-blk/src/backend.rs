@@ -355,6 +355,31 @@ enum ExecError {
     Memory,
 }
 
+/// Buffers kept between requests: larger than this are freed after use.
+const KEEP_BUFFER: usize = 4 << 20;
+
+/// Runs `f` with a per-thread bounce buffer of `len` bytes (reused, so a 1 MiB read does not
+/// allocate, fault in and zero 1 MiB each time). Its contents on entry are unspecified.
+fn with_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let r = f(&mut buf[..len]);
+            if buf.len() > KEEP_BUFFER {
+                *buf = Vec::new();
+            }
+            r
+        }
+        // Not reentrant in practice; a fresh buffer keeps it correct if it ever is.
+        Err(_) => f(&mut vec![0u8; len]),
+    })
+}
+
 /// Copies `buf` into the guest segments.
 fn scatter(mem: &Mem, segs: &[Segment], buf: &[u8]) -> Result<(), ExecError> {
     let mut pos = 0usize;
@@ -391,17 +416,19 @@ fn run(
     match &req.kind {
         RequestKind::Read { offset, len } => {
             // len <= MAX_DATA (checked by the decoder): a bounded bounce buffer.
-            let mut buf = vec![0u8; *len as usize];
-            dev.read(*offset, &mut buf)?;
-            scatter(mem, &req.data, &buf)?;
+            with_buffer(*len as usize, |buf| {
+                dev.read(*offset, buf)?;
+                scatter(mem, &req.data, buf)
+            })?;
             Counters::add(&c.reads, 1);
             Counters::add(&c.read_bytes, u64::from(*len));
             Ok(*len)
         }
         RequestKind::Write { offset, len } => {
-            let mut buf = vec![0u8; *len as usize];
-            gather(mem, &req.data, &mut buf)?;
-            dev.write(*offset, &buf)?;
+            with_buffer(*len as usize, |buf| {
+                gather(mem, &req.data, buf)?;
+                dev.write(*offset, buf).map_err(ExecError::from)
+            })?;
             Counters::add(&c.writes, 1);
             Counters::add(&c.write_bytes, u64::from(*len));
             Ok(0)
@@ -528,5 +555,188 @@ impl VhostUserBackend for BlkBackend {
         };
         self.process_queue(thread_id, vring)
             .map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use va_store::device::{DevStats, Extent, MemDevice};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    /// A device whose first 4 KiB are "not local": reads there wait until the gate opens.
+    struct Gated {
+        inner: MemDevice,
+        open: Mutex<bool>,
+        cv: Condvar,
+    }
+
+    impl Gated {
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.cv.notify_all();
+        }
+    }
+
+    impl BlockDevice for Gated {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
+            if offset < 4096 {
+                let g = self.open.lock().unwrap();
+                let _g = self.cv.wait_while(g, |open| !*open).unwrap();
+            }
+            self.inner.read(offset, buf)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevError> {
+            self.inner.write(offset, data)
+        }
+        fn flush(&self) -> Result<(), DevError> {
+            Ok(())
+        }
+        fn discard(&self, o: u64, l: u64) -> Result<(), DevError> {
+            self.inner.discard(o, l)
+        }
+        fn write_zeroes(&self, o: u64, l: u64) -> Result<(), DevError> {
+            self.inner.write_zeroes(o, l)
+        }
+        fn extents(&self, o: u64, l: u64) -> Result<Vec<Extent>, DevError> {
+            self.inner.extents(o, l)
+        }
+        fn is_local(&self, offset: u64, _len: u64) -> bool {
+            offset >= 4096 || *self.open.lock().unwrap()
+        }
+        fn prefetch(&self, _o: u64, _l: u64) -> Result<(), DevError> {
+            Ok(())
+        }
+        fn stats(&self) -> DevStats {
+            self.inner.stats()
+        }
+    }
+
+    const N: u16 = VRING_DESC_F_NEXT as u16;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    /// Adds a 4 KiB read of `sector` as descriptors `first..first+3`, buffers at `base`.
+    fn add_read(q: &MockSplitQueue<'_, Mem>, mem: &Mem, first: u16, base: u64, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(base)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(base + 0x2000)).unwrap();
+        let descs = [
+            RawDescriptor::from(Descriptor::new(base, 16, N, first + 1)),
+            RawDescriptor::from(Descriptor::new(base + 0x1000, 4096, N | W, first + 2)),
+            RawDescriptor::from(Descriptor::new(base + 0x2000, 1, W, 0)),
+        ];
+        q.add_desc_chains(&descs, first).unwrap();
+    }
+
+    #[test]
+    fn miss_completes_out_of_order_and_drain_waits_for_it() {
+        let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let dev = Arc::new(Gated { inner: MemDevice::new(data.clone(), false), open: Mutex::new(false), cv: Condvar::new() });
+        let shared = Shared::new(dev.clone(), 1, 2, crate::config::device_id("t")).unwrap();
+        let mem = AtomicMem::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+        let guard = mem.memory();
+        let m: &Mem = &guard;
+        let q = MockSplitQueue::create(m, GuestAddress(0), 16);
+        let vring = Vring::new(mem.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+
+        add_read(&q, m, 0, 0x10_0000, 0); // miss (sector 0)
+        add_read(&q, m, 3, 0x20_0000, 8); // hit (sector 8 = byte 4096)
+        let backend = BlkBackend::new(shared.clone(), mem.clone());
+        backend.process_queue(0, &vring).unwrap();
+
+        // The hit completed although the miss before it is still waiting.
+        assert_eq!(q.used().idx().load(), 1);
+        let first = q.used().ring().ref_at(0).unwrap().load();
+        assert_eq!(first.id(), 3);
+        assert_eq!(first.len(), 4097);
+        let mut got = vec![0u8; 4096];
+        m.read_slice(&mut got, GuestAddress(0x20_1000)).unwrap();
+        assert_eq!(got, data[4096..8192]);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_2000)).unwrap(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(backend.in_flight(0), 1);
+        assert_eq!(shared.counters.snapshot(DevStats::default()).requests.pool_inflight, 1);
+
+        // GET_VRING_BASE's drain waits for the miss.
+        let (tx, rx) = mpsc::channel();
+        let b2 = backend.clone();
+        let t = std::thread::spawn(move || {
+            b2.stop_vring(0).unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "drain returned with a request in flight");
+        dev.open();
+        rx.recv_timeout(Duration::from_secs(10)).expect("drain did not return after the miss completed");
+        t.join().unwrap();
+        assert_eq!(backend.in_flight(0), 0);
+        assert_eq!(q.used().idx().load(), 2);
+        let second = q.used().ring().ref_at(1).unwrap().load();
+        assert_eq!(second.id(), 0);
+        m.read_slice(&mut got, GuestAddress(0x10_1000)).unwrap();
+        assert_eq!(got, data[0..4096]);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x10_2000)).unwrap(), VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn bad_chain_gets_ioerr_and_bad_type_unsupp() {
+        let dev = Arc::new(MemDevice::new(vec![0u8; 8192], false));
+        let shared = Shared::new(dev, 1, 1, crate::config::device_id("t")).unwrap();
+        let mem = AtomicMem::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+        let guard = mem.memory();
+        let m: &Mem = &guard;
+        let q = MockSplitQueue::create(m, GuestAddress(0), 16);
+        let vring = Vring::new(mem.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0).unwrap();
+        vring.set_queue_ready(true);
+        // Read past the end (sector 100 of a 16-sector device).
+        add_read(&q, m, 0, 0x10_0000, 100);
+        // Unknown type 99.
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&99u32.to_le_bytes());
+        m.write_slice(&h, GuestAddress(0x20_0000)).unwrap();
+        let descs = [
+            RawDescriptor::from(Descriptor::new(0x20_0000, 16, N, 4)),
+            RawDescriptor::from(Descriptor::new(0x20_2000, 1, W, 0)),
+        ];
+        q.add_desc_chains(&descs, 3).unwrap();
+        // No status byte at all.
+        let descs = [RawDescriptor::from(Descriptor::new(0x30_0000, 16, 0, 0))];
+        q.add_desc_chains(&descs, 5).unwrap();
+        let backend = BlkBackend::new(shared.clone(), mem.clone());
+        backend.process_queue(0, &vring).unwrap();
+        assert_eq!(q.used().idx().load(), 3);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x10_2000)).unwrap(), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_2000)).unwrap(), VIRTIO_BLK_S_UNSUPP as u8);
+        let third = q.used().ring().ref_at(2).unwrap().load();
+        assert_eq!((third.id(), third.len()), (5, 0));
+        let s = shared.counters.snapshot(DevStats::default()).requests;
+        assert_eq!((s.bad_chains, s.io_errors, s.unsupported), (3, 1, 1));
+    }
+
+    #[test]
+    fn dev_error_mapping() {
+        let st = |k| status_of(&DevError::new(k, "x"));
+        assert_eq!(st(DevErrorKind::Unsupported), VIRTIO_BLK_S_UNSUPP as u8);
+        for k in [DevErrorKind::Io, DevErrorKind::ReadOnly, DevErrorKind::OutOfRange, DevErrorKind::NoSpace, DevErrorKind::Invalid] {
+            assert_eq!(st(k), VIRTIO_BLK_S_IOERR as u8);
+        }
     }
 }

@@ -8,6 +8,8 @@
 //! * [`stats`] — counters (printed on exit, `--stats FILE`).
 //! * [`file_device`] — a raw file as a block device (`--file`, for tests and benches).
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod backend;
 pub mod config;
 pub mod file_device;

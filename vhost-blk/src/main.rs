@@ -113,7 +113,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     // --appliance (from the shared StoreArgs) is required unless --file is given.
     let matches = Args::command()
-        .mut_arg("appliance", |a| a.required(false).required_unless_present("file"))
+        .mut_arg("appliance", |a| {
+            a.required(false).required_unless_present("file")
+        })
         .get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let (device, tag) = open_device(&args)?;

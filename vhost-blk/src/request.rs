@@ -395,7 +395,7 @@ where
                 (limits.max_write_zeroes_seg, limits.max_write_zeroes_sectors)
             };
             let bytes = rd.remaining();
-            if bytes == 0 || bytes % RANGE_LEN as u64 != 0 {
+            if bytes == 0 || !bytes.is_multiple_of(RANGE_LEN as u64) {
                 return Err(reject(DecodeError::BadSegments(bytes)));
             }
             let count = bytes / RANGE_LEN as u64;

@@ -81,7 +81,9 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool>
     }
 }
 
-/// The soft limit on open file descriptors of this process, if it can be read.
+/// The soft limit on open file descriptors of this process, if it can be read. The soft limit
+/// is first raised to the hard limit (as most servers do), so that the descriptor cache can
+/// cover a large working set.
 pub(crate) fn nofile_soft_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -90,14 +92,82 @@ pub(crate) fn nofile_soft_limit() -> Option<u64> {
     // SAFETY: getrlimit writes one `rlimit` through the pointer, which points to a live,
     // properly aligned local.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    if rc == 0 {
-        Some(lim.rlim_cur)
-    } else {
-        None
+    if rc != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one `rlimit` from a live, properly aligned local.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Some(lim.rlim_max);
+        }
+    }
+    Some(lim.rlim_cur)
+}
+
+/// A read-only shared mapping of a whole chunk file.
+///
+/// Chunk files are content-addressed and never modified or truncated after they are linked
+/// into place (eviction unlinks; a damaged file is replaced by a new inode), so the mapped
+/// bytes stay valid and immutable for the life of the mapping. Only a process that ignores the
+/// cache's protocol and truncates a chunk file in place could make an access fault (SIGBUS).
+pub(crate) struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and immutable (see above); sharing or sending a pointer to
+// it between threads is as safe as sharing a `&[u8]`.
+unsafe impl Send for Mapping {}
+// SAFETY: as for Send: only shared reads happen through it.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `file` (which must be at least that long). `None` for an
+    /// empty length or when mmap fails (the caller then reads with pread).
+    pub(crate) fn new(file: &File, len: u64) -> Option<Mapping> {
+        let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
+        // SAFETY: a fresh read-only shared mapping of a descriptor we own; the kernel picks the
+        // address, so no existing memory is affected. Failure is reported as MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        std::ptr::NonNull::new(p.cast::<u8>()).map(|ptr| Mapping { ptr, len })
+    }
+
+    /// The mapped bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `len` readable bytes mapped in `new` and unmapped only in
+        // `drop`; the contents never change (see the type's docs).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region mapped in `new`; no reference from `bytes` can
+        // outlive `self`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::io::Write;
@@ -123,6 +193,7 @@ mod tests {
             .read(true)
             .write(true)
             .create(true)
+            .truncate(true)
             .open(&p)
             .unwrap();
         f.write_all(&vec![7u8; 1 << 20]).unwrap();

@@ -427,3 +427,25 @@ fn damaged_counter_and_stray_files_are_repaired() {
         .collect();
     assert!(names.contains(std::ffi::OsStr::new("not-a-chunk")));
 }
+
+#[test]
+fn instance_that_knows_nothing_rescans_to_evict() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 4 * charge(4096);
+    let a = ChunkCache::open(dir.path(), max).unwrap();
+    let b = ChunkCache::open(dir.path(), max).unwrap();
+    let chunks: Vec<_> = (0..5).map(|i| chunk(i, 4096)).collect();
+    let t0 = SystemTime::now() - Duration::from_secs(100);
+    for (i, (h, d)) in chunks[..4].iter().enumerate() {
+        b.insert(h, d).unwrap();
+        // Distinct mtimes (file times may be coarser than the insert rate).
+        set_mtime(dir.path(), h, t0 + Duration::from_secs(i as u64));
+    }
+    // a's index is empty: to make room it must learn b's chunks from the directory.
+    a.insert(&chunks[4].0, &chunks[4].1).unwrap();
+    assert_eq!(a.stats().evictions, 1);
+    assert!(!disk_has(dir.path(), &chunks[0].0));
+    assert!(chunks[1..].iter().all(|(h, _)| disk_has(dir.path(), h)));
+    assert_eq!(disk_total(dir.path()), max);
+    assert_eq!(b.bytes_used(), max);
+}

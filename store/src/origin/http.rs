@@ -169,34 +169,44 @@ impl Base {
     }
 }
 
+/// A rustls client configuration trusting the Mozilla root store plus `extra` certificates.
+fn build_tls_config(
+    extra: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("extra root certificate: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
 /// The rustls client configuration shared by all HTTPS origins of the process: Mozilla roots
-/// plus the PEM certificates of `SSL_CERT_FILE`, if set.
+/// plus the PEM certificates of the file named by `SSL_CERT_FILE`, if set.
 fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
     static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
             use rustls::pki_types::pem::PemObject;
             use rustls::pki_types::CertificateDer;
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            let mut extra = Vec::new();
             if let Some(file) = std::env::var_os("SSL_CERT_FILE") {
                 let shown = std::path::Path::new(&file).display().to_string();
                 let iter = CertificateDer::pem_file_iter(&file)
                     .map_err(|e| format!("SSL_CERT_FILE {shown}: {e}"))?;
                 for cert in iter {
-                    let cert = cert.map_err(|e| format!("SSL_CERT_FILE {shown}: {e}"))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("SSL_CERT_FILE {shown}: {e}"))?;
+                    extra.push(cert.map_err(|e| format!("SSL_CERT_FILE {shown}: {e}"))?);
                 }
             }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let cfg = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS setup: {e}"))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Ok(Arc::new(cfg))
+            build_tls_config(&extra)
         })
         .clone()
 }
@@ -543,14 +553,24 @@ impl HttpOrigin {
     /// An origin for base URL `url` (a directory; a trailing '/' is implied). Nothing is
     /// connected until the first request.
     pub fn new(url: &str, opts: &OriginOptions) -> Result<Self, OriginError> {
+        Self::with_tls(url, opts, None)
+    }
+
+    /// Like [`HttpOrigin::new`], with a TLS configuration of the caller's for `https://` URLs
+    /// instead of the process-wide one (Mozilla roots plus `SSL_CERT_FILE`).
+    pub fn with_tls(
+        url: &str,
+        opts: &OriginOptions,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, OriginError> {
         let base = Base::parse(url)?;
-        let tls = if base.https {
-            Some(tls_config().map_err(|why| OriginError::BadUrl {
+        let tls = match (base.https, tls) {
+            (false, _) => None,
+            (true, Some(cfg)) => Some(cfg),
+            (true, None) => Some(tls_config().map_err(|why| OriginError::BadUrl {
                 url: url.to_string(),
                 why,
-            })?)
-        } else {
-            None
+            })?),
         };
         if base.https {
             ServerName::try_from(base.host.clone()).map_err(|e| OriginError::BadUrl {
@@ -971,6 +991,14 @@ impl HttpOrigin {
                                 proto(format!("Content-Range {cr:?} is inconsistent")).into()
                             );
                         }
+                    }
+                    // The server clamped a range running past the end of the file.
+                    Some((a, b, Some(t))) if a == offset && b < last && b + 1 == t => {
+                        return Err(OriginError::OutOfRange {
+                            what: what.to_string(),
+                            size: FileSize(Some(t)),
+                        }
+                        .into());
                     }
                     _ => {
                         return Err(proto(format!(

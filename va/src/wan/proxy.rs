@@ -673,13 +673,14 @@ impl Conn {
             return;
         }
         let src = self.src(dir);
+        let segment = sh.segment[dir.i()];
+        let mut buf = vec![0u8; segment];
         loop {
-            let mut cap = sh.segment[dir.i()];
+            let mut cap = segment;
             if let Some(CutPlan::After(n)) = cut {
                 cap = cap.min(usize::try_from(n - sent).unwrap_or(usize::MAX));
             }
-            let mut buf = vec![0u8; cap];
-            let n = match (&*src).read(&mut buf) {
+            let n = match (&*src).read(&mut buf[..cap]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -708,7 +709,15 @@ impl Conn {
                 );
                 return;
             }
-            buf.truncate(n);
+            // A mostly full buffer travels as is; a small read is copied out so that a queued
+            // segment never pins much more memory than the room it was charged.
+            let data = if n >= segment / 2 {
+                let mut full = std::mem::replace(&mut buf, vec![0u8; segment]);
+                full.truncate(n);
+                full
+            } else {
+                buf[..n].to_vec()
+            };
             let Some(exit) = link.admit(ticket, n, not_before, &self.aborted) else {
                 return;
             };
@@ -719,7 +728,7 @@ impl Conn {
             };
             let at = (exit + half + jitter).max(last);
             last = at;
-            if !self.push(dir, Item::Data { buf, at }) {
+            if !self.push(dir, Item::Data { buf: data, at }) {
                 return;
             }
             sent += n as u64;

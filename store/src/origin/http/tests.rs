@@ -2,7 +2,7 @@
 
 use super::*;
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -52,6 +52,11 @@ fn test_data() -> Vec<u8> {
 
 impl TestServer {
     fn start(script: &[Act]) -> TestServer {
+        Self::start_with(script, None)
+    }
+
+    /// Starts the server, speaking TLS with `tls` if given.
+    fn start_with(script: &[Act], tls: Option<Arc<rustls::ServerConfig>>) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let s = TestServer {
@@ -72,7 +77,16 @@ impl TestServer {
                 let Ok(stream) = stream else { continue };
                 conns.fetch_add(1, Ordering::SeqCst);
                 let (script, requests, data) = (script.clone(), requests.clone(), data.clone());
-                std::thread::spawn(move || serve_conn(stream, &script, &requests, &data));
+                stream.set_nodelay(true).unwrap();
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    None => serve_conn(stream, &script, &requests, &data),
+                    Some(cfg) => {
+                        let conn = rustls::ServerConnection::new(cfg).unwrap();
+                        let tls = rustls::StreamOwned::new(conn, stream);
+                        serve_conn(tls, &script, &requests, &data)
+                    }
+                });
             }
         });
         s
@@ -91,15 +105,13 @@ impl TestServer {
     }
 }
 
-fn serve_conn(
-    stream: TcpStream,
+fn serve_conn<S: Read + Write>(
+    stream: S,
     script: &Mutex<VecDeque<Act>>,
     requests: &Mutex<Seen>,
     data: &[u8],
 ) {
-    stream.set_nodelay(true).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut out = stream;
+    let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -136,7 +148,8 @@ fn serve_conn(
             }
             None => (0, None),
         };
-        let good = |out: &mut TcpStream| -> std::io::Result<()> {
+        let out = reader.get_mut();
+        let good = |out: &mut S| -> std::io::Result<()> {
             match b {
                 Some(b) => {
                     let b = b.min(data.len() - 1);
@@ -160,7 +173,7 @@ fn serve_conn(
             }
         };
         let r = match act {
-            Act::Good => good(&mut out),
+            Act::Good => good(out),
             Act::Status(code) => write!(
                 out,
                 "HTTP/1.1 {code} Scripted\r\nContent-Length: 5\r\n\
@@ -223,7 +236,7 @@ fn serve_conn(
                 out.write_all(&msg)
             }
             Act::CloseAfter => {
-                let _ = good(&mut out);
+                let _ = good(out);
                 return;
             }
             Act::BigLength(n) => {
@@ -244,7 +257,7 @@ fn serve_conn(
             }
             Act::Drop => return,
         };
-        if r.is_err() {
+        if r.and_then(|()| out.flush()).is_err() {
             return;
         }
     }
@@ -359,6 +372,19 @@ fn unsatisfiable_range() {
     );
     assert!(e.to_string().contains("bytes 300000-300099"), "{e}");
     assert_eq!(s.requests().len(), 1);
+    // A range running past the end, clamped by the server (206 bytes 199995-199999/200000).
+    let e = o.get_range("packs/a.pack", 199_995, 10).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            OriginError::OutOfRange {
+                size: FileSize(Some(200_000)),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(s.requests().len(), 2, "not retried");
 }
 
 #[test]
@@ -659,4 +685,64 @@ fn base_urls() {
     ] {
         assert!(Base::parse(bad).is_err(), "{bad}");
     }
+}
+
+/// TLS material of `origin/testdata` (see its README).
+fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(include_bytes!("../testdata/server.pem"))
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(include_bytes!("../testdata/server.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let ca = CertificateDer::from_pem_slice(include_bytes!("../testdata/ca.pem")).unwrap();
+    let client = build_tls_config(&[ca]).unwrap();
+    (Arc::new(server), client)
+}
+
+#[test]
+fn https_ranges_and_keep_alive() {
+    let (server_cfg, client_cfg) = tls_configs();
+    let s = TestServer::start_with(&[Act::Status(503), Act::Chunked], Some(server_cfg));
+    let url = format!("https://localhost:{}/app/", s.addr.port());
+    let o = HttpOrigin::with_tls(&url, &quick(), Some(client_cfg)).unwrap();
+    assert_eq!(
+        o.get_range("packs/a.pack", 100, 70_000).unwrap(),
+        &s.data[100..70_100]
+    );
+    assert_eq!(o.get_file("manifest", 1 << 20).unwrap(), *s.data);
+    for i in 0..3u64 {
+        assert_eq!(
+            o.get_range("packs/a.pack", i, 1).unwrap(),
+            &s.data[i as usize..][..1]
+        );
+    }
+    // The 503 closed its connection; everything after shared one.
+    assert_eq!(s.conns(), 2);
+    assert_eq!(o.stats().retries, 1);
+}
+
+#[test]
+fn https_rejects_an_unknown_certificate() {
+    let (server_cfg, _) = tls_configs();
+    let s = TestServer::start_with(&[], Some(server_cfg));
+    // Only the public roots: the test CA is unknown, so the handshake fails, without retries.
+    let url = format!("https://localhost:{}/app/", s.addr.port());
+    let o = HttpOrigin::new(&url, &quick()).unwrap();
+    let e = o.get_range("packs/a.pack", 0, 10).unwrap_err();
+    assert!(matches!(e, OriginError::Tls { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("TLS handshake with localhost:{}", s.addr.port())),
+        "{e}"
+    );
+    assert_eq!(o.stats().retries, 0);
 }

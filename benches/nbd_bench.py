@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""NBD server benchmark (issue 4): fio's nbd engine against vanbd, nbdkit and qemu-nbd.
+
+    python3 benches/nbd_bench.py [--size-mib 512] [--runtime 4] [--rounds 2] [--no-appliance]
+
+Warm (page cache / local chunk cache) throughput on one raw file of random data, served by
+  * vanbd --file RAW            (this project, plain file backend)
+  * vanbd --appliance URL       (this project, the same image packed, cache warmed first)
+  * nbdkit file RAW             (nbdkit 1.32, file plugin, default 16 threads)
+  * qemu-nbd -t RAW             (QEMU 10, default cache=writeback, aio=threads)
+all read-only on 127.0.0.1. Workloads: 4 KiB random read at queue depth 1 and 32, 1 MiB
+sequential read at queue depth 8, one fio job (one NBD connection) each. Servers are alternated
+within every round (rotating the order) so that drifts of the machine hit all of them alike.
+
+Builds release binaries, prints a table and writes benches/results/nbd_bench.json.
+"""
+import argparse, json, os, platform, shutil, socket, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+
+WORKLOADS = [
+    ("randread 4k qd1", ["--rw=randread", "--bs=4k", "--iodepth=1"]),
+    ("randread 4k qd32", ["--rw=randread", "--bs=4k", "--iodepth=32"]),
+    ("seqread 1m qd8", ["--rw=read", "--bs=1m", "--iodepth=8"]),
+]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(p, what, proc):
+    t = time.time()
+    while time.time() - t < 30:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited early with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", p), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{what} did not start on port {p}")
+
+
+def need(tool):
+    if not shutil.which(tool):
+        sys.exit(f"{tool} is missing: run `bash scripts/setup.sh`")
+
+
+def version(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0].strip()
+    except Exception:
+        return "?"
+
+
+def fio(uri, args, runtime, name):
+    cmd = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", "--time_based",
+           f"--runtime={runtime}", "--ramp_time=1", "--output-format=json", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"fio failed on {uri}: {out.stderr.strip() or out.stdout[-500:]}")
+    j = json.loads(out.stdout[out.stdout.index("{"):])
+    r = j["jobs"][0]["read"]
+    if j["jobs"][0].get("error", 0):
+        raise RuntimeError(f"fio error {j['jobs'][0]['error']} on {uri}")
+    return {"iops": r["iops"], "mib_s": r["bw_bytes"] / (1 << 20), "lat_us": r["lat_ns"]["mean"] / 1000.0}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=512, help="image size (default 512)")
+    ap.add_argument("--runtime", type=int, default=4, help="seconds per fio run, after 1 s ramp (default 4)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds over all servers and workloads (default 2)")
+    ap.add_argument("--no-appliance", action="store_true", help="skip vanbd --appliance (needs va)")
+    ap.add_argument("--json", default=os.path.join(ROOT, "benches", "results", "nbd_bench.json"))
+    a = ap.parse_args()
+    for t in ["fio", "nbdkit", "qemu-nbd", "nbdcopy"]:
+        need(t)
+    pkgs = ["-p", "va-nbd"] + ([] if a.no_appliance else ["-p", "va"])
+    subprocess.run(["cargo", "build", "--release", "-q", *pkgs], cwd=ROOT, check=True)
+    vanbd = os.path.join(REL, "vanbd")
+    va = os.path.join(REL, "va")
+
+    procs = []
+    servers = {}
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="nbd-bench-") as d:
+        img = os.path.join(d, "disk.raw")
+        with open(img, "wb") as f:
+            for _ in range(a.size_mib):
+                f.write(os.urandom(1 << 20))
+        try:
+            def spawn(name, cmd, port, uri):
+                p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                procs.append(p)
+                wait_port(port, name, p)
+                servers[name] = uri
+
+            p = free_port()
+            spawn("vanbd --file", [vanbd, "serve", "--file", img, "--read-only", "--listen", f"127.0.0.1:{p}"],
+                  p, f"nbd://127.0.0.1:{p}/disk")
+            if not a.no_appliance:
+                site = os.path.join(d, "site")
+                subprocess.run([va, "pack", "--quiet", "--disk", img, "--out", os.path.join(site, "app")],
+                               check=True, capture_output=True)
+                hp = free_port()
+                sp = subprocess.Popen([va, "serve", "--listen", f"127.0.0.1:{hp}", site],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                procs.append(sp)
+                wait_port(hp, "va serve", sp)
+                p = free_port()
+                spawn("vanbd --appliance", [vanbd, "serve", "--appliance", f"http://127.0.0.1:{hp}/app/",
+                                            "--cache-dir", os.path.join(d, "cache"), "--cache-size", "4G",
+                                            "--listen", f"127.0.0.1:{p}"], p, f"nbd://127.0.0.1:{p}/disk")
+                # Warm the local chunk cache: read the whole image once.
+                subprocess.run(["nbdcopy", servers["vanbd --appliance"], "null:"], check=True)
+            p = free_port()
+            spawn("nbdkit file", ["nbdkit", "-f", "-r", "-i", "127.0.0.1", "-p", str(p), "-e", "disk", "file", img],
+                  p, f"nbd://127.0.0.1:{p}/disk")
+            p = free_port()
+            spawn("qemu-nbd", ["qemu-nbd", "-t", "-r", "-f", "raw", "-b", "127.0.0.1", "-p", str(p), "-x", "disk", img],
+                  p, f"nbd://127.0.0.1:{p}/disk")
+            # Warm the page cache.
+            subprocess.run(["cat", img], stdout=subprocess.DEVNULL, check=True)
+
+            names = list(servers)
+            samples = {(s, w): [] for s in names for w, _ in WORKLOADS}
+            for rnd in range(a.rounds):
+                for wi, (w, args) in enumerate(WORKLOADS):
+                    k = (rnd + wi) % len(names)
+                    for s in names[k:] + names[:k]:
+                        r = fio(servers[s], args, a.runtime, w.replace(" ", "_"))
+                        samples[(s, w)].append(r)
+                        print(f"  round {rnd + 1} {w:18} {s:18} {r['iops']:10.0f} IOPS {r['mib_s']:8.1f} MiB/s "
+                              f"{r['lat_us']:8.1f} us", flush=True)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+    rows = []
+    for w, _ in WORKLOADS:
+        for s in names:
+            xs = samples[(s, w)]
+            rows.append({
+                "workload": w, "server": s,
+                "iops": round(statistics.mean(x["iops"] for x in xs)),
+                "mib_s": round(statistics.mean(x["mib_s"] for x in xs), 1),
+                "lat_us": round(statistics.mean(x["lat_us"] for x in xs), 1),
+                "iops_samples": [round(x["iops"]) for x in xs],
+            })
+    print()
+    print(f"{'workload':18} {'server':18} {'IOPS':>10} {'MiB/s':>9} {'lat us':>8}  vs best other")
+    for w, _ in WORKLOADS:
+        others = [r["iops"] for r in rows if r["workload"] == w and not r["server"].startswith("vanbd")]
+        best = max(others) if others else 0
+        for r in rows:
+            if r["workload"] != w:
+                continue
+            rel = f"{r['iops'] / best:6.2f}x" if best and r["server"].startswith("vanbd") else ""
+            r["vs_best_other"] = round(r["iops"] / best, 3) if best else None
+            print(f"{w:18} {r['server']:18} {r['iops']:10d} {r['mib_s']:9.1f} {r['lat_us']:8.1f}  {rel}")
+    result = {
+        "bench": "nbd",
+        "command": "python3 benches/nbd_bench.py " + " ".join(sys.argv[1:]),
+        "size_mib": a.size_mib, "runtime_s": a.runtime, "rounds": a.rounds,
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+        "versions": {"fio": version(["fio", "--version"]), "nbdkit": version(["nbdkit", "--version"]),
+                     "qemu-nbd": version(["qemu-nbd", "--version"])},
+        "elapsed_s": round(time.time() - started, 1),
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(a.json), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(f"\nwrote {a.json} ({result['elapsed_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
