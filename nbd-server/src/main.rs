@@ -79,6 +79,9 @@ struct ServeArgs {
     /// it does not need the network.
     #[arg(long, value_name = "SIZE", default_value = "256K", value_parser = va_store::parse_size, hide_short_help = true)]
     inline_max: u64,
+    /// Most connections served at once; more are closed right after being accepted.
+    #[arg(long, value_name = "N", default_value_t = 256, hide_short_help = true)]
+    max_connections: u64,
     /// Advertised minimum block size (power of two, 1 to 64K); requests not aligned to it
     /// get EINVAL. Clients that do not ask for block sizes are refused by NBD_OPT_GO.
     #[arg(long, value_name = "BYTES", default_value_t = 1, value_parser = parse_min_block, hide_short_help = true)]
@@ -105,9 +108,24 @@ fn main() {
         Cmd::Serve(a) => serve(a),
     };
     if let Err(e) = r {
-        eprintln!("vanbd: error: {e:#}");
+        eprintln!("vanbd: error: {}", chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, skipping causes already spelled out by the message above them.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for c in e.chain() {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&s);
+        }
+    }
+    out
 }
 
 fn open_device(a: &ServeArgs) -> anyhow::Result<(Arc<dyn BlockDevice>, String)> {
@@ -143,6 +161,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             inline_max: u32::try_from(a.inline_max).unwrap_or(u32::MAX),
             ..ConnConfig::default()
         },
+        max_connections: a.max_connections,
         ..ServerConfig::default()
     };
     let server = Server::new(export, cfg);

@@ -17,6 +17,8 @@ pub struct ServerConfig {
     pub conn: ConnConfig,
     /// A client must finish the handshake within this time.
     pub handshake_timeout: Duration,
+    /// Connections served at once; further ones are closed at once (and logged).
+    pub max_connections: u64,
 }
 
 impl Default for ServerConfig {
@@ -24,6 +26,7 @@ impl Default for ServerConfig {
         ServerConfig {
             conn: ConnConfig::default(),
             handshake_timeout: Duration::from_secs(30),
+            max_connections: 256,
         }
     }
 }
@@ -138,7 +141,16 @@ impl Server {
     pub fn serve_socket<S: Socket>(&self, s: S, peer: &str) {
         let c = &self.ctx.counters;
         Counters::inc(&c.connections);
-        c.active.fetch_add(1, Ordering::Relaxed);
+        if c.active.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_connections {
+            c.active.fetch_sub(1, Ordering::AcqRel);
+            Counters::inc(&c.refused);
+            tracing::warn!(
+                "{peer}: refused: already {} connections",
+                self.cfg.max_connections
+            );
+            s.shutdown();
+            return;
+        }
         let r = self.serve_socket_inner(&s);
         c.active.fetch_sub(1, Ordering::Relaxed);
         match r {
@@ -236,4 +248,51 @@ fn accept_error_is_transient(e: &io::Error) -> bool {
             | Some(libc::EPROTO)
             | Some(libc::EPERM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testclient::{mem_device, Client};
+
+    #[test]
+    fn tcp_connections_beyond_the_limit_are_closed() {
+        let cfg = ServerConfig {
+            max_connections: 1,
+            ..ServerConfig::default()
+        };
+        let server = Server::new(Export::new("disk", mem_device(8192, &[0])), cfg);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = Arc::clone(&server);
+        std::thread::spawn(move || s.run_tcp(l));
+        let connect = || {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            Client { s }
+        };
+        let mut a = connect();
+        a.greeting();
+        // The first connection is being served: the second is closed without a greeting.
+        let mut b = connect();
+        assert!(b.at_eof());
+        // The first one still works end to end over TCP.
+        a.client_flags(crate::proto::FLAG_C_FIXED_NEWSTYLE | crate::proto::FLAG_C_NO_ZEROES);
+        a.option(
+            crate::proto::OPT_GO,
+            &crate::testclient::go_data(b"disk", &[]),
+        );
+        assert_eq!(a.opt_replies().last().unwrap().0, crate::proto::REP_ACK);
+        a.request(crate::proto::CMD_READ, 0, 1, 0, 4096, &[]);
+        match a.msg(|_| 4096) {
+            crate::testclient::Msg::Simple {
+                errno: 0,
+                cookie: 1,
+                data,
+            } => assert_eq!(data, vec![1u8; 4096]),
+            m => panic!("{m:?}"),
+        }
+        let c = server.counters();
+        assert_eq!((c.connections, c.refused, c.active), (2, 1, 1));
+    }
 }

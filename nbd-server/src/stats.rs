@@ -10,6 +10,8 @@ use crate::decode::Command;
 pub struct Counters {
     pub connections: AtomicU64,
     pub active: AtomicU64,
+    /// Connections closed at once because `max_connections` were active.
+    pub refused: AtomicU64,
     pub handshake_failures: AtomicU64,
     /// Connections closed by the server because the client broke the protocol.
     pub protocol_errors: AtomicU64,
@@ -38,6 +40,7 @@ impl Counters {
         Snapshot {
             connections: l(&self.connections),
             active: l(&self.active),
+            refused: l(&self.refused),
             handshake_failures: l(&self.handshake_failures),
             protocol_errors: l(&self.protocol_errors),
             requests: std::array::from_fn(|i| l(&self.requests[i])),
@@ -53,6 +56,7 @@ impl Counters {
 pub struct Snapshot {
     pub connections: u64,
     pub active: u64,
+    pub refused: u64,
     pub handshake_failures: u64,
     pub protocol_errors: u64,
     pub requests: [u64; 9],
@@ -77,8 +81,8 @@ impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "connections {} (active {}, failed handshakes {}, protocol errors {}); requests",
-            self.connections, self.active, self.handshake_failures, self.protocol_errors
+            "connections {} (active {}, refused {}, failed handshakes {}, protocol errors {}); requests",
+            self.connections, self.active, self.refused, self.handshake_failures, self.protocol_errors
         )?;
         for (n, v) in NAMES.iter().zip(self.requests) {
             if v > 0 {

@@ -103,8 +103,8 @@ impl Msg {
     }
 }
 
-pub struct Client {
-    pub s: UnixStream,
+pub struct Client<S = UnixStream> {
+    pub s: S,
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -141,7 +141,7 @@ pub fn meta_data(name: &[u8], queries: &[&[u8]]) -> Vec<u8> {
     d
 }
 
-impl Client {
+impl<S: Read + Write> Client<S> {
     pub fn read_n(&mut self, n: usize) -> Vec<u8> {
         let mut b = vec![0u8; n];
         self.s.read_exact(&mut b).unwrap();

@@ -80,6 +80,8 @@ const OUT_BUF: usize = 256 << 10;
 pub const IN_BUF: usize = 128 << 10;
 /// Per-thread data buffers above this are released after the request.
 const KEEP_BUF: usize = 4 << 20;
+/// Most payload bytes of queued (not yet executed) writes per connection.
+const MAX_QUEUED_BYTES: usize = 128 << 20;
 /// Most block status descriptors in one reply (the spec's recommended bound).
 const MAX_DESCRIPTORS: usize = 1 << 20;
 
@@ -107,6 +109,7 @@ pub fn serve<R: Read, W: Write + Send>(
         }),
         broken: AtomicBool::new(false),
         idle: AtomicUsize::new(0),
+        queued_bytes: AtomicUsize::new(0),
         pool: Mutex::new(Vec::new()),
         shutdown,
     };
@@ -142,7 +145,11 @@ pub fn serve<R: Read, W: Write + Send>(
                     max: export.max_payload,
                 });
             }
-            if conn.is_inline(&req) {
+            // Queued writes hold their payload until done: past the budget, the reader
+            // executes the request itself, which stops it reading more (backpressure).
+            let over_budget = plen > 0
+                && conn.queued_bytes.load(Ordering::Acquire) + plen as usize > MAX_QUEUED_BYTES;
+            if over_budget || conn.is_inline(&req) {
                 Counters::inc(&ctx.counters.inline);
                 if let Err(e) = read_payload(&conn, reader, &mut payload, plen) {
                     break Err(e.into());
@@ -166,6 +173,7 @@ pub fn serve<R: Read, W: Write + Send>(
                     scope.spawn(move || c.worker(rx));
                     workers += 1;
                 }
+                conn.queued_bytes.fetch_add(buf.len(), Ordering::AcqRel);
                 let job = Job { req, payload: buf };
                 match tx.try_send(job) {
                     Ok(()) => {}
@@ -332,6 +340,8 @@ struct Conn<'a, W> {
     broken: AtomicBool,
     /// Workers waiting for a job.
     idle: AtomicUsize,
+    /// Payload bytes of queued writes not yet executed.
+    queued_bytes: AtomicUsize,
     /// Spare payload buffers for queued writes.
     pool: Mutex<Vec<Vec<u8>>>,
     shutdown: &'a (dyn Fn() + Sync),
@@ -346,6 +356,8 @@ impl<W: Write + Send> Conn<'_, W> {
             self.idle.fetch_sub(1, Ordering::AcqRel);
             let Ok(mut job) = job else { break };
             self.handle(&job.req, &job.payload, &mut scratch, true);
+            self.queued_bytes
+                .fetch_sub(job.payload.len(), Ordering::AcqRel);
             scratch.trim();
             if job.payload.capacity() <= KEEP_BUF {
                 job.payload.clear();

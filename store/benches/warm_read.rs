@@ -102,22 +102,33 @@ fn main() {
             let app = v.appliance().clone();
             let cs = app.manifest().chunk_size as u64;
             let cd = run(threads, secs, size, &|off, b| {
-                let va_store::format::ChunkEntry::Stored(e) = app.entry(ImageKind::Disk, off / cs).expect("entry") else {
+                let va_store::format::ChunkEntry::Stored(e) =
+                    app.entry(ImageKind::Disk, off / cs).expect("entry")
+                else {
                     return;
                 };
-                assert!(cache.read(&e.hash, (off % cs) as u32, b).expect("cache read"));
+                assert!(cache
+                    .read(&e.hash, (off % cs) as u32, b)
+                    .expect("cache read"));
             });
             println!("cache.read direct: {cd:.0} IOPS");
             // Baseline: pread over the chunk files themselves, descriptors already open.
             let mut files = Vec::new();
             for c in 0..size / cs {
-                if let va_store::format::ChunkEntry::Stored(e) = app.entry(ImageKind::Disk, c).expect("entry") {
+                if let va_store::format::ChunkEntry::Stored(e) =
+                    app.entry(ImageKind::Disk, c).expect("entry")
+                {
                     let hex = e.hash.to_hex();
-                    files.push(File::open(d.path().join("cache/v1/chunks").join(&hex[..2]).join(&hex)).expect("chunk file"));
+                    files.push(
+                        File::open(d.path().join("cache/v1/chunks").join(&hex[..2]).join(&hex))
+                            .expect("chunk file"),
+                    );
                 }
             }
             let pf = run(threads, secs, size, &|off, b| {
-                files[(off / cs) as usize].read_exact_at(b, off % cs).expect("pread chunk file");
+                files[(off / cs) as usize]
+                    .read_exact_at(b, off % cs)
+                    .expect("pread chunk file");
             });
             println!("pread over chunk files: {pf:.0} IOPS");
         }

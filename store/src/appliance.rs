@@ -116,6 +116,17 @@ pub struct Appliance {
     fetched: AtomicU64,
     blobs: AtomicU64,
     verify_failures: AtomicU64,
+    /// Demand (foreground) fetches under way; the prefetcher waits while this is non-zero.
+    demand: AtomicU64,
+}
+
+/// Marks a demand fetch in flight for as long as it lives.
+struct DemandGuard<'a>(&'a AtomicU64);
+
+impl Drop for DemandGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Appliance {
@@ -200,6 +211,7 @@ impl Appliance {
             fetched: AtomicU64::new(0),
             blobs: AtomicU64::new(0),
             verify_failures: AtomicU64::new(0),
+            demand: AtomicU64::new(0),
         }))
     }
 
@@ -325,10 +337,37 @@ impl Appliance {
             .unwrap_or(0)
     }
 
-    /// Delivers the plain bytes of every blob in `want` to `sink` (in any order), from the
-    /// local cache when present there, else from the origin (coalesced, verified, cached).
-    /// Each blob is delivered exactly once. `what` names the blobs in messages ("chunk").
+    /// Demand fetches in flight right now.
+    pub fn demand_in_flight(&self) -> u64 {
+        self.demand.load(Ordering::Acquire)
+    }
+
+    /// Delivers the plain bytes of every distinct blob in `want` to `sink` (in any order),
+    /// from the local cache when present there, else from the origin (coalesced, verified,
+    /// cached). Each distinct hash is delivered exactly once. `what` names the blobs in
+    /// messages ("chunk"). This is a demand fetch: background prefetching yields to it.
     pub fn fetch_blobs(
+        &self,
+        what: &'static str,
+        want: &[(BlobRef, u32)],
+        sink: &mut dyn FnMut(&BlobRef, &[u8]),
+    ) -> Result<(), ApplianceError> {
+        self.demand.fetch_add(1, Ordering::AcqRel);
+        let _g = DemandGuard(&self.demand);
+        self.fetch_blobs_inner(what, want, sink)
+    }
+
+    /// Like [`Appliance::fetch_blobs`], for background work (does not hold off prefetching).
+    pub fn fetch_blobs_background(
+        &self,
+        what: &'static str,
+        want: &[(BlobRef, u32)],
+        sink: &mut dyn FnMut(&BlobRef, &[u8]),
+    ) -> Result<(), ApplianceError> {
+        self.fetch_blobs_inner(what, want, sink)
+    }
+
+    fn fetch_blobs_inner(
         &self,
         what: &'static str,
         want: &[(BlobRef, u32)],

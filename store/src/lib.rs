@@ -11,6 +11,7 @@
 //! * [`appliance`] — an opened bundle: verified manifest, index pages on demand, chunk fetcher.
 //! * [`volume`] — one image of an appliance as a block device: origin + cache + overlay behind
 //!   the [`device::BlockDevice`] trait that every transport serves.
+//! * [`prefetch`] — background prefetch in pack (plan) order; demand misses go first.
 //! * [`trace`] — the working-set trace format (first access to each chunk).
 
 pub mod appliance;
@@ -21,6 +22,7 @@ pub mod format;
 pub mod origin;
 pub mod overlay;
 pub mod pack;
+pub mod prefetch;
 pub mod trace;
 pub mod volume;
 

@@ -28,20 +28,35 @@ fn main() -> anyhow::Result<()> {
     };
     let secs: f64 = args[3].parse().context("SECONDS")?;
 
-    let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    b.set_str("path", &args[1]).map_err(|e| anyhow::anyhow!("path: {}", e.message()))?;
+    let mut b =
+        Blkio::new("virtio-blk-vhost-user").map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    b.set_str("path", &args[1])
+        .map_err(|e| anyhow::anyhow!("path: {}", e.message()))?;
     // Read-only: both back-ends export the file read-only (virtio-blk feature RO).
-    b.set_bool("read-only", true).map_err(|e| anyhow::anyhow!("read-only: {}", e.message()))?;
-    b.connect().map_err(|e| anyhow::anyhow!("connect: {}", e.message()))?;
-    b.set_i32("num-queues", 1).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    b.set_i32("queue-size", 128).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    let capacity = b.get_u64("capacity").map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    let mut started = b.start().map_err(|e| anyhow::anyhow!("start: {}", e.message()))?;
+    b.set_bool("read-only", true)
+        .map_err(|e| anyhow::anyhow!("read-only: {}", e.message()))?;
+    b.connect()
+        .map_err(|e| anyhow::anyhow!("connect: {}", e.message()))?;
+    b.set_i32("num-queues", 1)
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    b.set_i32("queue-size", 128)
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    let capacity = b
+        .get_u64("capacity")
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    let mut started = b
+        .start()
+        .map_err(|e| anyhow::anyhow!("start: {}", e.message()))?;
     let mut q = started.queues.pop().context("no queue")?;
-    let align = b.get_u64("mem-region-alignment").map_err(|e| anyhow::anyhow!("{}", e.message()))? as usize;
+    let align = b
+        .get_u64("mem-region-alignment")
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))? as usize;
     let len = (bs * qd).div_ceil(align) * align;
-    let region = b.alloc_mem_region(len).map_err(|e| anyhow::anyhow!("alloc: {}", e.message()))?;
-    b.map_mem_region(&region).map_err(|e| anyhow::anyhow!("map: {}", e.message()))?;
+    let region = b
+        .alloc_mem_region(len)
+        .map_err(|e| anyhow::anyhow!("alloc: {}", e.message()))?;
+    b.map_mem_region(&region)
+        .map_err(|e| anyhow::anyhow!("map: {}", e.message()))?;
 
     let blocks = capacity / bs as u64;
     if blocks == 0 {
@@ -64,15 +79,24 @@ fn main() -> anyhow::Result<()> {
     };
     for slot in 0..qd {
         let off = next_offset(&mut rng);
-        q.read(off, (region.addr + slot * bs) as *mut u8, bs, slot, ReqFlags::empty());
+        q.read(
+            off,
+            (region.addr + slot * bs) as *mut u8,
+            bs,
+            slot,
+            ReqFlags::empty(),
+        );
     }
-    let mut completions: Vec<MaybeUninit<Completion>> = (0..qd).map(|_| MaybeUninit::uninit()).collect();
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..qd).map(|_| MaybeUninit::uninit()).collect();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     let mut ops: u64 = 0;
     let mut inflight = qd;
     while inflight > 0 {
-        let n = q.do_io(&mut completions, 1, None, None).map_err(|e| anyhow::anyhow!("do_io: {}", e.message()))?;
+        let n = q
+            .do_io(&mut completions, 1, None, None)
+            .map_err(|e| anyhow::anyhow!("do_io: {}", e.message()))?;
         let now = Instant::now();
         for c in completions.iter().take(n) {
             // SAFETY: do_io initialised the first `n` completions.
@@ -84,7 +108,13 @@ fn main() -> anyhow::Result<()> {
             if now < end {
                 let slot = c.user_data;
                 let off = next_offset(&mut rng);
-                q.read(off, (region.addr + slot * bs) as *mut u8, bs, slot, ReqFlags::empty());
+                q.read(
+                    off,
+                    (region.addr + slot * bs) as *mut u8,
+                    bs,
+                    slot,
+                    ReqFlags::empty(),
+                );
             } else {
                 inflight -= 1;
             }

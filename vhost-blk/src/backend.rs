@@ -355,6 +355,9 @@ enum ExecError {
     Memory,
 }
 
+/// Reads at least this long into a single guest buffer skip the bounce buffer.
+const ZERO_COPY_MIN: u32 = 64 << 10;
+
 /// Buffers kept between requests: larger than this are freed after use.
 const KEEP_BUFFER: usize = 4 << 20;
 
@@ -415,11 +418,23 @@ fn run(
 ) -> Result<u32, ExecError> {
     match &req.kind {
         RequestKind::Read { offset, len } => {
+            let direct = match req.data.as_slice() {
+                [seg] if *len >= ZERO_COPY_MIN => {
+                    match crate::guest_io::read_into(dev, mem, *seg, *offset) {
+                        Ok(()) => true,
+                        Err(crate::guest_io::GuestIoError::Device(e)) => return Err(e.into()),
+                        Err(crate::guest_io::GuestIoError::NotContiguous(..)) => false,
+                    }
+                }
+                _ => false,
+            };
             // len <= MAX_DATA (checked by the decoder): a bounded bounce buffer.
-            with_buffer(*len as usize, |buf| {
-                dev.read(*offset, buf)?;
-                scatter(mem, &req.data, buf)
-            })?;
+            if !direct {
+                with_buffer(*len as usize, |buf| {
+                    dev.read(*offset, buf)?;
+                    scatter(mem, &req.data, buf)
+                })?;
+            }
             Counters::add(&c.reads, 1);
             Counters::add(&c.read_bytes, u64::from(*len));
             Ok(*len)
@@ -645,7 +660,11 @@ mod tests {
     #[test]
     fn miss_completes_out_of_order_and_drain_waits_for_it() {
         let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
-        let dev = Arc::new(Gated { inner: MemDevice::new(data.clone(), false), open: Mutex::new(false), cv: Condvar::new() });
+        let dev = Arc::new(Gated {
+            inner: MemDevice::new(data.clone(), false),
+            open: Mutex::new(false),
+            cv: Condvar::new(),
+        });
         let shared = Shared::new(dev.clone(), 1, 2, crate::config::device_id("t")).unwrap();
         let mem = AtomicMem::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
         let guard = mem.memory();
@@ -653,7 +672,9 @@ mod tests {
         let q = MockSplitQueue::create(m, GuestAddress(0), 16);
         let vring = Vring::new(mem.clone(), 16).unwrap();
         vring.set_queue_size(16);
-        vring.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0).unwrap();
+        vring
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .unwrap();
         vring.set_queue_ready(true);
         vring.set_enabled(true);
 
@@ -670,9 +691,19 @@ mod tests {
         let mut got = vec![0u8; 4096];
         m.read_slice(&mut got, GuestAddress(0x20_1000)).unwrap();
         assert_eq!(got, data[4096..8192]);
-        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_2000)).unwrap(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(0x20_2000)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
         assert_eq!(backend.in_flight(0), 1);
-        assert_eq!(shared.counters.snapshot(DevStats::default()).requests.pool_inflight, 1);
+        assert_eq!(
+            shared
+                .counters
+                .snapshot(DevStats::default())
+                .requests
+                .pool_inflight,
+            1
+        );
 
         // GET_VRING_BASE's drain waits for the miss.
         let (tx, rx) = mpsc::channel();
@@ -681,9 +712,13 @@ mod tests {
             b2.stop_vring(0).unwrap();
             tx.send(()).unwrap();
         });
-        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "drain returned with a request in flight");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "drain returned with a request in flight"
+        );
         dev.open();
-        rx.recv_timeout(Duration::from_secs(10)).expect("drain did not return after the miss completed");
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("drain did not return after the miss completed");
         t.join().unwrap();
         assert_eq!(backend.in_flight(0), 0);
         assert_eq!(q.used().idx().load(), 2);
@@ -691,7 +726,10 @@ mod tests {
         assert_eq!(second.id(), 0);
         m.read_slice(&mut got, GuestAddress(0x10_1000)).unwrap();
         assert_eq!(got, data[0..4096]);
-        assert_eq!(m.read_obj::<u8>(GuestAddress(0x10_2000)).unwrap(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(0x10_2000)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
     }
 
     #[test]
@@ -704,7 +742,9 @@ mod tests {
         let q = MockSplitQueue::create(m, GuestAddress(0), 16);
         let vring = Vring::new(mem.clone(), 16).unwrap();
         vring.set_queue_size(16);
-        vring.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0).unwrap();
+        vring
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .unwrap();
         vring.set_queue_ready(true);
         // Read past the end (sector 100 of a 16-sector device).
         add_read(&q, m, 0, 0x10_0000, 100);
@@ -723,8 +763,14 @@ mod tests {
         let backend = BlkBackend::new(shared.clone(), mem.clone());
         backend.process_queue(0, &vring).unwrap();
         assert_eq!(q.used().idx().load(), 3);
-        assert_eq!(m.read_obj::<u8>(GuestAddress(0x10_2000)).unwrap(), VIRTIO_BLK_S_IOERR as u8);
-        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_2000)).unwrap(), VIRTIO_BLK_S_UNSUPP as u8);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(0x10_2000)).unwrap(),
+            VIRTIO_BLK_S_IOERR as u8
+        );
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(0x20_2000)).unwrap(),
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
         let third = q.used().ring().ref_at(2).unwrap().load();
         assert_eq!((third.id(), third.len()), (5, 0));
         let s = shared.counters.snapshot(DevStats::default()).requests;
@@ -735,7 +781,13 @@ mod tests {
     fn dev_error_mapping() {
         let st = |k| status_of(&DevError::new(k, "x"));
         assert_eq!(st(DevErrorKind::Unsupported), VIRTIO_BLK_S_UNSUPP as u8);
-        for k in [DevErrorKind::Io, DevErrorKind::ReadOnly, DevErrorKind::OutOfRange, DevErrorKind::NoSpace, DevErrorKind::Invalid] {
+        for k in [
+            DevErrorKind::Io,
+            DevErrorKind::ReadOnly,
+            DevErrorKind::OutOfRange,
+            DevErrorKind::NoSpace,
+            DevErrorKind::Invalid,
+        ] {
             assert_eq!(st(k), VIRTIO_BLK_S_IOERR as u8);
         }
     }

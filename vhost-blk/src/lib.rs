@@ -6,6 +6,7 @@
 //! * [`backend`] — queue workers, miss pool, request execution, drain on GET_VRING_BASE.
 //! * [`socket`] — the listening socket (0600, stale replaced, live refused).
 //! * [`stats`] — counters (printed on exit, `--stats FILE`).
+//! * [`guest_io`] — zero-copy reads into guest memory (the only `unsafe`).
 //! * [`file_device`] — a raw file as a block device (`--file`, for tests and benches).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -13,6 +14,7 @@
 pub mod backend;
 pub mod config;
 pub mod file_device;
+pub mod guest_io;
 pub mod request;
 pub mod socket;
 pub mod stats;

@@ -26,7 +26,12 @@ impl Setup {
     fn vablk(&self, extra: &[&str]) -> Vablk {
         let cache = self.dir.path().join("cache");
         let sock = self.dir.path().join("vablk.sock");
-        let mut args = vec!["--appliance", &self.origin.url, "--cache-dir", cache.to_str().unwrap()];
+        let mut args = vec![
+            "--appliance",
+            &self.origin.url,
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         Vablk::start(self.dir.path(), &sock, &args)
     }
@@ -48,7 +53,10 @@ fn streamed_disk_checksum_matches_source() {
     let st = v.stats_when(|st| st["requests"]["read_bytes"].as_u64().unwrap() >= 24 << 20);
     // The cache was cold: reads missed, went through the miss pool, and were fetched.
     assert!(st["device"]["misses"].as_u64().unwrap() > 0, "{st}");
-    assert!(st["requests"]["pool_requests"].as_u64().unwrap() > 0, "{st}");
+    assert!(
+        st["requests"]["pool_requests"].as_u64().unwrap() > 0,
+        "{st}"
+    );
     assert!(st["device"]["fetched_bytes"].as_u64().unwrap() > 0, "{st}");
     assert_eq!(st["requests"]["io_errors"], 0, "{st}");
 }

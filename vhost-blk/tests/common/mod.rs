@@ -442,7 +442,11 @@ pub fn va_binary() -> PathBuf {
             .current_dir(workspace_root())
             .status()
             .expect("running cargo build -p va");
-        assert!(st.success() && va.exists(), "cannot build the va tool ({})", va.display());
+        assert!(
+            st.success() && va.exists(),
+            "cannot build the va tool ({})",
+            va.display()
+        );
         va
     })
     .clone()
@@ -485,7 +489,8 @@ fn first_line_matching(child: &mut Child, from_stderr: bool, pat: &str) -> Strin
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(20)).expect("origin process did not start")
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("origin process did not start")
 }
 
 impl Origin {
@@ -511,7 +516,17 @@ impl Origin {
             None => addr,
             Some((rate, rtt)) => {
                 let mut wan = Command::new(va_binary())
-                    .args(["wan", "--listen", "127.0.0.1:0", "--upstream", &addr, "--rate", rate, "--rtt", rtt])
+                    .args([
+                        "wan",
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--upstream",
+                        &addr,
+                        "--rate",
+                        rate,
+                        "--rtt",
+                        rtt,
+                    ])
                     .stdout(Stdio::piped())
                     .stderr(Stdio::null())
                     .spawn()
@@ -521,7 +536,10 @@ impl Origin {
                 line.trim().to_string()
             }
         };
-        Origin { children, url: format!("http://{addr}/") }
+        Origin {
+            children,
+            url: format!("http://{addr}/"),
+        }
     }
 }
 
@@ -548,12 +566,18 @@ impl Qmp {
             match std::os::unix::net::UnixStream::connect(path) {
                 Ok(s) => break s,
                 Err(e) => {
-                    assert!(Instant::now() < deadline, "cannot connect to QMP {}: {e}", path.display());
+                    assert!(
+                        Instant::now() < deadline,
+                        "cannot connect to QMP {}: {e}",
+                        path.display()
+                    );
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
         };
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
         let mut q = Qmp { stream, reader };
         let greeting = q.read().unwrap();
@@ -572,7 +596,11 @@ impl Qmp {
     }
 
     /// Runs a command; returns its "return" value, or why it failed.
-    pub fn try_cmd(&mut self, name: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
+    pub fn try_cmd(
+        &mut self,
+        name: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
         use std::io::Write;
         let msg = serde_json::json!({"execute": name, "arguments": args});
         writeln!(self.stream, "{msg}").map_err(|e| format!("QMP {name}: {e} (QEMU exited?)"))?;
@@ -590,7 +618,8 @@ impl Qmp {
 
     /// Runs a command; panics (with `q`'s console) if it fails.
     pub fn cmd_on(&mut self, q: &Qemu, name: &str, args: serde_json::Value) -> serde_json::Value {
-        self.try_cmd(name, args).unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", q.output()))
+        self.try_cmd(name, args)
+            .unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", q.output()))
     }
 
     pub fn cmd(&mut self, name: &str, args: serde_json::Value) -> serde_json::Value {
@@ -598,7 +627,13 @@ impl Qmp {
     }
 
     /// Polls `query` until `field` is one of `want` (returns it), failing on `fail`.
-    pub fn wait_status(&mut self, q: &Qemu, query: &str, want: &[&str], timeout: Duration) -> String {
+    pub fn wait_status(
+        &mut self,
+        q: &Qemu,
+        query: &str,
+        want: &[&str],
+        timeout: Duration,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let r = self.cmd_on(q, query, serde_json::json!({}));
@@ -607,7 +642,11 @@ impl Qmp {
                 return st;
             }
             assert!(st != "failed", "{query}: {r}\nconsole:\n{}", q.output());
-            assert!(Instant::now() < deadline, "{query} stuck at {r}\nconsole:\n{}", q.output());
+            assert!(
+                Instant::now() < deadline,
+                "{query} stuck at {r}\nconsole:\n{}",
+                q.output()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
