@@ -1,1 +1,211 @@
-//! Placeholder: see the issue tracker.
+//! vamem: serves the guest RAM of a restored VM from a FUSE file, streamed from the appliance.
+//!
+//! QEMU restores a snapshot with `-object memory-backend-file,mem-path=DIR/mem,share=on` and
+//! the migration capability `x-ignore-shared`: the device state comes from the state file, the
+//! RAM stays in the file. With `DIR` a vamem mount, every first touch of a guest page becomes a
+//! FUSE READ that vamem answers from the local cache or the origin ([`fs`]); pages the guest
+//! dirties come back as writes into the overlay. [`pull`] prefetches race-free, [`mount`]
+//! keeps mount points clean and tunes the FUSE BDI, [`machine`] checks that a bundle's
+//! RAM image, machine description and device state belong together.
+
+pub mod fs;
+pub mod machine;
+pub mod mount;
+pub mod pull;
+pub mod sys;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+use va_store::BlockDevice;
+
+pub use fs::{CounterSnapshot, Counters, RetryPolicy, MEM_NAME};
+
+/// Errors mounting and serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Mount(#[from] mount::MountError),
+    #[error("mounting FUSE on {path}: {source}")]
+    Fuse {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("unmounting {path}: {source}")]
+    Unmount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How to serve.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// FUSE threads receiving requests.
+    pub fuse_threads: usize,
+    /// Threads waiting for origin fetches.
+    pub miss_workers: usize,
+    /// Readahead window (bytes): FUSE max_readahead and the BDI's read_ahead_kb.
+    pub read_ahead: u32,
+    /// Retry policy for reads failing with I/O errors.
+    pub retry: RetryPolicy,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            fuse_threads: 4,
+            miss_workers: 16,
+            read_ahead: 1 << 20,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// A mounted vamem file system; unmounted when dropped.
+pub struct Mounted {
+    mountpoint: PathBuf,
+    unmounter: Option<SessionUnmounter>,
+    session: Option<JoinHandle<std::io::Result<()>>>,
+    counters: Arc<Counters>,
+    dev: Arc<dyn BlockDevice>,
+}
+
+/// Mounts `dev` as `MOUNTPOINT/mem` (see [`mount::prepare`] for stale and busy mount points),
+/// starts serving, and tunes the FUSE BDI (logged).
+pub fn serve(
+    dev: Arc<dyn BlockDevice>,
+    mountpoint: &Path,
+    opts: &ServeOptions,
+) -> Result<Mounted, ServeError> {
+    let mp = mount::prepare(mountpoint)?;
+    let counters = Arc::new(Counters::default());
+    let fuse_err = |source| ServeError::Fuse {
+        path: mp.clone(),
+        source,
+    };
+    let fs = fs::MemFs::new(
+        dev.clone(),
+        counters.clone(),
+        opts.retry,
+        opts.miss_workers,
+        opts.read_ahead,
+    )
+    .map_err(fuse_err)?;
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("vamem".into()),
+        MountOption::Subtype("vamem".into()),
+        MountOption::NoAtime,
+    ];
+    config.acl = SessionACL::RootAndOwner;
+    config.n_threads = Some(opts.fuse_threads.max(1));
+    config.clone_fd = true;
+    let mut session = Session::new(fs, &mp, &config).map_err(fuse_err)?;
+    let unmounter = session.unmount_callable();
+    let handle = std::thread::Builder::new()
+        .name("vamem-fuse".into())
+        .spawn(move || session.run())
+        .map_err(fuse_err)?;
+    let mounted = Mounted {
+        mountpoint: mp.clone(),
+        unmounter: Some(unmounter),
+        session: Some(handle),
+        counters,
+        dev,
+    };
+    match std::fs::metadata(&mp) {
+        Ok(m) => {
+            let (dir, settings) = mount::tune_bdi(m.dev(), opts.read_ahead / 1024);
+            for s in settings {
+                tracing::info!(
+                    "FUSE BDI {}: {} {} -> {}",
+                    dir.display(),
+                    s.name,
+                    s.before,
+                    s.after
+                );
+            }
+        }
+        Err(e) => tracing::warn!("cannot stat {} to tune its BDI: {e}", mp.display()),
+    }
+    Ok(mounted)
+}
+
+impl Mounted {
+    /// The mount point.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// `MOUNTPOINT/mem`.
+    pub fn file(&self) -> PathBuf {
+        self.mountpoint.join(MEM_NAME)
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Whether the FUSE session has ended (unmounted from outside, or the connection aborted).
+    pub fn ended(&self) -> bool {
+        self.session.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Flushes the device and unmounts. If the file is still in use (QEMU running), the mount
+    /// is detached lazily and a warning says so. Waits up to `wait` for the session to end.
+    pub fn unmount(&mut self, wait: Duration) -> Result<(), ServeError> {
+        if let Err(e) = self.dev.flush() {
+            tracing::warn!("flush before unmount: {e}");
+        }
+        let Some(mut u) = self.unmounter.take() else {
+            return Ok(());
+        };
+        if let Err(e) = u.unmount() {
+            if self.ended() {
+                // Already gone (unmounted from outside).
+            } else if e.raw_os_error() == Some(libc::EBUSY) {
+                tracing::warn!(
+                    "{} is still in use (is QEMU running on it?): detaching it lazily",
+                    self.mountpoint.display()
+                );
+                sys::umount_detach(&self.mountpoint).map_err(|source| ServeError::Unmount {
+                    path: self.mountpoint.clone(),
+                    source,
+                })?;
+            } else {
+                return Err(ServeError::Unmount {
+                    path: self.mountpoint.clone(),
+                    source: e,
+                });
+            }
+        }
+        let t = Instant::now();
+        while !self.ended() && t.elapsed() < wait {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(h) = self.session.take() {
+            if h.is_finished() {
+                match h.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!("FUSE session ended: {e}"),
+                    Err(_) => tracing::warn!("FUSE session thread panicked"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount(Duration::from_secs(2)) {
+            tracing::warn!("{e}");
+        }
+    }
+}

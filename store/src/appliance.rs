@@ -109,6 +109,7 @@ pub struct Appliance {
     manifest: Manifest,
     digest: Hash,
     cache: Option<Arc<ChunkCache>>,
+    inserter: Option<Inserter>,
     /// Decoded index pages: per manifest image, per page.
     pages: Vec<Vec<OnceLock<Arc<Vec<ChunkEntry>>>>>,
     inflight: Mutex<HashMap<Hash, Arc<InFlight>>>,
@@ -118,6 +119,92 @@ pub struct Appliance {
     verify_failures: AtomicU64,
     /// Demand (foreground) fetches under way; the prefetcher waits while this is non-zero.
     demand: AtomicU64,
+}
+
+/// Most chunks waiting for their cache insert (beyond it, inserts happen inline).
+const MAX_PENDING_INSERTS: usize = 1024;
+
+type Pending = Mutex<HashMap<Hash, Arc<Vec<u8>>, crate::counter::DigestBuildHasher>>;
+
+/// Writes fetched chunks into the cache off the reader's path. Until a chunk's insert is done
+/// it is served from `pending`, so nobody waits for the cache file's sync.
+struct Inserter {
+    cache: Arc<ChunkCache>,
+    pending: Arc<Pending>,
+    tx: Option<crossbeam_channel::Sender<Hash>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Inserter {
+    fn new(cache: Arc<ChunkCache>) -> Inserter {
+        let pending: Arc<Pending> = Arc::default();
+        let (tx, rx) = crossbeam_channel::bounded::<Hash>(MAX_PENDING_INSERTS);
+        let (c, p) = (cache.clone(), pending.clone());
+        let thread = std::thread::Builder::new()
+            .name("va-cache-insert".into())
+            .spawn(move || {
+                for h in rx {
+                    let data = p.lock().ok().and_then(|m| m.get(&h).cloned());
+                    if let Some(data) = data {
+                        if let Err(e) = c.insert(&h, &data) {
+                            tracing::warn!("cache insert failed: {e}");
+                        }
+                    }
+                    if let Ok(mut m) = p.lock() {
+                        m.remove(&h);
+                    }
+                }
+            })
+            .ok();
+        Inserter {
+            cache,
+            pending,
+            tx: thread.as_ref().map(|_| tx),
+            thread,
+        }
+    }
+
+    fn submit(&self, h: Hash, plain: Vec<u8>) {
+        let queued = self.tx.as_ref().is_some_and(|tx| {
+            if let Ok(mut m) = self.pending.lock() {
+                m.insert(h, Arc::new(plain.clone()));
+            }
+            tx.try_send(h).is_ok()
+        });
+        if !queued {
+            if let Err(e) = self.cache.insert(&h, &plain) {
+                tracing::warn!("cache insert failed: {e}");
+            }
+            if let Ok(mut m) = self.pending.lock() {
+                m.remove(&h);
+            }
+        }
+    }
+
+    fn read(&self, h: &Hash, offset: usize, buf: &mut [u8]) -> Option<bool> {
+        let m = self.pending.lock().ok()?;
+        let d = m.get(h)?;
+        Some(match d.get(offset..offset.checked_add(buf.len())?) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn contains(&self, h: &Hash) -> bool {
+        self.pending.lock().is_ok_and(|m| m.contains_key(h)) || self.cache.contains(h)
+    }
+}
+
+impl Drop for Inserter {
+    fn drop(&mut self) {
+        self.tx = None; // the thread drains the queue, then ends
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Marks a demand fetch in flight for as long as it lives.
@@ -204,6 +291,7 @@ impl Appliance {
             location,
             manifest,
             digest,
+            inserter: cache.clone().map(Inserter::new),
             cache,
             pages,
             inflight: Mutex::new(HashMap::new()),
@@ -337,6 +425,32 @@ impl Appliance {
             .unwrap_or(0)
     }
 
+    /// Copies bytes of chunk `h` from the local cache (or a chunk still being written to it);
+    /// `Ok(false)` when it is not local.
+    pub fn read_cached(
+        &self,
+        h: &Hash,
+        offset: u32,
+        buf: &mut [u8],
+    ) -> Result<bool, ApplianceError> {
+        let Some(c) = &self.cache else {
+            return Ok(false);
+        };
+        if c.read(h, offset, buf)? {
+            return Ok(true);
+        }
+        Ok(self
+            .inserter
+            .as_ref()
+            .and_then(|i| i.read(h, offset as usize, buf))
+            .unwrap_or(false))
+    }
+
+    /// Whether chunk `h` is local (in the cache, or fetched and being written to it).
+    pub fn is_cached(&self, h: &Hash) -> bool {
+        self.inserter.as_ref().is_some_and(|i| i.contains(h))
+    }
+
     /// Demand fetches in flight right now.
     pub fn demand_in_flight(&self) -> u64 {
         self.demand.load(Ordering::Acquire)
@@ -379,7 +493,7 @@ impl Appliance {
             if todo.iter().any(|(x, _)| x.hash == b.hash) {
                 continue;
             }
-            if self.from_cache(&b, plen, &mut buf)? {
+            if self.cached_blob(&b, plen, &mut buf)? {
                 sink(&b, &buf);
             } else {
                 todo.push((b, plen));
@@ -437,7 +551,7 @@ impl Appliance {
                             .map_err(|_| ApplianceError::Other("poisoned".into()))?;
                 }
                 drop(d);
-                if self.from_cache(&b, plen, &mut buf)? {
+                if self.cached_blob(&b, plen, &mut buf)? {
                     sink(&b, &buf);
                 } else {
                     // The other fetch failed or the chunk was evicted already: try ourselves.
@@ -448,7 +562,7 @@ impl Appliance {
         Ok(())
     }
 
-    fn from_cache(
+    fn cached_blob(
         &self,
         b: &BlobRef,
         plen: u32,
@@ -458,6 +572,9 @@ impl Appliance {
             return Ok(false);
         };
         buf.resize(plen as usize, 0);
+        if let Some(hit) = self.inserter.as_ref().and_then(|i| i.read(&b.hash, 0, buf)) {
+            return Ok(hit);
+        }
         Ok(c.read(&b.hash, 0, buf)?)
     }
 
@@ -509,12 +626,10 @@ impl Appliance {
                     }
                 };
                 self.blobs.fetch_add(1, Ordering::Relaxed);
-                if let Some(c) = &self.cache {
-                    if let Err(e) = c.insert(&b.hash, &plain) {
-                        tracing::warn!("cache insert failed: {e}");
-                    }
-                }
                 sink(b, &plain);
+                if let Some(ins) = &self.inserter {
+                    ins.submit(b.hash, plain);
+                }
             }
             i = j;
         }

@@ -753,7 +753,7 @@ pub fn decode_pack_table(
     if Hash::of(table) != *sum {
         return Err(FormatError::Checksum { what: W });
     }
-    if table.len() as u64 % PACK_ENTRY_LEN != 0 {
+    if !(table.len() as u64).is_multiple_of(PACK_ENTRY_LEN) {
         return Err(invalid(W, "length", table.len().to_string()));
     }
     let mut r = Reader::new(table, W);

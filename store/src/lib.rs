@@ -105,7 +105,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(format!("{s:?}: unknown size unit (use K, M, G or T)")),
     };
     let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
-    if !(v >= 0.0) || v * mult as f64 > u64::MAX as f64 / 2.0 {
+    if v.is_nan() || v < 0.0 || v * mult as f64 > u64::MAX as f64 / 2.0 {
         return Err(format!("{s:?} is out of range"));
     }
     Ok((v * mult as f64) as u64)

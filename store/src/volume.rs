@@ -207,7 +207,6 @@ impl Volume {
         if buf.is_empty() {
             return Ok(());
         }
-        let cache = self.app.cache();
         let end = offset + buf.len() as u64;
         let first = offset / self.cs;
         let last = (end - 1) / self.cs;
@@ -229,10 +228,10 @@ impl Volume {
                     self.c.zero_reads.add(1);
                 }
                 ChunkEntry::Stored(b) => {
-                    let hit = match cache {
-                        Some(cache) => cache.read(&b.hash, in_chunk, dst).map_err(dev_err)?,
-                        None => false,
-                    };
+                    let hit = self
+                        .app
+                        .read_cached(&b.hash, in_chunk, dst)
+                        .map_err(dev_err)?;
                     if hit {
                         self.c.hits.add(1);
                     } else {
@@ -266,9 +265,7 @@ impl Volume {
                 }
             }
         });
-        self.c
-            .miss_wait_us
-            .add(micros_since(t));
+        self.c.miss_wait_us.add(micros_since(t));
         r.map_err(dev_err)?;
         if filled != fills.len() {
             return Err(DevError::new(
@@ -360,7 +357,7 @@ impl Volume {
             let mut want = Vec::new();
             for i in c..stop {
                 if let ChunkEntry::Stored(b) = self.entry(i)? {
-                    let cached = self.app.cache().is_some_and(|k| k.contains(&b.hash));
+                    let cached = self.app.is_cached(&b.hash);
                     if !cached && !want.iter().any(|(x, _): &(BlobRef, u32)| x.hash == b.hash) {
                         want.push((b, self.app.chunk_len(self.kind, i)));
                     }
@@ -369,9 +366,7 @@ impl Volume {
             if !want.is_empty() {
                 let t = Instant::now();
                 let r = self.app.fetch_blobs("chunk", &want, &mut |_, _| {});
-                self.c
-                    .miss_wait_us
-                    .add(micros_since(t));
+                self.c.miss_wait_us.add(micros_since(t));
                 r.map_err(dev_err)?;
             }
             c = stop;
@@ -392,9 +387,7 @@ impl BlockDevice for Volume {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
         DevError::check_range(offset, buf.len() as u64, self.size)?;
         self.c.reads.add(1);
-        self.c
-            .read_bytes
-            .add(buf.len() as u64);
+        self.c.read_bytes.add(buf.len() as u64);
         let Some(o) = &self.overlay else {
             return self.read_base(offset, buf);
         };
@@ -412,9 +405,7 @@ impl BlockDevice for Volume {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevError> {
         self.modify(offset, data.len() as u64, Some(data))?;
         self.c.writes.add(1);
-        self.c
-            .write_bytes
-            .add(data.len() as u64);
+        self.c.write_bytes.add(data.len() as u64);
         Ok(())
     }
 
@@ -477,7 +468,6 @@ impl BlockDevice for Volume {
         if DevError::check_range(offset, len, self.size).is_err() || len == 0 {
             return true; // answered at once (with an error)
         }
-        let cache = self.app.cache();
         let segs = match &self.overlay {
             Some(o) => o.map(offset, len),
             None => vec![(offset, len, BlockState::Base)],
@@ -488,7 +478,7 @@ impl BlockDevice for Volume {
                     self.app.page_loaded(self.kind, c)
                         && match self.app.entry(self.kind, c) {
                             Ok(ChunkEntry::Zero) => true,
-                            Ok(ChunkEntry::Stored(b)) => cache.is_some_and(|k| k.contains(&b.hash)),
+                            Ok(ChunkEntry::Stored(b)) => self.app.is_cached(&b.hash),
                             Err(_) => true,
                         }
                 })

@@ -1,4 +1,5 @@
 //! Pack → open → read back, through the local-directory origin.
+#![allow(clippy::unwrap_used)]
 
 use std::fs;
 use std::path::Path;

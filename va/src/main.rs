@@ -3,6 +3,7 @@
 mod cat;
 mod pack_cmd;
 mod serve;
+mod snapshot;
 mod wan;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Cmd {
     Cat(cat::CatArgs),
     /// User-space WAN emulator: a TCP proxy with bandwidth and latency shaping.
     Wan(wan::WanArgs),
+    /// Save a running VM (RAM in a shared file) as state + mem + machine.json for `va pack`.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 fn main() {
@@ -44,6 +47,7 @@ fn main() {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Cat(a) => cat::run(a),
         Cmd::Wan(a) => wan::run(a),
+        Cmd::Snapshot(a) => snapshot::run(a),
     };
     if let Err(e) = r {
         eprintln!("va: error: {e:#}");

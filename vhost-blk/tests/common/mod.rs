@@ -431,11 +431,15 @@ pub fn result_with<'a>(results: &'a [String], prefix: &str) -> &'a str {
     &found[0][prefix.len()..]
 }
 
-/// The `va` tool (built on first use with `cargo build -p va`).
+/// The `va` tool next to the vablk binary (built with `cargo build -p va` if it is missing,
+/// or always when VA_TESTS_REBUILD_VA is set).
 pub fn va_binary() -> PathBuf {
     static VA: OnceLock<PathBuf> = OnceLock::new();
     VA.get_or_init(|| {
         let va = Path::new(env!("CARGO_BIN_EXE_vablk")).with_file_name("va");
+        if va.exists() && std::env::var_os("VA_TESTS_REBUILD_VA").is_none() {
+            return va;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
             .args(["build", "--quiet", "-p", "va"])

@@ -1,0 +1,193 @@
+//! Prefetch, race-free: chunks go into the local cache ([`va_store::prefetch`], demand first),
+//! then into the kernel page cache of the FUSE file by *kernel-initiated* reads.
+//!
+//! For each run of chunks in pack (= plan) order whose bytes are now cached locally, the puller
+//! calls `readahead(2)` on its own descriptor of `DIR/mem`, in windows of the BDI readahead
+//! size. The kernel then sends READs only for pages it does not hold: a page the guest has
+//! already touched or dirtied is never replaced, and a page the kernel is reading for a guest
+//! fault is locked and read once. (FUSE notify-store is never used: it overwrites pages even
+//! when present, and so can revert guest writes.) Zero chunks are not pulled: a fault on one
+//! costs no network.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use va_store::appliance::Appliance;
+use va_store::format::{ChunkEntry, ImageKind};
+use va_store::prefetch::{PrefetchOptions, Prefetcher};
+
+use crate::fs::Counters;
+use crate::sys;
+
+/// Prefetch parameters.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Bytes per readahead call (the BDI readahead window).
+    pub window: u64,
+    /// Parallel range requests of the cache prefetcher.
+    pub workers: usize,
+    /// Compressed bytes per prefetch request.
+    pub batch_bytes: u64,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            window: 1 << 20,
+            workers: 2,
+            batch_bytes: 2 << 20,
+        }
+    }
+}
+
+/// A running puller; stops when dropped.
+pub struct Puller {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Puller {
+    /// Starts prefetching the mem image of `app` into the cache and the page cache of `file`.
+    pub fn start(
+        app: Arc<Appliance>,
+        file: PathBuf,
+        counters: Arc<Counters>,
+        opts: PullOptions,
+    ) -> std::io::Result<Puller> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("vamem-pull".into())
+            .spawn(move || {
+                if let Err(e) = run(&app, &file, &counters, &opts, &s) {
+                    tracing::warn!("prefetch stopped: {e}");
+                }
+            })?;
+        Ok(Puller {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether the puller is done.
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops and joins.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Puller {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Stored chunks of the mem image in pack order: (chunk index, hash).
+fn order(app: &Appliance, stop: &AtomicBool) -> Result<Vec<(u64, va_store::Hash)>, String> {
+    let m = app.manifest();
+    let img = app.image(ImageKind::Mem).map_err(|e| e.to_string())?;
+    let mut v = Vec::new();
+    for c in 0..m.chunks_of(img.size) {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        if let ChunkEntry::Stored(b) = app.entry(ImageKind::Mem, c).map_err(|e| e.to_string())? {
+            v.push((b.pack, b.offset, c, b.hash));
+        }
+    }
+    v.sort_by_key(|x| (x.0, x.1, x.2));
+    Ok(v.into_iter().map(|x| (x.2, x.3)).collect())
+}
+
+fn run(
+    app: &Arc<Appliance>,
+    file: &PathBuf,
+    counters: &Counters,
+    opts: &PullOptions,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    let before = app.stats().fetched_bytes;
+    let mut pre = Prefetcher::start(
+        app.clone(),
+        PrefetchOptions {
+            images: vec![ImageKind::Mem],
+            workers: opts.workers,
+            batch_bytes: opts.batch_bytes,
+        },
+    );
+    let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let list = order(app, stop)?;
+    let cs = app.manifest().chunk_size as u64;
+    let size = app.image(ImageKind::Mem).map_err(|e| e.to_string())?.size;
+    let cache = app.cache().cloned();
+    tracing::info!(
+        "prefetch: {} stored chunks of the mem image, in pack order",
+        list.len()
+    );
+    // Runs of consecutive chunks, pulled once every chunk of the run is local.
+    let mut run_start: Option<(u64, u64)> = None; // (first chunk, next chunk)
+    let pull = |first: u64, end: u64| {
+        let (mut off, stop_at) = (first * cs, (end * cs).min(size));
+        while off < stop_at {
+            let len = opts.window.min(stop_at - off);
+            match sys::readahead(&f, off, len) {
+                Ok(()) => {
+                    counters.pushes.fetch_add(1, Ordering::Relaxed);
+                    counters.pushed_bytes.fetch_add(len, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!("readahead at {off:#x}: {e}"),
+            }
+            off += len;
+        }
+    };
+    for (c, hash) in list {
+        // Wait for the chunk to be cached (or for the prefetcher to end: then the readahead
+        // fetches it on demand).
+        if let Some(cache) = &cache {
+            while !cache.contains(&hash) && !pre.stats().finished {
+                if stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        run_start = match run_start {
+            Some((a, next)) if next == c && (next - a) * cs < opts.window => Some((a, c + 1)),
+            Some((a, next)) => {
+                pull(a, next);
+                Some((c, c + 1))
+            }
+            None => Some((c, c + 1)),
+        };
+    }
+    if let Some((a, next)) = run_start {
+        pull(a, next);
+    }
+    pre.stop();
+    if let Some(e) = pre.error() {
+        tracing::warn!("cache prefetch: {e}");
+    }
+    let s = counters.snapshot();
+    tracing::info!(
+        "prefetch done in {:.1}s: {:.1} MiB fetched, {} readahead calls over {:.1} MiB",
+        t0.elapsed().as_secs_f64(),
+        app.stats().fetched_bytes.saturating_sub(before) as f64 / (1 << 20) as f64,
+        s.pushes,
+        s.pushed_bytes as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
