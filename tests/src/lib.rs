@@ -161,7 +161,7 @@ pub fn make_image(path: &Path, mib: usize, seed: u64) -> Vec<u8> {
     let n = v.len() / cs;
     for c in 0..n {
         match c % 7 {
-            0 | 1 | 2 => rng.fill(&mut v[c * cs..(c + 1) * cs]),
+            0..=2 => rng.fill(&mut v[c * cs..(c + 1) * cs]),
             3 => {}
             4 => v.copy_within(0..cs, c * cs),
             5 => {

@@ -1,4 +1,5 @@
 //! End to end: `va pack` → `va serve` / nginx / `va wan` → `va cat`, with real processes.
+#![allow(clippy::unwrap_used)]
 
 use std::fs;
 
