@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """NBD server benchmark (issue 4): fio's nbd engine against vanbd, nbdkit and qemu-nbd.
 
-    python3 benches/nbd_bench.py [--size-mib 512] [--runtime 4] [--rounds 2] [--no-appliance]
+    python3 benches/nbd_bench.py [--size-mib 256] [--runtime 4] [--rounds 2] [--no-appliance]
+                                 [--no-cold] [--cold-mib 64] [--rate 100mbit] [--rtt 40ms]
 
 Warm (page cache / local chunk cache) throughput on one raw file of random data, served by
   * vanbd --file RAW            (this project, plain file backend)
@@ -11,6 +12,12 @@ Warm (page cache / local chunk cache) throughput on one raw file of random data,
 all read-only on 127.0.0.1. Workloads: 4 KiB random read at queue depth 1 and 32, 1 MiB
 sequential read at queue depth 8, one fio job (one NBD connection) each. Servers are alternated
 within every round (rotating the order) so that drifts of the machine hit all of them alike.
+
+Cold (nothing cached, origin behind `va wan` at 100 Mbit/s, 40 ms RTT, one private nginx
+serving both the raw file and its packed bundle): vanbd --appliance vs
+`nbdkit curl --filter=cache --filter=readahead` (cache-on-read=true), each restarted with an
+empty cache per run: a whole-image sequential copy (nbdcopy to null:) and 4 KiB random reads
+at queue depth 8.
 
 Builds release binaries, prints a table and writes benches/results/nbd_bench.json.
 """
@@ -72,15 +79,121 @@ def fio(uri, args, runtime, name):
     return {"iops": r["iops"], "mib_s": r["bw_bytes"] / (1 << 20), "lat_us": r["lat_ns"]["mean"] / 1000.0}
 
 
+def line_with(stream, pat, timeout=30):
+    """First line of `stream` containing `pat` (read on the caller's thread, with a deadline)."""
+    import select
+    t = time.time()
+    buf = b""
+    while time.time() - t < timeout:
+        r, _, _ = select.select([stream], [], [], 0.2)
+        if r:
+            chunk = os.read(stream.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+            for l in buf.decode(errors="replace").splitlines():
+                if pat in l:
+                    return l
+    sys.exit(f"no line with {pat!r} in {buf[-500:]!r}")
+
+
+def cold(a, vanbd, va):
+    """Cold streaming: vanbd --appliance vs nbdkit curl, fresh caches, behind va wan."""
+    rows = []
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="nbd-cold-") as d:
+        try:
+            root = os.path.join(d, "www")
+            os.makedirs(root)
+            img = os.path.join(root, "disk.raw")
+            with open(img, "wb") as f:
+                for _ in range(a.cold_mib):
+                    f.write(os.urandom(1 << 20))
+            subprocess.run([va, "pack", "--quiet", "--disk", img, "--out", os.path.join(root, "app")],
+                           check=True, capture_output=True)
+            np = free_port()
+            work = os.path.join(d, "nginx")
+            os.makedirs(os.path.join(work, "logs"))
+            conf = os.path.join(work, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(f"daemon off; master_process off; worker_processes 1; pid {work}/nginx.pid;\n"
+                        f"error_log {work}/logs/error.log;\nevents {{ worker_connections 256; }}\n"
+                        f"http {{ access_log off; sendfile on; keepalive_requests 100000;\n"
+                        f"  client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work};\n"
+                        f"  uwsgi_temp_path {work}; scgi_temp_path {work};\n"
+                        f"  server {{ listen 127.0.0.1:{np}; root {root}; location / {{ }} }} }}\n")
+            ng = subprocess.Popen(["nginx", "-p", work, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(ng)
+            wait_port(np, "nginx", ng)
+            wan = subprocess.Popen([va, "wan", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{np}",
+                                    "--rate", a.rate, "--rtt", a.rtt],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            procs.append(wan)
+            wan_addr = line_with(wan.stdout, "127.0.0.1:").strip()
+
+            def start(which, n):
+                p = free_port()
+                if which == "vanbd --appliance":
+                    cmd = [vanbd, "serve", "--appliance", f"http://{wan_addr}/app/", "--cache-dir",
+                           os.path.join(d, f"cache-{n}"), "--listen", f"127.0.0.1:{p}"]
+                else:
+                    cmd = ["nbdkit", "-f", "-r", "-i", "127.0.0.1", "-p", str(p), "-e", "disk",
+                           "--filter=cache", "--filter=readahead", "curl", f"url=http://{wan_addr}/disk.raw",
+                           "cache-on-read=true"]
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wait_port(p, which, proc)
+                return proc, f"nbd://127.0.0.1:{p}/disk"
+
+            n = 0
+            for which in ["vanbd --appliance", "nbdkit curl+cache+readahead"]:
+                n += 1
+                proc, uri = start(which, n)
+                try:
+                    t = time.time()
+                    subprocess.run(["nbdcopy", uri, "null:"], check=True)
+                    secs = time.time() - t
+                finally:
+                    proc.terminate(); proc.wait(10)
+                rows.append({"workload": f"cold copy {a.cold_mib} MiB", "server": which,
+                             "seconds": round(secs, 2), "mib_s": round(a.cold_mib / secs, 1)})
+                print(f"  cold copy          {which:28} {secs:6.2f} s {a.cold_mib / secs:7.1f} MiB/s", flush=True)
+                n += 1
+                proc, uri = start(which, n)
+                try:
+                    r = fio(uri, ["--rw=randread", "--bs=4k", "--iodepth=8"], a.runtime, "cold_randread")
+                finally:
+                    proc.terminate(); proc.wait(10)
+                rows.append({"workload": "cold randread 4k qd8", "server": which, "iops": round(r["iops"]),
+                             "mib_s": round(r["mib_s"], 2), "lat_us": round(r["lat_us"], 1)})
+                print(f"  cold randread 4k qd8 {which:26} {r['iops']:8.0f} IOPS {r['lat_us'] / 1000:8.1f} ms", flush=True)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    print()
+    for r in rows:
+        v = f"{r['seconds']:7.2f} s {r['mib_s']:8.1f} MiB/s" if "seconds" in r else f"{r['iops']:7d} IOPS {r['lat_us'] / 1000:8.1f} ms"
+        print(f"{r['workload']:22} {r['server']:28} {v}")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=512, help="image size (default 512)")
+    ap.add_argument("--size-mib", type=int, default=256, help="image size (default 256)")
     ap.add_argument("--runtime", type=int, default=4, help="seconds per fio run, after 1 s ramp (default 4)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds over all servers and workloads (default 2)")
-    ap.add_argument("--no-appliance", action="store_true", help="skip vanbd --appliance (needs va)")
+    ap.add_argument("--no-appliance", action="store_true", help="skip vanbd --appliance and the cold part")
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold (streaming) part")
+    ap.add_argument("--cold-mib", type=int, default=64, help="image size of the cold part (default 64)")
+    ap.add_argument("--rate", default="100mbit", help="cold link bandwidth (default 100mbit)")
+    ap.add_argument("--rtt", default="40ms", help="cold link round-trip time (default 40ms)")
     ap.add_argument("--json", default=os.path.join(ROOT, "benches", "results", "nbd_bench.json"))
     a = ap.parse_args()
-    for t in ["fio", "nbdkit", "qemu-nbd", "nbdcopy"]:
+    for t in ["fio", "nbdkit", "qemu-nbd", "nbdcopy", "nginx"]:
         need(t)
     pkgs = ["-p", "va-nbd"] + ([] if a.no_appliance else ["-p", "va"])
     subprocess.run(["cargo", "build", "--release", "-q", *pkgs], cwd=ROOT, check=True)
@@ -148,6 +261,8 @@ def main():
                 except subprocess.TimeoutExpired:
                     p.kill()
 
+    cold_rows = [] if a.no_appliance or a.no_cold else cold(a, vanbd, va)
+
     rows = []
     for w, _ in WORKLOADS:
         for s in names:
@@ -179,6 +294,7 @@ def main():
                      "qemu-nbd": version(["qemu-nbd", "--version"])},
         "elapsed_s": round(time.time() - started, 1),
         "rows": rows,
+        "cold": {"rate": a.rate, "rtt": a.rtt, "size_mib": a.cold_mib, "rows": cold_rows} if cold_rows else None,
     }
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:

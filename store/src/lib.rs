@@ -50,7 +50,7 @@ impl Hash {
     /// Parses 64 hex digits.
     pub fn from_hex(s: &str) -> Option<Self> {
         let s = s.trim();
-        if s.len() != 64 || !s.is_ascii() {
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mut out = [0u8; 32];
@@ -83,6 +83,13 @@ mod tests {
         assert_eq!(Hash::from_hex(&h.to_hex()), Some(h));
         assert_eq!(Hash::from_hex("zz"), None);
         assert_eq!(Hash::from_hex(&"g".repeat(64)), None);
+        // from_str_radix alone would take "+f" as 0x0f (found by fuzzing).
+        let plus = format!("{}+f", "f".repeat(62));
+        assert_eq!(Hash::from_hex(&plus), None);
+        assert_eq!(
+            Hash::from_hex(&plus.replace('+', "0")).map(|h| h.0[31]),
+            Some(0x0f)
+        );
     }
 }
 

@@ -282,9 +282,14 @@ impl BlkBackend {
         true
     }
 
+    /// Misses go to the pool; so do large reads, which then run in parallel (a single queue
+    /// worker copying 1 MiB reads one after the other is copy-bound).
     fn needs_pool(&self, req: &Request) -> bool {
         match &req.kind {
-            RequestKind::Read { offset, len } | RequestKind::Write { offset, len } => {
+            RequestKind::Read { offset, len } => {
+                *len >= POOL_MIN_READ || !self.shared.device.is_local(*offset, u64::from(*len))
+            }
+            RequestKind::Write { offset, len } => {
                 !self.shared.device.is_local(*offset, u64::from(*len))
             }
             _ => false,
@@ -354,6 +359,9 @@ enum ExecError {
     #[error("guest memory access failed")]
     Memory,
 }
+
+/// Reads at least this long are run by the pool even when local.
+const POOL_MIN_READ: u32 = 256 << 10;
 
 /// Reads at least this long into a single guest buffer skip the bounce buffer.
 const ZERO_COPY_MIN: u32 = 64 << 10;

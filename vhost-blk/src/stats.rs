@@ -28,7 +28,7 @@ pub struct Counters {
     /// Chains the decoder refused (a subset of io_errors + unsupported, plus chains without a
     /// status byte).
     pub bad_chains: AtomicU64,
-    /// Requests handed to the miss pool because their range was not local.
+    /// Requests handed to the pool: misses (range not local) and reads of 256 KiB or more.
     pub pool_requests: AtomicU64,
     /// Requests currently waiting in the miss pool.
     pub pool_inflight: AtomicU64,

@@ -36,7 +36,12 @@ fn image() -> Vec<u8> {
     for c in 0..11u32 {
         let chunk: Vec<u8> = match c {
             0 | 4 => vec![0; CHUNK],
-            1 | 3 => b"vastream chunk one ".iter().copied().cycle().take(CHUNK).collect(),
+            1 | 3 => b"vastream chunk one "
+                .iter()
+                .copied()
+                .cycle()
+                .take(CHUNK)
+                .collect(),
             2 => (0..CHUNK as u32)
                 .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 & 0x0f)
                 .collect(),
@@ -121,7 +126,8 @@ fuzz_target!(|data: &[u8]| {
     let dir = f.dir.to_str().expect("UTF-8 temp path");
     let app = Appliance::open(dir, &OpenOptions::default()).expect("open the fixture bundle");
     let chunks = f.image.len().div_ceil(CHUNK) as u64;
-    let original = |c: u64| &f.image[c as usize * CHUNK..((c as usize + 1) * CHUNK).min(f.image.len())];
+    let original =
+        |c: u64| &f.image[c as usize * CHUNK..((c as usize + 1) * CHUNK).min(f.image.len())];
     let by_hash: HashMap<Hash, &[u8]> = (0..chunks)
         .map(|c| (Hash::of(original(c)), original(c)))
         .collect();

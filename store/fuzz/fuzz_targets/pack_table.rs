@@ -45,7 +45,11 @@ fn check_table(table: &[u8], sum: &Hash, off: u64) -> Option<Vec<PackEntry>> {
                 assert!(e.plen <= MAX_CHUNK);
             }
             let enc = encode_pack_table(&entries, off);
-            assert_eq!(&enc[..table.len()], table, "table encoding is not canonical");
+            assert_eq!(
+                &enc[..table.len()],
+                table,
+                "table encoding is not canonical"
+            );
             Some(entries)
         }
         Err(e) => {

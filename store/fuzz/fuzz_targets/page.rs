@@ -30,7 +30,11 @@ fn check(m: &Manifest, p: u64, plain: &[u8]) {
         }
     };
     assert_eq!(entries.len() as u64, m.page_len(img.size, p) as u64);
-    assert_eq!(encode_page(&entries), plain, "page encoding is not canonical");
+    assert_eq!(
+        encode_page(&entries),
+        plain,
+        "page encoding is not canonical"
+    );
     for e in &entries {
         if let ChunkEntry::Stored(b) = e {
             let pack = &m.packs[b.pack as usize];

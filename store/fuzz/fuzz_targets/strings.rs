@@ -64,7 +64,10 @@ fn check_http(url: &str, path: &str) {
     assert!(d.starts_with("http") && d.ends_with("/manifest"), "{d:?}");
     if !path.is_empty() {
         let d = o.describe(path);
-        assert!(d.ends_with(path.rsplit('/').next().unwrap_or(path)), "{d:?}");
+        assert!(
+            d.ends_with(path.rsplit('/').next().unwrap_or(path)),
+            "{d:?}"
+        );
     }
 }
 

@@ -1,0 +1,272 @@
+//! vamem without QEMU: a host-side mmap reader/writer on the FUSE file, bad bundles, a mount
+//! point in use, a stale mount after `kill -9`, and a chunk that fails verification.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SIZE: u64 = 8 << 20;
+const CS: usize = 64 << 10;
+
+/// A QEMU-like device-state prefix with one RAM block `mem0` of `ram` bytes.
+fn fake_state(ram: u64) -> Vec<u8> {
+    let mut v = b"QEVM".to_vec();
+    v.extend(3u32.to_be_bytes());
+    v.push(0x07);
+    let m = b"pc-q35-10.0";
+    v.extend((m.len() as u32).to_be_bytes());
+    v.extend(m);
+    v.push(0x05);
+    let sub = b"configuration/capabilities";
+    v.push(sub.len() as u8);
+    v.extend(sub);
+    v.extend(1u32.to_be_bytes());
+    v.extend(1u32.to_be_bytes());
+    v.push(15);
+    v.extend(b"x-ignore-shared");
+    v.push(0x01);
+    v.extend(1u32.to_be_bytes());
+    v.push(3);
+    v.extend(b"ram");
+    v.extend(0u32.to_be_bytes());
+    v.extend(4u32.to_be_bytes());
+    v.extend((ram | 4).to_be_bytes());
+    v.push(4);
+    v.extend(b"mem0");
+    v.extend(ram.to_be_bytes());
+    v.extend(0u64.to_be_bytes());
+    v.extend([0u8; 64]);
+    v
+}
+
+fn machine(ram: u64) -> String {
+    format!(r#"{{"format":"vastream-machine-v1","machine":"pc-q35-10.0","ram_size":{ram},"memdev":"mem0"}}"#)
+}
+
+/// RAM image: random chunks, zero chunks, repeated chunks.
+fn ram_image() -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut v = vec![0u8; SIZE as usize];
+    for (i, c) in v.chunks_mut(CS).enumerate() {
+        match i % 4 {
+            0 | 1 => rng.fill(c),
+            2 => {}
+            _ => c.fill(i as u8),
+        }
+    }
+    v
+}
+
+/// Packs a bundle with mem/state/machine as given (None: leave out). Returns the bundle.
+fn bundle(dir: &Path, name: &str, mem: Option<&[u8]>, state: Option<Vec<u8>>, m: Option<String>) -> PathBuf {
+    let out = dir.join(name);
+    let mut args: Vec<String> = vec!["pack".into(), "-q".into()];
+    let mut put = |flag: &str, file: &str, data: &[u8]| {
+        let p = dir.join(format!("{name}.{file}"));
+        std::fs::write(&p, data).unwrap();
+        args.push(flag.into());
+        args.push(p.to_str().unwrap().into());
+    };
+    match mem {
+        Some(d) => put("--mem", "mem", d),
+        None => put("--disk", "disk", &[1u8; 65536]),
+    }
+    if let Some(s) = state {
+        put("--state", "state", &s);
+    }
+    if let Some(m) = m {
+        put("--machine", "machine.json", m.as_bytes());
+    }
+    args.push("--out".into());
+    args.push(out.to_str().unwrap().into());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    va(&a);
+    out
+}
+
+fn vamem_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_vamem"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "vamem {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_bundles_and_busy_mount_points_are_refused_before_mounting() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let c = cache.to_str().unwrap();
+    let mnt = d.path().join("mnt");
+    let m = mnt.to_str().unwrap();
+    let img = ram_image();
+
+    let no_mem = bundle(d.path(), "nomem", None, None, None);
+    let e = vamem_fails(&["--appliance", no_mem.to_str().unwrap(), "--mount", m, "--cache-dir", c]);
+    assert!(e.contains("no memory image"), "{e}");
+
+    let bad_state = bundle(d.path(), "badstate", Some(&img), Some(fake_state(SIZE * 2)), Some(machine(SIZE)));
+    let e = vamem_fails(&["--appliance", bad_state.to_str().unwrap(), "--mount", m, "--cache-dir", c]);
+    assert!(e.contains("RAM block") && e.contains("mem0"), "{e}");
+
+    let bad_machine = bundle(d.path(), "badmachine", Some(&img), Some(fake_state(SIZE)), Some(machine(SIZE / 2)));
+    let e = vamem_fails(&["--appliance", bad_machine.to_str().unwrap(), "--mount", m, "--cache-dir", c]);
+    assert!(e.contains("machine description says"), "{e}");
+
+    let not_state = bundle(d.path(), "notstate", Some(&img), Some(b"hello".to_vec()), Some(machine(SIZE)));
+    let e = vamem_fails(&["--appliance", not_state.to_str().unwrap(), "--mount", m, "--cache-dir", c]);
+    assert!(e.contains("QEVM"), "{e}");
+
+    // A mount point in use.
+    let good = bundle(d.path(), "good", Some(&img), Some(fake_state(SIZE)), Some(machine(SIZE)));
+    let _v = Vamem::start(d.path(), good.to_str().unwrap(), &mnt, SIZE, &["--cache-dir", c]);
+    let e = vamem_fails(&["--appliance", good.to_str().unwrap(), "--mount", m, "--cache-dir", c]);
+    assert!(e.contains("already a mount point in use"), "{e}");
+    // None of this disturbed the running one.
+    assert_eq!(std::fs::metadata(mnt.join("mem")).unwrap().len(), SIZE);
+}
+
+/// Maps `path` shared and read-write.
+struct Map {
+    ptr: *mut u8,
+    len: usize,
+    _f: std::fs::File,
+}
+
+impl Map {
+    fn new(path: &Path, len: usize) -> Map {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: a fresh shared mapping of an open file; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Map { ptr: p.cast(), len, _f: f }
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes long and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    /// Writes dirty pages back (msync) and drops the pages from this mapping and the cache.
+    fn sync_and_evict(&mut self) {
+        // SAFETY: our own mapping, whole range.
+        let r = unsafe { libc::msync(self.ptr.cast(), self.len, libc::MS_SYNC) };
+        assert_eq!(r, 0);
+        // SAFETY: as above.
+        let r = unsafe { libc::madvise(self.ptr.cast(), self.len, libc::MADV_PAGEOUT) };
+        assert_eq!(r, 0);
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[test]
+fn mmap_reads_writes_eviction_and_a_stale_mount() {
+    let d = tempfile::tempdir().unwrap();
+    let img = ram_image();
+    let b = bundle(d.path(), "app", Some(&img), Some(fake_state(SIZE)), Some(machine(SIZE)));
+    let origin = Origin::start(&b, None);
+    let mnt = d.path().join("mnt");
+    let ov = d.path().join("overlay");
+    let args = [
+        "--cache-dir",
+        d.path().join("cache").to_str().unwrap(),
+        "--overlay",
+        ov.to_str().unwrap(),
+        "--no-prefetch",
+    ]
+    .map(String::from);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut v = Vamem::start(d.path(), &origin.url, &mnt, SIZE, &a);
+    let mut expect = img.clone();
+    {
+        let mut m = Map::new(&mnt.join("mem"), SIZE as usize);
+        assert!(m.bytes() == &expect[..], "mapped bytes differ from the image");
+        // Dirty a byte in every 4 KiB page of the first half, and a run across chunks.
+        for p in (0..SIZE as usize / 2).step_by(4096) {
+            m.bytes()[p + 17] ^= 0x5a;
+            expect[p + 17] ^= 0x5a;
+        }
+        m.bytes()[CS - 100..CS + 100].fill(0xee);
+        expect[CS - 100..CS + 100].fill(0xee);
+        m.sync_and_evict();
+        assert!(m.bytes() == &expect[..], "guest writes lost after eviction");
+    }
+    let s = v.fresh_stats();
+    assert!(s["write_bytes"].as_u64().unwrap() >= SIZE / 2, "{s}");
+    assert!(s["flushes"].as_u64().unwrap() > 0, "{s}");
+    // A crash leaves a stale mount; the next vamem clears it and serves the same overlay.
+    v.kill9();
+    let e = std::fs::metadata(mnt.join("mem")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    let v2 = Vamem::start(d.path(), &origin.url, &mnt, SIZE, &a);
+    assert!(v2.log_text().contains("stale FUSE mount"), "{}", v2.log_text());
+    let mut got = vec![0u8; SIZE as usize];
+    std::fs::File::open(mnt.join("mem")).unwrap().read_exact_at(&mut got, 0).unwrap();
+    assert!(got == expect, "data after restart differs");
+}
+
+#[test]
+fn a_chunk_failing_verification_is_waited_for_never_served() {
+    let d = tempfile::tempdir().unwrap();
+    let img = ram_image();
+    let b = bundle(d.path(), "app", Some(&img), Some(fake_state(SIZE)), Some(machine(SIZE)));
+    // Corrupt the whole pack body (past its 16-byte header): every mem chunk fails.
+    let pack = std::fs::read_dir(b.join("packs")).unwrap().next().unwrap().unwrap().path();
+    let good = std::fs::read(&pack).unwrap();
+    let mut bad = good.clone();
+    let end = bad.len() - 4096;
+    for x in &mut bad[16..end] {
+        *x ^= 0xff;
+    }
+    let mnt = d.path().join("mnt");
+    let v = Vamem::start(
+        d.path(),
+        b.to_str().unwrap(),
+        &mnt,
+        SIZE,
+        &["--cache-dir", d.path().join("cache").to_str().unwrap(), "--no-prefetch"],
+    );
+    std::fs::write(&pack, &bad).unwrap();
+    let file = mnt.join("mem");
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; CS];
+        let t = Instant::now();
+        std::fs::File::open(file).unwrap().read_exact_at(&mut buf, 0).unwrap();
+        (buf, t.elapsed())
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !v.log_text().contains("waiting") {
+        assert!(Instant::now() < deadline, "no retry logged:\n{}", v.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!reader.is_finished(), "the read returned while the chunk was bad");
+    std::fs::write(&pack, &good).unwrap();
+    let (buf, _) = reader.join().unwrap();
+    assert!(buf == img[..CS], "served bytes differ from the packed ones");
+    assert!(v.stats()["retries"].as_u64().unwrap() > 0);
+}
