@@ -658,7 +658,23 @@ impl Appliance {
 
 /// Decompresses and checks one blob.
 fn verify(z: &[u8], b: &BlobRef, plen: u32) -> Result<Vec<u8>, String> {
-    let plain = zstd::bulk::decompress(z, plen as usize).map_err(|e| format!("zstd: {e}"))?;
+    thread_local! {
+        // One decompression context per thread, reused for every blob.
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let plain = DCTX
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new()?);
+            }
+            match d.as_mut() {
+                Some(d) => d.decompress(z, plen as usize),
+                None => Err(std::io::Error::other("no zstd context")),
+            }
+        })
+        .map_err(|e| format!("zstd: {e}"))?;
     if plain.len() != plen as usize {
         return Err(format!("{} plain bytes, expected {plen}", plain.len()));
     }

@@ -21,6 +21,14 @@ pub struct StoreArgs {
     /// Bound of the local cache (bytes, or with a K/M/G/T suffix).
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Seconds allowed for connecting to the origin and for each read from it, before the
+    /// request is retried.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub origin_timeout: u64,
+    /// Retries of a failed origin request (connection errors, HTTP 5xx, short reads,
+    /// timeouts), with exponential backoff from 200 ms. 404/403 are never retried.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub origin_retries: u32,
 }
 
 impl StoreArgs {
@@ -36,6 +44,12 @@ impl StoreArgs {
             cache_dir: Some(self.cache_dir.clone()),
             cache_size: self.cache_size,
             digest,
+            origin: crate::origin::OriginOptions {
+                connect_timeout: std::time::Duration::from_secs(self.origin_timeout.clamp(1, 3600)),
+                io_timeout: std::time::Duration::from_secs(self.origin_timeout.clamp(1, 3600)),
+                retries: self.origin_retries,
+                ..Default::default()
+            },
             ..Default::default()
         })
     }

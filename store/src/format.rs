@@ -500,7 +500,9 @@ impl Manifest {
             if images.iter().any(|i| i.kind == kind) {
                 return Err(invalid(W, "image kind", format!("{kind} appears twice")));
             }
-            r.take(3)?;
+            if r.take(3)? != [0, 0, 0] {
+                return Err(invalid(W, "reserved", format!("{kind}: non-zero padding")));
+            }
             let size = r.u64()?;
             if size > MAX_IMAGE {
                 return Err(invalid(W, "image size", format!("{kind}: {size}")));
@@ -525,14 +527,34 @@ impl Manifest {
             let mut pages = Vec::with_capacity(n_pages as usize);
             for p in 0..n_pages {
                 let k = r.u8()?;
-                r.take(3)?;
+                if r.take(3)? != [0, 0, 0] {
+                    return Err(invalid(
+                        W,
+                        "reserved",
+                        format!("{kind} page {p}: non-zero padding"),
+                    ));
+                }
                 let pack = r.u32()?;
                 let offset = r.u64()?;
                 let clen = r.u32()?;
                 let plen = r.u32()?;
                 let hash = r.hash()?;
                 match k {
-                    0 => pages.push(PageRef::Zero),
+                    0 if pack == 0
+                        && offset == 0
+                        && clen == 0
+                        && plen == 0
+                        && hash == Hash::default() =>
+                    {
+                        pages.push(PageRef::Zero)
+                    }
+                    0 => {
+                        return Err(invalid(
+                            W,
+                            "page ref",
+                            format!("{kind} page {p}: zero page with fields set"),
+                        ))
+                    }
                     1 => {
                         let entries = m.page_len(size, p) as usize;
                         let max_plen = 8 + entries * STORED_ENTRY_LEN;
@@ -725,7 +747,9 @@ pub fn decode_pack_tail(tail: &[u8], pack_size: u64) -> Result<(u64, u64, Hash),
     if version != VERSION {
         return Err(FormatError::Version { what: W, version });
     }
-    r.u32()?;
+    if r.u32()? != 0 {
+        return Err(invalid(W, "reserved", "non-zero"));
+    }
     let n = r.u64()?;
     let table_offset = r.u64()?;
     let sum = r.hash()?;

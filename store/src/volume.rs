@@ -48,6 +48,8 @@ pub struct VolumeOptions {
     pub digest: Option<Hash>,
     /// Record the first access to every chunk here.
     pub trace: Option<PathBuf>,
+    /// How to talk to the origin (timeouts, retries).
+    pub origin: crate::origin::OriginOptions,
 }
 
 /// Errors opening a volume.
@@ -123,7 +125,7 @@ impl Volume {
                 } else {
                     opts.cache_size
                 },
-                ..Default::default()
+                origin: opts.origin.clone(),
             },
         )?;
         Self::from_appliance(app, kind, opts).map(Arc::new)

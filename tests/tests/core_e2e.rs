@@ -182,9 +182,31 @@ fn bad_origins_give_clear_errors() {
     let (ok, err) = cat(
         &format!("http://127.0.0.1:{dead}/app/"),
         &d.path().join("o"),
-        &[],
+        &["--origin-retries", "1"],
     );
-    assert!(!ok && err.contains("127.0.0.1"), "{err}");
+    assert!(
+        !ok && err.contains("127.0.0.1") && err.contains("after 1 retr"),
+        "{err}"
+    );
+    // An origin that accepts and never answers: a timeout, named.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hport = hang.local_addr().unwrap().port();
+    let t = std::time::Instant::now();
+    let (ok, err) = cat(
+        &format!("http://127.0.0.1:{hport}/app/"),
+        &d.path().join("o"),
+        &["--origin-timeout", "1", "--origin-retries", "0"],
+    );
+    assert!(
+        !ok && err.contains("timed out") && err.contains(&hport.to_string()),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    drop(hang);
     // A garbled manifest.
     fs::create_dir_all(d.path().join("garbled")).unwrap();
     fs::write(

@@ -52,6 +52,12 @@ pub struct CatArgs {
     /// Bound of that cache.
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = va_store::parse_size)]
     cache_size: u64,
+    /// Seconds allowed for connecting to the origin and for each read, before a retry.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    origin_timeout: u64,
+    /// Retries of a failed origin request (connection errors, 5xx, short reads, timeouts).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    origin_retries: u32,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -73,6 +79,12 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
             digest,
             cache_dir: a.cache_dir.clone(),
             cache_size: a.cache_size,
+            origin: va_store::origin::OriginOptions {
+                connect_timeout: std::time::Duration::from_secs(a.origin_timeout.clamp(1, 3600)),
+                io_timeout: std::time::Duration::from_secs(a.origin_timeout.clamp(1, 3600)),
+                retries: a.origin_retries,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )?;
@@ -97,7 +109,9 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
                 .truncate(true)
                 .open(p)
                 .with_context(|| format!("creating {}", p.display()))?;
-            (f, true)
+            // A device or pipe (e.g. /dev/null) gets ordered writes like stdout.
+            let seekable = f.metadata().map(|m| m.is_file()).unwrap_or(false);
+            (f, seekable)
         }
         None => {
             // SAFETY: fd 1 stays open for the life of the process, and the File is turned back

@@ -218,14 +218,21 @@ fn find_memdev(q: &mut Qmp, ram: &Path) -> anyhow::Result<(String, u64)> {
                 return Ok((id.to_string(), size));
             }
         }
-        seen.push(format!("{id} ({})", path.unwrap_or_else(|| "no mem-path".into())));
+        seen.push(format!(
+            "{id} ({})",
+            path.unwrap_or_else(|| "no mem-path".into())
+        ));
     }
     bail!(
         "no memory backend of the VM uses {} (backends: {}); start QEMU with \
          -object memory-backend-file,id=mem0,mem-path={},share=on,size=... \
          -machine ...,memory-backend=mem0",
         ram.display(),
-        if seen.is_empty() { "none".into() } else { seen.join(", ") },
+        if seen.is_empty() {
+            "none".into()
+        } else {
+            seen.join(", ")
+        },
         ram.display()
     )
 }
@@ -240,11 +247,18 @@ fn describe(q: &mut Qmp, memdev: &str, ram_size: u64) -> anyhow::Result<Value> {
         .to_string();
     let cpus = q.cmd("query-cpus-fast", json!({}))?;
     let cpus = cpus.as_array().cloned().unwrap_or_default();
-    let cpu = match cpus.first().and_then(|c| c.get("qom-path")).and_then(Value::as_str) {
+    let cpu = match cpus
+        .first()
+        .and_then(|c| c.get("qom-path"))
+        .and_then(Value::as_str)
+    {
         Some(p) => q
             .cmd("qom-get", json!({"path": p, "property": "type"}))
             .ok()
-            .and_then(|v| v.as_str().map(|s| s.trim_end_matches("-x86_64-cpu").to_string())),
+            .and_then(|v| {
+                v.as_str()
+                    .map(|s| s.trim_end_matches("-x86_64-cpu").to_string())
+            }),
         None => None,
     };
     let mut devices = Vec::new();
@@ -393,7 +407,11 @@ mod tests {
             writeln!(s, r#"{{"return": {{}}}}"#).unwrap();
             line.clear();
             r.read_line(&mut line).unwrap(); // bogus
-            writeln!(s, r#"{{"error": {{"class": "CommandNotFound", "desc": "nope"}}}}"#).unwrap();
+            writeln!(
+                s,
+                r#"{{"error": {{"class": "CommandNotFound", "desc": "nope"}}}}"#
+            )
+            .unwrap();
         });
         let mut q = Qmp::connect(&sock).unwrap();
         assert_eq!(q.cmd("stop", json!({})).unwrap(), json!({}));
