@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The vastream demo: a Debian appliance (a 2 GiB ext4 root filesystem with python3) is packed,
-# served over HTTP behind an emulated 100 Mbit/s, 40 ms WAN, and booted by stock QEMU (TCG) from
-# vablk before it has been downloaded: only the blocks the boot touches cross the WAN.
-# Then the same image is downloaded in full through the same WAN, for comparison.
+# The vastream demo: a Debian appliance (a 2 GiB ext4 root filesystem with python3 and a 768 MiB
+# dataset) is packed, served over HTTP behind an emulated 100 Mbit/s, 40 ms WAN, and booted by
+# stock QEMU (TCG) from vablk before it has been downloaded: only the blocks the boot touches
+# cross the WAN. vablk records the boot's working set; the appliance is repacked with that trace
+# as its plan and booted again with prefetch. Then the same image is downloaded in full through
+# the same WAN and booted locally, for comparison.
 #
 #   bash scripts/demo.sh [--rate 100mbit] [--rtt 40ms]
 #
@@ -62,7 +64,7 @@ fi
 alloc=$(du -k "$W/rootfs.img" | cut -f1)
 say "appliance disk: $(($(stat -c %s "$W/rootfs.img") >> 20)) MiB, $((alloc >> 10)) MiB allocated"
 
-rm -rf "$W/site" "$W/cache" "$W/overlay"* "$W/vablk.sock"
+rm -rf "$W/site" "$W"/cache* "$W"/overlay* "$W"/vablk*.sock
 say "va pack"
 digest=$("$B/va" pack --quiet --disk "$W/rootfs.img" --out "$W/site/app")
 pids=()
@@ -77,25 +79,41 @@ wait_port "$sp"; wait_port "$wp"
 url="http://127.0.0.1:$wp/app/#$digest"
 say "origin: va serve behind va wan ($rate, rtt $rtt): $url"
 
-say "vablk streaming the disk (empty cache) -> QEMU (TCG) boots it"
-"$B/vablk" --appliance "$url" --socket "$W/vablk.sock" --cache-dir "$W/cache" --overlay "$W/overlay" \
-  --stats "$W/vablk.stats" >"$W/vablk.out" 2>"$W/vablk.log" & vablk=$!; pids+=($vablk)
-for _ in $(seq 200); do [ -S "$W/vablk.sock" ] && break; sleep 0.05; done
-t0=$(date +%s.%N)
-timeout 300 qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot \
-  -object memory-backend-memfd,id=mem0,size=512M,share=on -machine q35,memory-backend=mem0 \
-  -kernel target/guest/vmlinuz -initrd target/guest/initrd.gz \
-  -append "console=ttyS0 quiet panic=-1 va.test=boot" \
-  -chardev "socket,id=vablk0,path=$W/vablk.sock" -device vhost-user-blk-pci,chardev=vablk0 \
-  2>&1 | tee "$W/console.log" | while IFS= read -r line; do
-    case "$line" in *VA-APP*|*VA-RESULT*) printf '  +%5.1fs  %s\n' "$(sub "$(date +%s.%N)" "$t0")" "$(printf '%s' "${line#*VA-}" | tr -cd '[:print:]')" ;; esac
-  done
-t1=$(date +%s.%N)
-sleep 1.5
-kill -INT "$vablk" 2>/dev/null || true; wait "$vablk" 2>/dev/null || true
-grep -q "VA-APP wrote" "$W/console.log" || { say "the appliance did not run: see $W/console.log and $W/vablk.log"; exit 1; }
-fetched=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d.get("fetched_bytes", d.get("device",{}).get("fetched_bytes",0)))' "$W/vablk.stats" 2>/dev/null || echo 0)
-boot=$(sub "$t1" "$t0")
+# boot_streamed TAG URL [vablk args...]: boots the appliance from vablk (fresh cache and overlay),
+# prints the guest's milestones; sets $boot (seconds) and $fetched (bytes from the origin).
+boot_streamed() {
+  local tag=$1 u=$2; shift 2
+  rm -rf "$W/cache-$tag" "$W/overlay-$tag"* "$W/vablk-$tag.sock"
+  "$B/vablk" --appliance "$u" --socket "$W/vablk-$tag.sock" --cache-dir "$W/cache-$tag" \
+    --overlay "$W/overlay-$tag" --stats "$W/vablk-$tag.stats" "$@" >"$W/vablk-$tag.out" 2>"$W/vablk-$tag.log" &
+  local vablk=$!; pids+=($vablk)
+  for _ in $(seq 200); do [ -S "$W/vablk-$tag.sock" ] && break; sleep 0.05; done
+  local t0 t1
+  t0=$(date +%s.%N)
+  timeout 300 qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot \
+    -object memory-backend-memfd,id=mem0,size=512M,share=on -machine q35,memory-backend=mem0 \
+    -kernel target/guest/vmlinuz -initrd target/guest/initrd.gz \
+    -append "console=ttyS0 quiet panic=-1 va.test=boot" \
+    -chardev "socket,id=vablk0,path=$W/vablk-$tag.sock" -device vhost-user-blk-pci,chardev=vablk0 \
+    2>&1 | tee "$W/console-$tag.log" | while IFS= read -r line; do
+      case "$line" in *VA-APP*|*VA-RESULT*) printf '  +%5.1fs  %s\n' "$(sub "$(date +%s.%N)" "$t0")" "$(printf '%s' "${line#*VA-}" | tr -cd '[:print:]')" ;; esac
+    done
+  t1=$(date +%s.%N)
+  sleep 1.5
+  kill -INT "$vablk" 2>/dev/null || true; wait "$vablk" 2>/dev/null || true
+  grep -q "VA-APP wrote" "$W/console-$tag.log" || { say "the appliance did not run: see $W/console-$tag.log and $W/vablk-$tag.log"; exit 1; }
+  fetched=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d.get("device",{}).get("fetched_bytes",0))' "$W/vablk-$tag.stats" 2>/dev/null || echo 0)
+  boot=$(sub "$t1" "$t0")
+}
+
+say "1. vablk streams the disk on demand (empty cache, no plan) -> QEMU (TCG) boots it; vablk records a trace"
+boot_streamed cold "$url" --trace "$W/boot.trace"
+boot1=$boot; fetched1=$fetched
+
+say "2. repack with the recorded trace as the plan, boot again with a fresh cache and --prefetch"
+digest2=$("$B/va" pack --quiet --disk "$W/rootfs.img" --plan "$W/boot.trace" --out "$W/site/app2")
+boot_streamed planned "http://127.0.0.1:$wp/app2/#$digest2" --prefetch
+boot2=$boot; fetched2=$fetched
 
 say "baseline: download the whole image through the same WAN (va cat), then boot it locally"
 c0=$(date +%s.%N)
@@ -109,9 +127,10 @@ c2=$(date +%s.%N)
 localboot=$(sub "$c2" "$c1")
 rm -f "$W/full.raw"
 total=$(awk -v a="$full" -v b="$localboot" 'BEGIN { printf "%.1f", a + b }')
-packed=$(du -sk "$W/site" | cut -f1)
+packed=$(du -sk "$W/site/app" | cut -f1)
 echo
 printf '%-44s %s\n' "appliance disk" "2048 MiB ($((alloc >> 10)) MiB allocated, $((packed >> 10)) MiB packed)"
-printf '%-44s %6.1f s, %s MiB fetched over the WAN\n' "streamed (vablk): boot, run the app, halt" "$boot" "$((fetched >> 20))"
+printf '%-44s %6.1f s, %s MiB fetched over the WAN\n' "1. streamed on demand: boot, run app, halt" "$boot1" "$((fetched1 >> 20))"
+printf '%-44s %6.1f s (%s MiB fetched by then, prefetch running on)\n' "2. streamed, trace-planned pack + prefetch" "$boot2" "$((fetched2 >> 20))"
 printf '%-44s %6.1f s (download %.1f s + boot %.1f s)\n' "download first (va cat), then boot locally" "$total" "$full" "$localboot"
-say "the guest's write went to the overlay: $W/overlay ($(du -k "$W/overlay" | cut -f1) KiB used)"
+say "the guest's writes went to the overlays ($W/overlay-*), the bundles were never modified"

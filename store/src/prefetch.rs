@@ -22,7 +22,8 @@ pub struct PrefetchOptions {
     pub images: Vec<ImageKind>,
     /// Parallel range requests.
     pub workers: usize,
-    /// Bytes per range request (compressed).
+    /// Bytes per range request (compressed). Small enough that a demand miss arriving while
+    /// prefetch requests are on the wire waits little behind them (1 MiB ≈ 80 ms at 100 Mbit/s).
     pub batch_bytes: u64,
 }
 
@@ -30,8 +31,8 @@ impl Default for PrefetchOptions {
     fn default() -> Self {
         PrefetchOptions {
             images: vec![ImageKind::Disk],
-            workers: 2,
-            batch_bytes: 8 << 20,
+            workers: 3,
+            batch_bytes: 1 << 20,
         }
     }
 }

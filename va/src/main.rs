@@ -8,10 +8,14 @@ mod wan;
 
 use clap::{Parser, Subcommand};
 
-/// Run a virtual appliance before it has been downloaded: pack images into a bundle, serve it
-/// over HTTP, read it back, and emulate a WAN for tests and demos.
+/// Run a virtual appliance before it has been downloaded.
+///
+/// `va` packs disk and memory images into a content-addressed bundle that any HTTP server can
+/// serve, serves it, downloads it, snapshots a running VM, and emulates a WAN for tests and
+/// demos. The daemons `vablk` (vhost-user-blk), `vanbd` (NBD) and `vamem` (guest RAM over
+/// FUSE) stream a bundle into stock QEMU.
 #[derive(Parser, Debug)]
-#[command(name = "va", version, about, long_about = None, propagate_version = true)]
+#[command(name = "va", version, propagate_version = true)]
 struct Cli {
     /// Log filter (also RUST_LOG), e.g. `info`, `debug`, `va_store=trace`.
     #[arg(long, global = true, default_value = "info", env = "VA_LOG")]

@@ -66,6 +66,12 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
 
+    /// Prefetch the whole disk into the local cache in the background, in pack order (the
+    /// chunks of a `va pack --plan` trace come first). Demand misses always go first: the
+    /// prefetcher starts no request while a guest read waits for the origin.
+    #[arg(long, conflicts_with = "file")]
+    prefetch: bool,
+
     /// Rewrite the counters (JSON) to FILE every second while running.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
@@ -76,13 +82,17 @@ struct Args {
     miss_threads: usize,
 }
 
-fn open_device(args: &Args) -> anyhow::Result<(Arc<dyn BlockDevice>, String)> {
+/// Opens the device; with `--prefetch`, also starts the background prefetcher (returned so
+/// that it lives as long as the caller keeps it).
+fn open_device(
+    args: &Args,
+) -> anyhow::Result<(Arc<dyn BlockDevice>, String, Option<va_store::prefetch::Prefetcher>)> {
     match (&args.file, &args.store) {
         (Some(_), Some(_)) => bail!("give either --file or --appliance, not both"),
         (None, None) => bail!("--appliance URL is required (or --file RAW for testing)"),
         (Some(path), None) => {
             let dev = FileDevice::open(path, args.read_only)?;
-            Ok((Arc::new(dev), "file".to_string()))
+            Ok((Arc::new(dev), "file".to_string(), None))
         }
         (None, Some(store)) => {
             let base = store.volume_options().map_err(anyhow::Error::msg)?;
@@ -98,7 +108,14 @@ fn open_device(args: &Args) -> anyhow::Result<(Arc<dyn BlockDevice>, String)> {
                 .digest
                 .map(|d| d.to_hex()[..12].to_string())
                 .unwrap_or_else(|| "disk".into());
-            Ok((vol, tag))
+            let prefetcher = args.prefetch.then(|| {
+                tracing::info!("prefetching the disk in pack order in the background");
+                va_store::prefetch::Prefetcher::start(
+                    vol.appliance().clone(),
+                    va_store::prefetch::PrefetchOptions::default(),
+                )
+            });
+            Ok((vol, tag, prefetcher))
         }
     }
 }
@@ -118,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         })
         .get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let (device, tag) = open_device(&args)?;
+    let (device, tag, _prefetcher) = open_device(&args)?;
     let listener = vablk::socket::bind(&args.socket)?;
     let shared = Shared::new(
         device,
