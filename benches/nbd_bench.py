@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """NBD server benchmark (issue 4): fio's nbd engine against vanbd, nbdkit and qemu-nbd.
 
-    python3 benches/nbd_bench.py [--size-mib 256] [--runtime 4] [--rounds 2] [--no-appliance]
+    python3 benches/nbd_bench.py [--size-mib 256] [--runtime 2] [--rounds 3] [--no-appliance]
                                  [--no-cold] [--cold-mib 64] [--rate 100mbit] [--rtt 40ms]
 
 Warm (page cache / local chunk cache) throughput on one raw file of random data, served by
@@ -11,7 +11,8 @@ Warm (page cache / local chunk cache) throughput on one raw file of random data,
   * qemu-nbd -t RAW             (QEMU 10, default cache=writeback, aio=threads)
 all read-only on 127.0.0.1. Workloads: 4 KiB random read at queue depth 1 and 32, 1 MiB
 sequential read at queue depth 8, one fio job (one NBD connection) each. Servers are alternated
-within every round (rotating the order) so that drifts of the machine hit all of them alike.
+within every round (rotating the order) so that drifts of the machine hit all of them alike;
+the table shows the median over the rounds (every sample is in the JSON).
 
 Cold (nothing cached, origin behind `va wan` at 100 Mbit/s, 40 ms RTT, one private nginx
 serving both the raw file and its packed bundle): vanbd --appliance vs
@@ -184,8 +185,8 @@ def cold(a, vanbd, va):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=256, help="image size (default 256)")
-    ap.add_argument("--runtime", type=int, default=4, help="seconds per fio run, after 1 s ramp (default 4)")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds over all servers and workloads (default 2)")
+    ap.add_argument("--runtime", type=int, default=2, help="seconds per fio run, after 1 s ramp (default 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all servers and workloads (default 3)")
     ap.add_argument("--no-appliance", action="store_true", help="skip vanbd --appliance and the cold part")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold (streaming) part")
     ap.add_argument("--cold-mib", type=int, default=64, help="image size of the cold part (default 64)")
@@ -203,6 +204,8 @@ def main():
     procs = []
     servers = {}
     started = time.time()
+    # Other work on the machine skews everything: recorded with the results.
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="nbd-bench-") as d:
         img = os.path.join(d, "disk.raw")
         with open(img, "wb") as f:
@@ -269,9 +272,9 @@ def main():
             xs = samples[(s, w)]
             rows.append({
                 "workload": w, "server": s,
-                "iops": round(statistics.mean(x["iops"] for x in xs)),
-                "mib_s": round(statistics.mean(x["mib_s"] for x in xs), 1),
-                "lat_us": round(statistics.mean(x["lat_us"] for x in xs), 1),
+                "iops": round(statistics.median(x["iops"] for x in xs)),
+                "mib_s": round(statistics.median(x["mib_s"] for x in xs), 1),
+                "lat_us": round(statistics.median(x["lat_us"] for x in xs), 1),
                 "iops_samples": [round(x["iops"]) for x in xs],
             })
     print()
@@ -289,7 +292,7 @@ def main():
         "bench": "nbd",
         "command": "python3 benches/nbd_bench.py " + " ".join(sys.argv[1:]),
         "size_mib": a.size_mib, "runtime_s": a.runtime, "rounds": a.rounds,
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "loadavg_at_start": load_at_start},
         "versions": {"fio": version(["fio", "--version"]), "nbdkit": version(["nbdkit", "--version"]),
                      "qemu-nbd": version(["qemu-nbd", "--version"])},
         "elapsed_s": round(time.time() - started, 1),

@@ -156,6 +156,9 @@ pub fn serve<R: Read, W: Write + Send>(
                 }
                 conn.handle(&req, &payload, &mut scratch, false);
                 scratch.trim();
+                if payload.capacity() > KEEP_BUF {
+                    payload = Vec::new();
+                }
             } else {
                 Counters::inc(&ctx.counters.queued);
                 let mut buf = conn
@@ -170,8 +173,19 @@ pub fn serve<R: Read, W: Write + Send>(
                 if conn.idle.load(Ordering::Acquire) == 0 && workers < cfg.max_workers {
                     let rx = rx.clone();
                     let c = &conn;
-                    scope.spawn(move || c.worker(rx));
-                    workers += 1;
+                    match thread::Builder::new()
+                        .name("nbd-worker".into())
+                        .spawn_scoped(scope, move || c.worker(rx))
+                    {
+                        Ok(_) => workers += 1,
+                        Err(e) if workers == 0 => {
+                            // No worker at all: do it here rather than never.
+                            tracing::warn!("cannot start a worker thread: {e}");
+                            conn.handle(&req, &buf, &mut scratch, false);
+                            continue;
+                        }
+                        Err(e) => tracing::warn!("cannot start another worker thread: {e}"),
+                    }
                 }
                 conn.queued_bytes.fetch_add(buf.len(), Ordering::AcqRel);
                 let job = Job { req, payload: buf };
@@ -561,9 +575,25 @@ impl<W: Write + Send> Conn<'_, W> {
                 self.ok(req, flush)
             }
             Command::WriteZeroes => {
-                // The device stores zeroes as a record (no data written), which is always
-                // faster than a write: NBD_CMD_FLAG_FAST_ZERO is honoured by doing it.
-                if len > 0 {
+                // Without NO_HOLE the device stores zeroes as a record (no data written), which
+                // is always faster than a write: FAST_ZERO is honoured by doing it. With
+                // NO_HOLE the range must stay allocated, so zeroes are written as data; that is
+                // no faster than a write, so NO_HOLE with FAST_ZERO is refused with ENOTSUP
+                // (the client then writes zeroes itself), as the spec asks.
+                if len > 0 && req.flags & CMD_FLAG_NO_HOLE != 0 {
+                    if req.flags & CMD_FLAG_FAST_ZERO != 0 {
+                        return Err(reject(Errno::NotSup, "allocated zeroes are not fast"));
+                    }
+                    const STEP: u64 = 1 << 20;
+                    let zeros = vec![0u8; len.min(STEP) as usize];
+                    let mut pos = off;
+                    while pos < off + len {
+                        let n = (off + len - pos).min(STEP);
+                        dev.write(pos, &zeros[..n as usize])
+                            .map_err(|e| self.dev_err(req, &e))?;
+                        pos += n;
+                    }
+                } else if len > 0 {
                     dev.write_zeroes(off, len)
                         .map_err(|e| self.dev_err(req, &e))?;
                 }
@@ -907,14 +937,7 @@ mod tests {
         // Trim and write-zeroes make holes; a write makes data.
         c.request(CMD_TRIM, 0, 4, 4096, 4096, &[]);
         assert_eq!(c.status(), (4, 0));
-        c.request(
-            CMD_WRITE_ZEROES,
-            CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-            5,
-            8192,
-            4096,
-            &[],
-        );
+        c.request(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 5, 8192, 4096, &[]);
         assert_eq!(c.status(), (5, 0));
         c.request(CMD_WRITE, 0, 6, 0, 4, b"abcd");
         assert_eq!(c.status(), (6, 0));
@@ -923,6 +946,15 @@ mod tests {
             descriptors(&c.structured()),
             vec![(4096, 0), (16384, z), (4096, 0), (8192, z)]
         );
+        // NO_HOLE keeps the range allocated (data that reads as zeros); with FAST_ZERO it is
+        // refused, since writing zeroes as data is not faster than a write.
+        c.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, 10, 12288, 4096, &[]);
+        assert_eq!(c.status(), (10, Errno::NotSup.code()));
+        c.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 11, 12288, 4096, &[]);
+        assert_eq!(c.status(), (11, 0));
+        c.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 12, 12288, 4096, &[]);
+        assert_eq!(descriptors(&c.structured()), vec![(4096, 0)]);
+        assert_eq!(c.sread(13, 12288, 4096).unwrap(), vec![0u8; 4096]);
         assert_eq!(c.sread(8, 4096, 8192).unwrap(), vec![0u8; 8192]);
         // Past the end.
         c.request(CMD_BLOCK_STATUS, 0, 9, 65536 - 10, 11, &[]);

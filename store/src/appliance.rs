@@ -53,7 +53,7 @@ pub enum ApplianceError {
         detail: String,
     },
     #[error("local cache: {0}")]
-    Cache(#[from] CacheError),
+    Cache(CacheError),
     #[error("the appliance at {location} has no {kind} image")]
     NoImage { location: String, kind: ImageKind },
     #[error("{kind} chunk {chunk} is past the end of the image ({chunks} chunks)")]
@@ -64,6 +64,12 @@ pub enum ApplianceError {
     },
     #[error("{0}")]
     Other(String),
+}
+
+impl From<CacheError> for ApplianceError {
+    fn from(e: CacheError) -> Self {
+        ApplianceError::Cache(e)
+    }
 }
 
 /// How to open an appliance.

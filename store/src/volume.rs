@@ -58,11 +58,25 @@ pub enum VolumeError {
     #[error(transparent)]
     Appliance(#[from] ApplianceError),
     #[error("overlay: {0}")]
-    Overlay(#[from] OverlayError),
+    Overlay(OverlayError),
     #[error("trace: {0}")]
-    Trace(#[from] crate::trace::TraceError),
+    Trace(crate::trace::TraceError),
     #[error("unknown image {0:?} (expected disk, mem, state or machine)")]
     UnknownImage(String),
+}
+
+// The messages above include their cause, so the cause is not also a `source()` (a printed
+// error chain would repeat it).
+impl From<OverlayError> for VolumeError {
+    fn from(e: OverlayError) -> Self {
+        VolumeError::Overlay(e)
+    }
+}
+
+impl From<crate::trace::TraceError> for VolumeError {
+    fn from(e: crate::trace::TraceError) -> Self {
+        VolumeError::Trace(e)
+    }
 }
 
 const STRIPES: usize = 64;
