@@ -948,7 +948,14 @@ mod tests {
         );
         // NO_HOLE keeps the range allocated (data that reads as zeros); with FAST_ZERO it is
         // refused, since writing zeroes as data is not faster than a write.
-        c.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, 10, 12288, 4096, &[]);
+        c.request(
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            10,
+            12288,
+            4096,
+            &[],
+        );
         assert_eq!(c.status(), (10, Errno::NotSup.code()));
         c.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 11, 12288, 4096, &[]);
         assert_eq!(c.status(), (11, 0));

@@ -144,7 +144,7 @@ fn qemu_io_write_read_discard_patterns() {
             "-c",
             "write -z -u 393216 65536",
             "-c",
-            "write -z -n 524288 65536",
+            "write -z -u -n 524288 65536",
             "-c",
             "read -P 0 393216 65536",
             "-c",
@@ -189,6 +189,31 @@ fn qemu_io_write_read_discard_patterns() {
         log.contains("write 3") && log.contains("trim 1") && log.contains("write_zeroes 3"),
         "{log}"
     );
+    // Allocated zeroes (NO_HOLE) without fallback (FAST_ZERO) are not faster than a write:
+    // refused with ENOTSUP, and nothing changes; without -n they are written.
+    let v = Vanbd::start(&["--file", img.to_str().unwrap()]);
+    let uri = v.uri("disk");
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "write -z -n 655360 65536"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Operation not supported"), "{text}");
+    assert!(std::fs::read(&img).unwrap()[655360..720896] == orig[655360..720896]);
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -z 655360 65536",
+            "-c",
+            "read -P 0 655360 65536",
+        ],
+    );
+    assert!(!out.contains("fail"), "{out}");
 }
 
 #[test]
