@@ -209,7 +209,9 @@ pub fn parse_state(bytes: &[u8]) -> Result<StateInfo, MachineError> {
     let _version = r.u32()?;
     let head = r.u64()?;
     if head & RAM_SAVE_FLAG_MEM_SIZE == 0 {
-        return Err(MachineError::State("RAM section without a size record".into()));
+        return Err(MachineError::State(
+            "RAM section without a size record".into(),
+        ));
     }
     let total = head & !0xfff;
     let mut sum = 0u64;
@@ -373,7 +375,10 @@ mod tests {
         );
         // Every truncation is an error, never a panic.
         for n in 0..s.len() - 16 {
-            assert!(parse_state(&s[..n]).is_err(), "prefix of {n} bytes accepted");
+            assert!(
+                parse_state(&s[..n]).is_err(),
+                "prefix of {n} bytes accepted"
+            );
         }
         assert!(matches!(
             parse_state(b"QEVX\0\0\0\x03"),

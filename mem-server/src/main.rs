@@ -134,7 +134,10 @@ fn stats_json(c: &CounterSnapshot, app: &Appliance, dev: &dyn BlockDevice) -> St
 fn write_stats(path: &Option<PathBuf>, json: &str) {
     if let Some(p) = path {
         let tmp = p.with_extension("tmp");
-        if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, p)).is_err() {
+        if std::fs::write(&tmp, json)
+            .and_then(|_| std::fs::rename(&tmp, p))
+            .is_err()
+        {
             tracing::warn!("cannot write {}", p.display());
         }
     }
@@ -173,7 +176,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 vo.cache_size
             },
-            ..Default::default()
+            origin: vo.origin.clone(),
         },
     )
     .with_context(|| format!("opening {}", args.store.appliance))?;

@@ -34,8 +34,13 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
             out.push(v as u8);
             i += 4;
         } else {
@@ -120,7 +125,20 @@ pub fn prepare(path: &Path) -> Result<PathBuf, MountError> {
         Ok(m) if !m.is_dir() => return Err(MountError::NotDir(abs)),
         Ok(_) => {
             if is_mount_point(&abs) {
-                return Err(MountError::InUse(abs));
+                // Attributes of a dead FUSE mount's root may still be cached: ask for more.
+                match std::fs::read_dir(&abs) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                        tracing::warn!(
+                            "{} is a stale FUSE mount (a previous vamem died): detaching it",
+                            abs.display()
+                        );
+                        sys::umount_detach(&abs).map_err(|source| MountError::Io {
+                            path: abs.clone(),
+                            source,
+                        })?;
+                    }
+                    _ => return Err(MountError::InUse(abs)),
+                }
             }
         }
     }
@@ -194,7 +212,10 @@ mod tests {
         let m = d.path().join("a/b");
         let abs = prepare(&m).unwrap();
         assert!(abs.is_dir());
-        assert!(matches!(prepare(Path::new("/proc")), Err(MountError::InUse(_))));
+        assert!(matches!(
+            prepare(Path::new("/proc")),
+            Err(MountError::InUse(_))
+        ));
         let f = d.path().join("file");
         std::fs::write(&f, b"x").unwrap();
         assert!(matches!(prepare(&f), Err(MountError::NotDir(_))));

@@ -46,7 +46,9 @@ fn fake_state(ram: u64) -> Vec<u8> {
 }
 
 fn machine(ram: u64) -> String {
-    format!(r#"{{"format":"vastream-machine-v1","machine":"pc-q35-10.0","ram_size":{ram},"memdev":"mem0"}}"#)
+    format!(
+        r#"{{"format":"vastream-machine-v1","machine":"pc-q35-10.0","ram_size":{ram},"memdev":"mem0"}}"#
+    )
 }
 
 /// RAM image: random chunks, zero chunks, repeated chunks.
@@ -65,7 +67,13 @@ fn ram_image() -> Vec<u8> {
 }
 
 /// Packs a bundle with mem/state/machine as given (None: leave out). Returns the bundle.
-fn bundle(dir: &Path, name: &str, mem: Option<&[u8]>, state: Option<Vec<u8>>, m: Option<String>) -> PathBuf {
+fn bundle(
+    dir: &Path,
+    name: &str,
+    mem: Option<&[u8]>,
+    state: Option<Vec<u8>>,
+    m: Option<String>,
+) -> PathBuf {
     let out = dir.join(name);
     let mut args: Vec<String> = vec!["pack".into(), "-q".into()];
     let mut put = |flag: &str, file: &str, data: &[u8]| {
@@ -92,14 +100,34 @@ fn bundle(dir: &Path, name: &str, mem: Option<&[u8]>, state: Option<Vec<u8>>, m:
 }
 
 fn vamem_fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_vamem"))
+    let d = tempfile::tempdir().unwrap();
+    let err = d.path().join("err");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vamem"))
         .args(args)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success(), "vamem {args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!(
+                "vamem {args:?} did not fail:\n{}",
+                std::fs::read_to_string(&err).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&err).unwrap();
+    assert!(!st.success(), "vamem {args:?} succeeded:\n{text}");
+    text
 }
 
 #[test]
@@ -112,25 +140,90 @@ fn bad_bundles_and_busy_mount_points_are_refused_before_mounting() {
     let img = ram_image();
 
     let no_mem = bundle(d.path(), "nomem", None, None, None);
-    let e = vamem_fails(&["--appliance", no_mem.to_str().unwrap(), "--mount", m, "--cache-dir", c]);
+    let e = vamem_fails(&[
+        "--appliance",
+        no_mem.to_str().unwrap(),
+        "--mount",
+        m,
+        "--cache-dir",
+        c,
+    ]);
     assert!(e.contains("no memory image"), "{e}");
 
-    let bad_state = bundle(d.path(), "badstate", Some(&img), Some(fake_state(SIZE * 2)), Some(machine(SIZE)));
-    let e = vamem_fails(&["--appliance", bad_state.to_str().unwrap(), "--mount", m, "--cache-dir", c]);
+    let bad_state = bundle(
+        d.path(),
+        "badstate",
+        Some(&img),
+        Some(fake_state(SIZE * 2)),
+        Some(machine(SIZE)),
+    );
+    let e = vamem_fails(&[
+        "--appliance",
+        bad_state.to_str().unwrap(),
+        "--mount",
+        m,
+        "--cache-dir",
+        c,
+    ]);
     assert!(e.contains("RAM block") && e.contains("mem0"), "{e}");
 
-    let bad_machine = bundle(d.path(), "badmachine", Some(&img), Some(fake_state(SIZE)), Some(machine(SIZE / 2)));
-    let e = vamem_fails(&["--appliance", bad_machine.to_str().unwrap(), "--mount", m, "--cache-dir", c]);
+    let bad_machine = bundle(
+        d.path(),
+        "badmachine",
+        Some(&img),
+        Some(fake_state(SIZE)),
+        Some(machine(SIZE / 2)),
+    );
+    let e = vamem_fails(&[
+        "--appliance",
+        bad_machine.to_str().unwrap(),
+        "--mount",
+        m,
+        "--cache-dir",
+        c,
+    ]);
     assert!(e.contains("machine description says"), "{e}");
 
-    let not_state = bundle(d.path(), "notstate", Some(&img), Some(b"hello".to_vec()), Some(machine(SIZE)));
-    let e = vamem_fails(&["--appliance", not_state.to_str().unwrap(), "--mount", m, "--cache-dir", c]);
+    let not_state = bundle(
+        d.path(),
+        "notstate",
+        Some(&img),
+        Some(b"hello".to_vec()),
+        Some(machine(SIZE)),
+    );
+    let e = vamem_fails(&[
+        "--appliance",
+        not_state.to_str().unwrap(),
+        "--mount",
+        m,
+        "--cache-dir",
+        c,
+    ]);
     assert!(e.contains("QEVM"), "{e}");
 
     // A mount point in use.
-    let good = bundle(d.path(), "good", Some(&img), Some(fake_state(SIZE)), Some(machine(SIZE)));
-    let _v = Vamem::start(d.path(), good.to_str().unwrap(), &mnt, SIZE, &["--cache-dir", c]);
-    let e = vamem_fails(&["--appliance", good.to_str().unwrap(), "--mount", m, "--cache-dir", c]);
+    let good = bundle(
+        d.path(),
+        "good",
+        Some(&img),
+        Some(fake_state(SIZE)),
+        Some(machine(SIZE)),
+    );
+    let _v = Vamem::start(
+        d.path(),
+        good.to_str().unwrap(),
+        &mnt,
+        SIZE,
+        &["--cache-dir", c],
+    );
+    let e = vamem_fails(&[
+        "--appliance",
+        good.to_str().unwrap(),
+        "--mount",
+        m,
+        "--cache-dir",
+        c,
+    ]);
     assert!(e.contains("already a mount point in use"), "{e}");
     // None of this disturbed the running one.
     assert_eq!(std::fs::metadata(mnt.join("mem")).unwrap().len(), SIZE);
@@ -145,7 +238,11 @@ struct Map {
 
 impl Map {
     fn new(path: &Path, len: usize) -> Map {
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
         use std::os::unix::io::AsRawFd;
         // SAFETY: a fresh shared mapping of an open file; checked below.
         let p = unsafe {
@@ -159,7 +256,11 @@ impl Map {
             )
         };
         assert_ne!(p, libc::MAP_FAILED);
-        Map { ptr: p.cast(), len, _f: f }
+        Map {
+            ptr: p.cast(),
+            len,
+            _f: f,
+        }
     }
     fn bytes(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is `len` bytes long and lives as long as `self`.
@@ -188,7 +289,13 @@ impl Drop for Map {
 fn mmap_reads_writes_eviction_and_a_stale_mount() {
     let d = tempfile::tempdir().unwrap();
     let img = ram_image();
-    let b = bundle(d.path(), "app", Some(&img), Some(fake_state(SIZE)), Some(machine(SIZE)));
+    let b = bundle(
+        d.path(),
+        "app",
+        Some(&img),
+        Some(fake_state(SIZE)),
+        Some(machine(SIZE)),
+    );
     let origin = Origin::start(&b, None);
     let mnt = d.path().join("mnt");
     let ov = d.path().join("overlay");
@@ -205,7 +312,10 @@ fn mmap_reads_writes_eviction_and_a_stale_mount() {
     let mut expect = img.clone();
     {
         let mut m = Map::new(&mnt.join("mem"), SIZE as usize);
-        assert!(m.bytes() == &expect[..], "mapped bytes differ from the image");
+        assert!(
+            m.bytes() == &expect[..],
+            "mapped bytes differ from the image"
+        );
         // Dirty a byte in every 4 KiB page of the first half, and a run across chunks.
         for p in (0..SIZE as usize / 2).step_by(4096) {
             m.bytes()[p + 17] ^= 0x5a;
@@ -224,9 +334,16 @@ fn mmap_reads_writes_eviction_and_a_stale_mount() {
     let e = std::fs::metadata(mnt.join("mem")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
     let v2 = Vamem::start(d.path(), &origin.url, &mnt, SIZE, &a);
-    assert!(v2.log_text().contains("stale FUSE mount"), "{}", v2.log_text());
+    assert!(
+        v2.log_text().contains("stale FUSE mount"),
+        "{}",
+        v2.log_text()
+    );
     let mut got = vec![0u8; SIZE as usize];
-    std::fs::File::open(mnt.join("mem")).unwrap().read_exact_at(&mut got, 0).unwrap();
+    std::fs::File::open(mnt.join("mem"))
+        .unwrap()
+        .read_exact_at(&mut got, 0)
+        .unwrap();
     assert!(got == expect, "data after restart differs");
 }
 
@@ -234,9 +351,19 @@ fn mmap_reads_writes_eviction_and_a_stale_mount() {
 fn a_chunk_failing_verification_is_waited_for_never_served() {
     let d = tempfile::tempdir().unwrap();
     let img = ram_image();
-    let b = bundle(d.path(), "app", Some(&img), Some(fake_state(SIZE)), Some(machine(SIZE)));
+    let b = bundle(
+        d.path(),
+        "app",
+        Some(&img),
+        Some(fake_state(SIZE)),
+        Some(machine(SIZE)),
+    );
     // Corrupt the whole pack body (past its 16-byte header): every mem chunk fails.
-    let pack = std::fs::read_dir(b.join("packs")).unwrap().next().unwrap().unwrap().path();
+    let pack = std::fs::read_dir(b.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
     let good = std::fs::read(&pack).unwrap();
     let mut bad = good.clone();
     let end = bad.len() - 4096;
@@ -249,24 +376,39 @@ fn a_chunk_failing_verification_is_waited_for_never_served() {
         b.to_str().unwrap(),
         &mnt,
         SIZE,
-        &["--cache-dir", d.path().join("cache").to_str().unwrap(), "--no-prefetch"],
+        &[
+            "--cache-dir",
+            d.path().join("cache").to_str().unwrap(),
+            "--no-prefetch",
+        ],
     );
     std::fs::write(&pack, &bad).unwrap();
     let file = mnt.join("mem");
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; CS];
         let t = Instant::now();
-        std::fs::File::open(file).unwrap().read_exact_at(&mut buf, 0).unwrap();
+        std::fs::File::open(file)
+            .unwrap()
+            .read_exact_at(&mut buf, 0)
+            .unwrap();
         (buf, t.elapsed())
     });
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !v.log_text().contains("waiting") {
-        assert!(Instant::now() < deadline, "no retry logged:\n{}", v.log_text());
+    while !v.log_text().contains("for a good copy") {
+        assert!(
+            Instant::now() < deadline,
+            "no retry logged:\n{}",
+            v.log_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!reader.is_finished(), "the read returned while the chunk was bad");
+    assert!(
+        !reader.is_finished(),
+        "the read returned while the chunk was bad"
+    );
     std::fs::write(&pack, &good).unwrap();
     let (buf, _) = reader.join().unwrap();
     assert!(buf == img[..CS], "served bytes differ from the packed ones");
-    assert!(v.stats()["retries"].as_u64().unwrap() > 0);
+    let s = v.fresh_stats();
+    assert!(s["retries"].as_u64().unwrap() > 0, "{s}\n{}", v.log_text());
 }

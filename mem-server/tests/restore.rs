@@ -11,18 +11,26 @@ use std::time::Duration;
 use common::*;
 
 const MEM_MB: u32 = 64;
+const PARAMS: &str = "va.mem_mb=64";
+/// The stress test: a small checked region, and 128 MiB of freed random data that the guest
+/// only touches again when it allocates pages for a rewrite — while the prefetcher pulls them.
+const STRESS_PARAMS: &str = "va.mem_mb=16 va.ballast_mb=128";
 const T: Duration = Duration::from_secs(240);
 
 fn n(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("no counter {k} in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("no counter {k} in {v}"))
 }
 
 #[test]
 fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
-    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
-    let (bundle, snap) = make_snapshot(dir.path(), &disk, MEM_MB);
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (bundle, snap) = make_snapshot(dir.path(), &disk, PARAMS);
     let machine: serde_json::Value =
         serde_json::from_slice(&std::fs::read(snap.join("machine.json")).unwrap()).unwrap();
     assert_eq!(machine["ram_size"], RAM_BYTES);
@@ -32,7 +40,15 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
     let origin = Origin::start(&bundle, Some(("100mbit", "20ms")));
     // The state comes from the appliance too.
     let state = dir.path().join("state.restored");
-    va(&["cat", &origin.url, "--image", "state", "-q", "--out", state.to_str().unwrap()]);
+    va(&[
+        "cat",
+        &origin.url,
+        "--image",
+        "state",
+        "-q",
+        "--out",
+        state.to_str().unwrap(),
+    ]);
     assert_eq!(
         std::fs::read(&state).unwrap(),
         std::fs::read(snap.join("state")).unwrap()
@@ -52,9 +68,12 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
             dir.path().join("overlay").to_str().unwrap(),
         ],
     );
-    assert!(vamem.log_text().contains("strict_limit"), "BDI tuning not logged");
+    assert!(
+        vamem.log_text().contains("strict_limit"),
+        "BDI tuning not logged"
+    );
     let mem = mnt.join("mem");
-    let mut q = Qemu::start(dir.path(), &mem, &disk, MEM_MB, true);
+    let mut q = Qemu::start(dir.path(), &mem, &disk, PARAMS, true);
     restore(&q, &state);
     q.wait_more_oks(3, T);
     let s1 = vamem.fresh_stats();
@@ -63,7 +82,7 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
     assert_eq!(n(&s1, "read_errors"), 0);
 
     // The guest rewrites its 64 MiB; the host writes back and evicts every page.
-    q.send("rewrite");
+    q.send("rewrite 1");
     q.wait_for("the rewrite", T, |q| {
         q.mem_lines().iter().any(|l| l == "rewrote 1")
     });
@@ -86,17 +105,23 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
     q.oks(); // no `bad` line anywhere
     q.kill();
     let summary = vamem.terminate();
-    assert!(summary.contains("faults") && summary.contains("fetched"), "{summary}");
+    assert!(
+        summary.contains("faults") && summary.contains("fetched"),
+        "{summary}"
+    );
 }
 
 #[test]
 fn prefetch_runs_while_the_guest_rewrites_its_memory() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
-    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
-    let (bundle, snap) = make_snapshot(dir.path(), &disk, MEM_MB);
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (bundle, snap) = make_snapshot(dir.path(), &disk, STRESS_PARAMS);
     // Slow enough that prefetching the RAM takes many seconds.
-    let origin = Origin::start(&bundle, Some(("20mbit", "40ms")));
+    let origin = Origin::start(&bundle, Some(("16mbit", "40ms")));
     let mnt = dir.path().join("mnt");
     let mut vamem = Vamem::start(
         dir.path(),
@@ -111,22 +136,24 @@ fn prefetch_runs_while_the_guest_rewrites_its_memory() {
         ],
     );
     let mem = mnt.join("mem");
-    let mut q = Qemu::start(dir.path(), &mem, &disk, MEM_MB, true);
+    let mut q = Qemu::start(dir.path(), &mem, &disk, STRESS_PARAMS, true);
     restore(&q, &snap.join("state"));
     // Rewrite the memory again and again while the prefetcher pulls pages in; every rewrite
     // is followed by a full check of the 64 MiB.
     let mut overlapped = 0;
     for g in 1..=4 {
-        q.send("rewrite");
+        q.send(&format!("rewrite {g}"));
         let want = format!("rewrote {g}");
-        q.wait_for(&want, T, |q| q.mem_lines().iter().any(|l| *l == want));
+        q.wait_for(&want, T, |q| q.mem_lines().contains(&want));
         q.wait_more_oks(1, T);
         if !vamem.log_text().contains("prefetch done") {
             overlapped += 1;
         }
     }
     eprintln!("{overlapped} of 4 rewrites overlapped the prefetch");
-    q.wait_for("the prefetch", T, |_| vamem.log_text().contains("prefetch done"));
+    q.wait_for("the prefetch", T, |_| {
+        vamem.log_text().contains("prefetch done")
+    });
     q.wait_more_oks(2, T);
     let s = vamem.fresh_stats();
     assert!(n(&s, "pushes") > 0 && n(&s, "pushed_bytes") > 0, "{s}");

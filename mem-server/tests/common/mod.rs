@@ -63,7 +63,11 @@ pub fn guest() -> &'static Guest {
             .arg(&out)
             .status()
             .expect("running tests/guest/build.sh");
-        assert!(st.success(), "tests/guest/build.sh {} failed", out.display());
+        assert!(
+            st.success(),
+            "tests/guest/build.sh {} failed",
+            out.display()
+        );
         Guest {
             kernel: out.join("vmlinuz"),
             initrd: out.join("initrd.gz"),
@@ -124,6 +128,7 @@ pub struct Qemu {
     stdin: Option<ChildStdin>,
     lines: Arc<(Mutex<Vec<String>>, Condvar)>,
     pub qmp_path: PathBuf,
+    disk: PathBuf,
 }
 
 /// Guest RAM for the tests (small: TCG).
@@ -132,28 +137,38 @@ pub const RAM_BYTES: u64 = 256 << 20;
 
 impl Qemu {
     /// Boots (or with `incoming`, waits for `-incoming defer`) the memcheck guest.
-    pub fn start(dir: &Path, ram: &Path, disk: &Path, mem_mb: u32, incoming: bool) -> Qemu {
+    /// `params`: memcheck kernel parameters, e.g. `va.mem_mb=64`.
+    pub fn start(dir: &Path, ram: &Path, disk: &Path, params: &str, incoming: bool) -> Qemu {
         let g = guest();
         let qmp_path = dir.join(format!("{}.qmp", unique("q")));
-        let append = format!("console=ttyS0 quiet panic=-1 va.test=memcheck va.mem_mb={mem_mb}");
+        let append = format!("console=ttyS0 quiet panic=-1 va.test=memcheck {params}");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-m", RAM, "-smp", "1", "-nographic", "-no-reboot"])
-            .args(["-nodefaults", "-serial", "stdio"])
-            .arg("-kernel")
-            .arg(&g.kernel)
-            .arg("-initrd")
-            .arg(&g.initrd)
-            .args(["-append", &append])
-            .arg("-object")
-            .arg(format!(
-                "memory-backend-file,id=mem0,size={RAM},mem-path={},share=on",
-                ram.display()
-            ))
-            .args(["-machine", "q35,memory-backend=mem0"])
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw", disk.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-m",
+            RAM,
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .args(["-nodefaults", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&g.kernel)
+        .arg("-initrd")
+        .arg(&g.initrd)
+        .args(["-append", &append])
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-file,id=mem0,size={RAM},mem-path={},share=on",
+            ram.display()
+        ))
+        .args(["-machine", "q35,memory-backend=mem0"])
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw", disk.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
         if incoming {
             cmd.args(["-incoming", "defer"]);
         }
@@ -185,6 +200,7 @@ impl Qemu {
             stdin,
             lines,
             qmp_path,
+            disk: disk.to_path_buf(),
         }
     }
 
@@ -207,7 +223,10 @@ impl Qemu {
     pub fn oks(&self) -> usize {
         let l = self.mem_lines();
         if let Some(b) = l.iter().find(|x| x.starts_with("bad")) {
-            panic!("guest memory check failed: {b}\nconsole:\n{}", self.output());
+            panic!(
+                "guest memory check failed: {b}\nconsole:\n{}",
+                self.output()
+            );
         }
         l.iter().filter(|x| x.starts_with("ok")).count()
     }
@@ -221,7 +240,10 @@ impl Qemu {
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(200));
-                panic!("qemu exited ({st}) waiting for {what}; console:\n{}", self.output());
+                panic!(
+                    "qemu exited ({st}) waiting for {what}; console:\n{}",
+                    self.output()
+                );
             }
             if Instant::now() > deadline {
                 let out = self.output();
@@ -237,14 +259,24 @@ impl Qemu {
     /// Waits for `n` more `VA-MEM ok` lines than there are now.
     pub fn wait_more_oks(&mut self, n: usize, timeout: Duration) {
         let base = self.oks();
-        self.wait_for(&format!("{n} more checks"), timeout, |q| q.oks() >= base + n);
+        self.wait_for(&format!("{n} more checks"), timeout, |q| {
+            q.oks() >= base + n
+        });
     }
 
-    /// Sends a console line to the guest.
+    /// Sends a command to the memcheck guest: the first line of its disk, which it reads
+    /// (O_DIRECT) every second; e.g. `rewrite 1`. Each command must differ from the last.
     pub fn send(&mut self, line: &str) {
-        let s = self.stdin.as_mut().unwrap();
-        writeln!(s, "{line}").unwrap();
-        s.flush().unwrap();
+        use std::os::unix::fs::FileExt;
+        let mut block = [0u8; 512];
+        block[..line.len()].copy_from_slice(line.as_bytes());
+        block[line.len()] = b'\n';
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.disk)
+            .unwrap();
+        f.write_all_at(&block, 0).unwrap();
+        f.sync_all().unwrap();
     }
 
     pub fn pid(&self) -> u32 {
@@ -295,7 +327,10 @@ impl Qmp {
         writeln!(self.w, "{}", json!({"execute": name, "arguments": args})).unwrap();
         loop {
             let mut line = String::new();
-            assert!(self.r.read_line(&mut line).unwrap() > 0, "QMP closed during {name}");
+            assert!(
+                self.r.read_line(&mut line).unwrap() > 0,
+                "QMP closed during {name}"
+            );
             let v: Value = serde_json::from_str(&line).unwrap();
             if v.get("event").is_some() {
                 continue;
@@ -317,7 +352,10 @@ impl Qmp {
             }
             let m = self.cmd("query-migrate", json!({}));
             assert!(m["status"] != "failed", "migration failed: {m}");
-            assert!(Instant::now() < deadline, "status stuck at {r}, migration {m}");
+            assert!(
+                Instant::now() < deadline,
+                "status stuck at {r}, migration {m}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -460,7 +498,11 @@ impl Vamem {
             if let Some(Ok(Some(st))) = v.child.as_mut().map(|c| c.try_wait()) {
                 panic!("vamem exited ({st}):\n{}", v.log_text());
             }
-            assert!(Instant::now() < deadline, "vamem did not mount:\n{}", v.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "vamem did not mount:\n{}",
+                v.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -538,7 +580,11 @@ pub fn evict_guest_pages(qemu_pid: u32, file: &Path) {
     let b = u64::from_str_radix(b, 16).unwrap();
     // SAFETY: pidfd_open takes no memory; the result is checked.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, qemu_pid as libc::c_int, 0) };
-    assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
     let iov = libc::iovec {
         iov_base: a as *mut libc::c_void,
         iov_len: (b - a) as usize,
@@ -564,10 +610,12 @@ pub fn evict_guest_pages(qemu_pid: u32, file: &Path) {
 
 /// Boots the memcheck guest with RAM in /dev/shm, lets it check `oks` times, snapshots it with
 /// `va snapshot` and packs it. Returns (bundle dir, snapshot dir).
-pub fn make_snapshot(dir: &Path, disk: &Path, mem_mb: u32) -> (PathBuf, PathBuf) {
+pub fn make_snapshot(dir: &Path, disk: &Path, params: &str) -> (PathBuf, PathBuf) {
     let ram = ShmFile::new("ram");
-    let mut q = Qemu::start(dir, &ram.0, disk, mem_mb, false);
-    q.wait_for("3 memory checks", Duration::from_secs(180), |q| q.oks() >= 3);
+    let mut q = Qemu::start(dir, &ram.0, disk, params, false);
+    q.wait_for("3 memory checks", Duration::from_secs(180), |q| {
+        q.oks() >= 3
+    });
     let snap = dir.join("snap");
     va(&[
         "snapshot",
