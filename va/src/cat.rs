@@ -85,7 +85,6 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
                 retries: a.origin_retries,
                 ..Default::default()
             },
-            ..Default::default()
         },
     )?;
     let vol = Arc::new(Volume::from_appliance(

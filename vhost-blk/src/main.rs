@@ -86,7 +86,11 @@ struct Args {
 /// that it lives as long as the caller keeps it).
 fn open_device(
     args: &Args,
-) -> anyhow::Result<(Arc<dyn BlockDevice>, String, Option<va_store::prefetch::Prefetcher>)> {
+) -> anyhow::Result<(
+    Arc<dyn BlockDevice>,
+    String,
+    Option<va_store::prefetch::Prefetcher>,
+)> {
     match (&args.file, &args.store) {
         (Some(_), Some(_)) => bail!("give either --file or --appliance, not both"),
         (None, None) => bail!("--appliance URL is required (or --file RAW for testing)"),
