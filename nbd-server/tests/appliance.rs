@@ -150,6 +150,7 @@ fn overlay_takes_writes_and_keeps_them_across_restarts() {
             "--offset=8M",
             "--size=4M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
         ],
