@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -113,9 +113,13 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
             (f, seekable)
         }
         None => {
-            // SAFETY: fd 1 stays open for the life of the process, and the File is turned back
-            // into a raw fd (not closed) before this function returns.
-            let f = unsafe { File::from_raw_fd(std::io::stdout().as_raw_fd()) };
+            // A duplicate of fd 1: positioned writes and set_len work on it when stdout is a
+            // regular file, and dropping it leaves fd 1 open.
+            let fd = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating stdout")?;
+            let f = File::from(fd);
             let md = f.metadata();
             let seekable = md.map(|m| m.is_file()).unwrap_or(false);
             (f, seekable)
@@ -197,7 +201,7 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
         }
     });
     bar.finish_and_clear();
-    let result = match err.lock().ok().and_then(|mut e| e.take()) {
+    match err.lock().ok().and_then(|mut e| e.take()) {
         Some(e) => Err(e),
         None => {
             if seekable {
@@ -216,11 +220,5 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
-    };
-    if a.out.is_none() {
-        // Give fd 1 back without closing it.
-        use std::os::unix::io::IntoRawFd;
-        let _ = file.into_raw_fd();
     }
-    result
 }
