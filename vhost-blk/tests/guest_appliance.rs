@@ -84,3 +84,35 @@ fn read_only_appliance_refuses_writes() {
     assert!(r.iter().any(|l| l.starts_with("write fail")), "{r:?}");
     assert_eq!(result_with(&r, "sha256 "), sha256_file(&s.src));
 }
+
+#[test]
+fn prefetch_fills_the_cache_so_the_guest_runs_with_the_origin_gone() {
+    let s = setup(16);
+    let v = s.vablk(&["--prefetch", "--read-only"]);
+    let sock = s.sock();
+    let Setup { dir, src, origin } = s;
+    // With no guest at all, the whole disk arrives in the background (16 MiB at 100 Mbit/s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let st = loop {
+        let st = v.stats();
+        if st["device"]["fetched_bytes"].as_u64().unwrap() >= 16 << 20
+            || std::time::Instant::now() > deadline
+        {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        st["device"]["fetched_bytes"].as_u64().unwrap() >= 16 << 20,
+        "{st}"
+    );
+    assert_eq!(st["requests"]["reads"], 0, "{st}");
+    // The origin goes away; the guest reads every byte from the local cache.
+    drop(origin);
+    let r = run_guest(&Boot::new(&sock, "sha256"));
+    assert_eq!(result_with(&r, "sha256 "), sha256_file(&src));
+    let st = v.stats_when(|st| st["requests"]["read_bytes"].as_u64().unwrap() >= 16 << 20);
+    assert_eq!(st["device"]["misses"], 0, "{st}");
+    assert_eq!(st["requests"]["io_errors"], 0, "{st}");
+    drop(dir);
+}
