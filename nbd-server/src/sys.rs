@@ -30,8 +30,7 @@ pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
 
 fn lseek(f: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     let o = off(offset)?;
-    // SAFETY: lseek only reads its integer arguments; the fd is valid for the borrow of `f`.
-    // The file position it moves is never used (all I/O is positional).
+    // SAFETY: lseek only reads its integer arguments; the fd is valid for the borrow of `f`. The file position it moves is never used (all I/O is positional).
     let r = unsafe { libc::lseek(f.as_raw_fd(), o, whence) };
     if r >= 0 {
         return Ok(Some(r as u64));

@@ -873,9 +873,7 @@ mod sys {
     ) -> io::Result<usize> {
         let mut off = libc::off_t::try_from(*offset)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: both descriptors belong to objects borrowed for the whole call, so they stay
-        // open; `off` is a live, exclusively borrowed off_t the kernel may update; the kernel
-        // touches no other memory of ours.
+        // SAFETY: both descriptors belong to objects borrowed for the whole call, so they stay open; `off` is a live, exclusively borrowed off_t the kernel may update; the kernel touches no other memory of ours.
         let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
         if n < 0 {
             return Err(io::Error::last_os_error());

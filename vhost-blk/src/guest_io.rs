@@ -35,10 +35,7 @@ pub fn read_into(
         return Err(GuestIoError::NotContiguous(seg.addr.0, seg.len));
     }
     let guard = slice.ptr_guard_mut();
-    // SAFETY: `slice` is `len` bytes of one guest memory region, mapped read-write for as long
-    // as `mem` (borrowed for this whole call) lives, and vablk holds no other reference into it.
-    // The guest gave this buffer to the device until the request completes (virtio 1.2 §2.7);
-    // if it touches it anyway, it only changes its own data, which vablk never interprets.
+    // SAFETY: `slice` is `len` bytes of one guest memory region, mapped read-write for as long as `mem` (borrowed for this whole call) lives, and vablk holds no other reference into it. The guest gave this buffer to the device until the request completes (virtio 1.2 §2.7); if it touches it anyway, it only changes its own data, which vablk never interprets.
     let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), len) };
     dev.read(offset, buf)?;
     slice.bitmap().mark_dirty(0, len);

@@ -589,8 +589,7 @@ pub fn evict_guest_pages(qemu_pid: u32, file: &Path) {
         iov_base: a as *mut libc::c_void,
         iov_len: (b - a) as usize,
     };
-    // SAFETY: `iov` is one valid iovec describing memory of the *other* process; the kernel
-    // only reads `iov` itself here.
+    // SAFETY: `iov` is one valid iovec describing memory of the *other* process; the kernel only reads `iov` itself here.
     let r = unsafe {
         libc::syscall(
             libc::SYS_process_madvise,

@@ -14,8 +14,7 @@ pub(crate) enum TryLock {
 
 fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
     loop {
-        // SAFETY: flock only reads its integer arguments; the descriptor is owned by `file`,
-        // which outlives the call.
+        // SAFETY: flock only reads its integer arguments; the descriptor is owned by `file`, which outlives the call.
         let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
         if rc == 0 {
             return Ok(());
@@ -59,8 +58,7 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool>
         ));
     };
     loop {
-        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`,
-        // which outlives the call.
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`, which outlives the call.
         let rc = unsafe {
             libc::fallocate(
                 file.as_raw_fd(),
@@ -89,8 +87,7 @@ pub(crate) fn nofile_soft_limit() -> Option<u64> {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit writes one `rlimit` through the pointer, which points to a live,
-    // properly aligned local.
+    // SAFETY: getrlimit writes one `rlimit` through the pointer, which points to a live, properly aligned local.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     if rc != 0 {
         return None;
@@ -130,8 +127,7 @@ impl Mapping {
     /// empty length or when mmap fails (the caller then reads with pread).
     pub(crate) fn new(file: &File, len: u64) -> Option<Mapping> {
         let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
-        // SAFETY: a fresh read-only shared mapping of a descriptor we own; the kernel picks the
-        // address, so no existing memory is affected. Failure is reported as MAP_FAILED.
+        // SAFETY: a fresh read-only shared mapping of a descriptor we own; the kernel picks the address, so no existing memory is affected. Failure is reported as MAP_FAILED.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -150,16 +146,14 @@ impl Mapping {
 
     /// The mapped bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` points to `len` readable bytes mapped in `new` and unmapped only in
-        // `drop`; the contents never change (see the type's docs).
+        // SAFETY: `ptr` points to `len` readable bytes mapped in `new` and unmapped only in `drop`; the contents never change (see the type's docs).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region mapped in `new`; no reference from `bytes` can
-        // outlive `self`.
+        // SAFETY: unmaps exactly the region mapped in `new`; no reference from `bytes` can outlive `self`.
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
         }

@@ -15,8 +15,7 @@ pub fn set_linger_zero(s: &TcpStream) -> io::Result<()> {
         l_linger: 0,
     };
     let len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
-    // SAFETY: the descriptor is owned by `s`, which outlives the call; the option value points
-    // to an initialised `linger` whose exact size is passed.
+    // SAFETY: the descriptor is owned by `s`, which outlives the call; the option value points to an initialised `linger` whose exact size is passed.
     let r = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
@@ -69,8 +68,7 @@ impl TermSignals {
             tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
             tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
         };
-        // SAFETY: `set` is initialised, `ts` is a valid timespec and a null siginfo pointer is
-        // allowed.
+        // SAFETY: `set` is initialised, `ts` is a valid timespec and a null siginfo pointer is allowed.
         let r = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
         if r == libc::SIGINT {
             return Ok(Some("SIGINT"));
