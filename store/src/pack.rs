@@ -327,24 +327,15 @@ pub fn pack(
         report.stored_compressed += clen as u64;
         written_c += clen as u64;
         if writer.len() >= opts.max_pack_size {
-            let info = writer.finish(&rel_packs)?;
-            report
-                .new_packs
-                .push(packs_dir.join(file_name_of(&info.path)));
-            let idx = manifest_packs.len() as u32;
-            manifest_packs.push(info);
-            for (h, off, clen) in pending.drain(..) {
-                final_loc.insert(
-                    h,
-                    BlobRef {
-                        pack: idx,
-                        offset: off,
-                        clen,
-                        hash: h,
-                    },
-                );
-            }
-            writer = PackWriter::new(&packs_dir)?;
+            let full = std::mem::replace(&mut writer, PackWriter::new(&packs_dir)?);
+            let idx = seal(
+                full,
+                &rel_packs,
+                &packs_dir,
+                &mut manifest_packs,
+                &mut report,
+            )?;
+            place(&mut pending, idx, &mut final_loc);
         }
         if last_progress.elapsed() > Duration::from_millis(100) {
             progress(Phase::Write, written_c, total_c);
@@ -352,23 +343,14 @@ pub fn pack(
         }
     }
     if !pending.is_empty() {
-        let info = writer.finish(&rel_packs)?;
-        report
-            .new_packs
-            .push(packs_dir.join(file_name_of(&info.path)));
-        let idx = manifest_packs.len() as u32;
-        manifest_packs.push(info);
-        for (h, off, clen) in pending.drain(..) {
-            final_loc.insert(
-                h,
-                BlobRef {
-                    pack: idx,
-                    offset: off,
-                    clen,
-                    hash: h,
-                },
-            );
-        }
+        let idx = seal(
+            writer,
+            &rel_packs,
+            &packs_dir,
+            &mut manifest_packs,
+            &mut report,
+        )?;
+        place(&mut pending, idx, &mut final_loc);
     } else {
         writer.abandon();
     }
@@ -444,12 +426,7 @@ pub fn pack(
         for (h, z, plen, _, _) in &page_blobs {
             at.push(w.append(h, z, *plen)?);
         }
-        let info = w.finish(&rel_packs)?;
-        report
-            .new_packs
-            .push(packs_dir.join(file_name_of(&info.path)));
-        let idx = manifest_packs.len() as u32;
-        manifest_packs.push(info);
+        let idx = seal(w, &rel_packs, &packs_dir, &mut manifest_packs, &mut report)?;
         for ((h, z, plen, i, p), off) in page_blobs.iter().zip(at) {
             images[*i].pages[*p] = PageRef::Stored {
                 blob: BlobRef {
@@ -480,6 +457,35 @@ pub fn pack(
     write_atomic(&out.join("manifest"), &bytes)?;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Finishes a pack, names it in the manifest's pack list and the report; returns its index.
+fn seal(
+    w: PackWriter,
+    rel: &str,
+    dir: &Path,
+    packs: &mut Vec<PackInfo>,
+    report: &mut PackReport,
+) -> Result<u32, PackError> {
+    let info = w.finish(rel)?;
+    report.new_packs.push(dir.join(file_name_of(&info.path)));
+    packs.push(info);
+    Ok((packs.len() - 1) as u32)
+}
+
+/// Records the final location of the blobs just written to pack `idx`.
+fn place(pending: &mut Vec<(Hash, u64, u32)>, idx: u32, out: &mut HashMap<Hash, BlobRef>) {
+    for (hash, offset, clen) in pending.drain(..) {
+        out.insert(
+            hash,
+            BlobRef {
+                pack: idx,
+                offset,
+                clen,
+                hash,
+            },
+        );
+    }
 }
 
 fn file_name_of(p: &str) -> &str {
