@@ -10,6 +10,10 @@
 //! * Every popped chain is counted as in flight on its queue until completed; GET_VRING_BASE
 //!   (VM stop, migration, disconnect) waits for the count to reach zero before answering
 //!   ([`VhostUserBackend::stop_vring`]), so the saved ring state never has requests in flight.
+//! * Every pop and completion is written to the in-flight log ([`crate::ringlog`]) when one
+//!   is configured: a vablk started after one that was killed re-runs the requests that were
+//!   popped and not completed, and skips those completed out of order, when QEMU reconnects
+//!   (done at the first event of each started ring, before anything is popped).
 //! * Guest memory is accessed through `GuestMemoryMmap<BitmapMmapRegion>`: every write into
 //!   guest memory (read data, status bytes, used ring) is marked in the front-end's dirty log
 //!   once it has sent SET_LOG_BASE (protocol feature LOG_SHMFD; virtio feature LOG_ALL).
@@ -24,8 +28,9 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use virtio_queue::{DescriptorChain, QueueOwnedT};
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -33,6 +38,7 @@ use vmm_sys_util::event::{
 
 use crate::config::{DeviceConfig, ID_LEN, MAX_QUEUE_SIZE};
 use crate::request::{self, Limits, Rejected, Request, RequestKind, Segment};
+use crate::ringlog::{Resume, RingAddrs, RingLog};
 use crate::stats::Counters;
 
 /// Guest memory as vablk maps it (with the dirty-log bitmap).
@@ -74,18 +80,22 @@ pub struct Shared {
     pub config: DeviceConfig,
     pub id: [u8; ID_LEN],
     pub counters: Arc<Counters>,
+    /// The in-flight log (None: a restart after a kill resumes at QEMU's base).
+    pub ring_log: Option<Arc<RingLog>>,
     pool: crossbeam_channel::Sender<Job>,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
 
 impl Shared {
-    /// Serves `device` with `num_queues` queues; misses run on `pool_threads` threads.
+    /// Serves `device` with `num_queues` queues; misses run on `pool_threads` threads; pops
+    /// and completions are logged to `ring_log` if given.
     pub fn new(
         device: Arc<dyn BlockDevice>,
         num_queues: u16,
         pool_threads: usize,
         id: [u8; ID_LEN],
+        ring_log: Option<RingLog>,
     ) -> io::Result<Arc<Self>> {
         let config = DeviceConfig {
             size: device.size(),
@@ -108,6 +118,7 @@ impl Shared {
             config,
             id,
             counters: Arc::new(Counters::default()),
+            ring_log: ring_log.map(Arc::new),
             pool: tx,
         }))
     }
@@ -159,6 +170,11 @@ pub struct BlkBackend {
     mem: AtomicMem,
     event_idx: Arc<AtomicBool>,
     inflight: Arc<Vec<InFlight>>,
+    /// Per queue: started (the in-flight log was consulted) since the last stop.
+    started: Arc<Vec<AtomicBool>>,
+    /// Per queue: started at least once on this connection (a connection that never set a ring
+    /// up, like a probe of the socket, must not mark a killed vablk's log clean).
+    touched: Arc<Vec<AtomicBool>>,
     limits: Limits,
 }
 
@@ -172,7 +188,35 @@ impl BlkBackend {
             mem,
             event_idx: Arc::new(AtomicBool::new(false)),
             inflight: Arc::new((0..n).map(|_| InFlight::default()).collect()),
+            started: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
+            touched: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
             limits,
+        }
+    }
+
+    /// The front-end disconnected: its rings are gone, so the in-flight log of every queue
+    /// with nothing in flight is marked clean (a later connection starts fresh).
+    pub fn disconnected(&self) {
+        let Some(log) = &self.shared.ring_log else {
+            return;
+        };
+        for (q, f) in self.inflight.iter().enumerate() {
+            if !self
+                .touched
+                .get(q)
+                .is_some_and(|t| t.load(Ordering::Acquire))
+            {
+                continue;
+            }
+            if f.get() == 0 {
+                log.clean(q as u16);
+            } else {
+                tracing::warn!(
+                    queue = q,
+                    left = f.get(),
+                    "disconnected with requests in flight"
+                );
+            }
         }
     }
 
@@ -183,6 +227,7 @@ impl BlkBackend {
 
     /// Processes everything available on queue `q` (the kick handler).
     pub fn process_queue(&self, q: usize, vring: &Vring) -> Result<(), BackendError> {
+        self.start_queue(q, vring);
         let event_idx = self.event_idx.load(Ordering::Acquire);
         loop {
             if event_idx {
@@ -196,16 +241,105 @@ impl BlkBackend {
         Ok(())
     }
 
+    /// The first event of a started ring: consults the in-flight log and re-runs what a killed
+    /// vablk left in flight. Nothing is popped before this has run.
+    fn start_queue(&self, q: usize, vring: &Vring) {
+        let Some(started) = self.started.get(q) else {
+            return;
+        };
+        if started.load(Ordering::Acquire) {
+            return;
+        }
+        let mem: Arc<Mem> = self.mem.memory().into_inner();
+        let (heads, ring) = {
+            let mut state = vring.get_mut();
+            if started.load(Ordering::Acquire) {
+                return;
+            }
+            let queue = state.get_queue();
+            if !queue.ready() {
+                return;
+            }
+            let ring = RingAddrs {
+                size: queue.size(),
+                desc: queue.desc_table(),
+                avail: queue.avail_ring(),
+                used: queue.used_ring(),
+            };
+            let base = queue.next_avail();
+            started.store(true, Ordering::Release);
+            if let Some(t) = self.touched.get(q) {
+                t.store(true, Ordering::Release);
+            }
+            let Some(log) = &self.shared.ring_log else {
+                return;
+            };
+            let used_idx = match queue.used_idx(&*mem, Ordering::Acquire) {
+                Ok(u) => u.0,
+                Err(e) => {
+                    tracing::warn!(queue = q, "cannot read the used index: {e}");
+                    return;
+                }
+            };
+            let qi = q as u16;
+            let report = log.start(qi, ring, base, used_idx);
+            if let Some(why) = &report.reset {
+                Counters::add(&self.shared.counters.ring_log_resets, 1);
+                tracing::warn!(
+                    queue = q,
+                    "in-flight log did not match the ring, reset: {why}"
+                );
+            }
+            match report.resume {
+                Resume::Fresh => return,
+                Resume::Recover { next_avail, heads } => {
+                    tracing::info!(
+                        queue = q,
+                        requests = heads.len(),
+                        resume_at = next_avail,
+                        base,
+                        "re-running requests left in flight by a vablk that was killed"
+                    );
+                    state.get_queue_mut().set_next_avail(next_avail);
+                    if let Some(f) = self.inflight.get(q) {
+                        f.add(heads.len());
+                    }
+                    Counters::add(&self.shared.counters.recovered, heads.len() as u64);
+                    (heads, ring)
+                }
+            }
+        };
+        let mut completed = 0usize;
+        for head in heads {
+            let descs = request::chain_at(&*mem, GuestAddress(ring.desc), ring.size, head);
+            if self.handle_chain(q, vring, head, descs, &mem) {
+                completed += 1;
+            }
+        }
+        if completed > 0 {
+            self.signal(vring);
+        }
+    }
+
     fn drain_available(&self, q: usize, vring: &Vring) -> Result<(), BackendError> {
         let mem: Arc<Mem> = self.mem.memory().into_inner();
         loop {
-            let chains: Vec<DescriptorChain<Arc<Mem>>> = {
+            let chains: Vec<(u16, Vec<Descriptor>)> = {
                 let mut state = vring.get_mut();
-                let chains: Vec<_> = match state.get_queue_mut().iter(mem.clone()) {
-                    Ok(iter) => iter.collect(),
+                let queue = state.get_queue_mut();
+                let chains: Vec<_> = match queue.iter(mem.clone()) {
+                    Ok(iter) => iter.map(|c| (c.head_index(), c.collect())).collect(),
                     // Not ready (stopped by GET_VRING_BASE, or not yet set up): nothing to do.
                     Err(_) => Vec::new(),
                 };
+                // Logged before anything runs, in pop order (see crate::ringlog).
+                if let Some(log) = &self.shared.ring_log {
+                    let end = queue.next_avail();
+                    let first = end.wrapping_sub(chains.len() as u16);
+                    for (i, (head, _)) in chains.iter().enumerate() {
+                        log.popped(q as u16, *head, first.wrapping_add(i as u16 + 1));
+                    }
+                }
                 // Counted under the vring lock, so a drain never misses a popped chain.
                 if let Some(f) = self.inflight.get(q) {
                     f.add(chains.len());
@@ -216,8 +350,8 @@ impl BlkBackend {
                 return Ok(());
             }
             let mut completed = 0usize;
-            for chain in chains {
-                if self.handle_chain(q, vring, chain, &mem) {
+            for (head, descs) in chains {
+                if self.handle_chain(q, vring, head, descs, &mem) {
                     completed += 1;
                 }
             }
@@ -232,12 +366,12 @@ impl BlkBackend {
         &self,
         q: usize,
         vring: &Vring,
-        chain: DescriptorChain<Arc<Mem>>,
+        head: u16,
+        descs: Vec<Descriptor>,
         mem: &Arc<Mem>,
     ) -> bool {
-        let head = chain.head_index();
         let mem = Arc::clone(mem);
-        let decoded = request::decode(&*mem, chain, &self.limits);
+        let decoded = request::decode(&*mem, descs, &self.limits);
         let c = &self.shared.counters;
         let req = match decoded {
             Ok(req) => req,
@@ -329,8 +463,18 @@ impl BlkBackend {
     }
 
     fn add_used(&self, q: usize, vring: &Vring, head: u16, len: u32) {
-        if let Err(e) = vring.add_used(head, len) {
-            tracing::warn!(queue = q, head, "cannot add used element: {e}");
+        {
+            let mut state = vring.get_mut();
+            let log = self.shared.ring_log.as_deref();
+            if let Some(log) = log {
+                log.completing(q as u16, head);
+            }
+            if let Err(e) = state.add_used(head, len) {
+                tracing::warn!(queue = q, head, "cannot add used element: {e}");
+            }
+            if let Some(log) = log {
+                log.completed(q as u16, head, state.get_queue().next_used());
+            }
         }
         if let Some(f) = self.inflight.get(q) {
             f.done();
@@ -544,8 +688,16 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let start = Instant::now();
+        // A ring stopped before its first event never consulted the log: leave the log as is.
+        let was_started = self
+            .started
+            .get(queue_index as usize)
+            .is_some_and(|s| s.swap(false, Ordering::AcqRel));
         if f.wait_idle(DRAIN_TIMEOUT) {
             tracing::debug!(queue = queue_index, waited = ?start.elapsed(), "queue drained");
+            if let (true, Some(log)) = (was_started, &self.shared.ring_log) {
+                log.clean(queue_index as u16);
+            }
         } else {
             tracing::error!(
                 queue = queue_index,
@@ -673,7 +825,7 @@ mod tests {
             open: Mutex::new(false),
             cv: Condvar::new(),
         });
-        let shared = Shared::new(dev.clone(), 1, 2, crate::config::device_id("t")).unwrap();
+        let shared = Shared::new(dev.clone(), 1, 2, crate::config::device_id("t"), None).unwrap();
         let mem = AtomicMem::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
         let guard = mem.memory();
         let m: &Mem = &guard;
@@ -740,10 +892,85 @@ mod tests {
         );
     }
 
+    /// A vring over the mock queue `q`, as vhost-user-backend sets it up: base `base`, used
+    /// index read from guest memory.
+    fn vring_for(mem: &AtomicMem, q: &MockSplitQueue<'_, Mem>, base: u16) -> Vring {
+        let vring = Vring::new(mem.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            .unwrap();
+        vring.set_queue_next_avail(base);
+        vring.set_queue_next_used(q.used().idx().load());
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        vring
+    }
+
+    #[test]
+    fn restart_after_kill_reruns_in_flight_and_skips_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("sock.inflight");
+        let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let mem = AtomicMem::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+        let guard = mem.memory();
+        let m: &Mem = &guard;
+        let q = MockSplitQueue::create(m, GuestAddress(0), 16);
+
+        // The first vablk: its miss never finishes (it is "killed" with the miss in flight).
+        let gated = Arc::new(Gated {
+            inner: MemDevice::new(data.clone(), false),
+            open: Mutex::new(false),
+            cv: Condvar::new(),
+        });
+        let log = RingLog::open(&log_path, 1).unwrap();
+        let first = Shared::new(gated, 1, 1, crate::config::device_id("t"), Some(log)).unwrap();
+        let vring = vring_for(&mem, &q, 0);
+        add_read(&q, m, 0, 0x10_0000, 0); // position 0, head 0: miss
+        add_read(&q, m, 3, 0x20_0000, 8); // position 1, head 3: hit, completes first
+        BlkBackend::new(first, mem.clone())
+            .process_queue(0, &vring)
+            .unwrap();
+        assert_eq!(q.used().idx().load(), 1);
+        assert_eq!(q.used().ring().ref_at(0).unwrap().load().id(), 3);
+        // Mark head 3's buffer so a second (duplicate) run would show.
+        m.write_obj(0xeeu8, GuestAddress(0x20_1000)).unwrap();
+
+        // The second vablk, on the same log; QEMU sets the base to used->idx = 1.
+        let dev = Arc::new(MemDevice::new(data.clone(), false));
+        let log = RingLog::open(&log_path, 1).unwrap();
+        let second = Shared::new(dev, 1, 1, crate::config::device_id("t"), Some(log)).unwrap();
+        let vring = vring_for(&mem, &q, 1);
+        let backend = BlkBackend::new(second.clone(), mem.clone());
+        backend.process_queue(0, &vring).unwrap();
+        // Head 0 ran and completed; head 3 did not run again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while q.used().idx().load() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(q.used().idx().load(), 2);
+        assert_eq!(q.used().ring().ref_at(1).unwrap().load().id(), 0);
+        let mut got = vec![0u8; 4096];
+        m.read_slice(&mut got, GuestAddress(0x10_1000)).unwrap();
+        assert_eq!(got, data[0..4096]);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_1000)).unwrap(), 0xee);
+        let s = second.counters.snapshot(DevStats::default()).requests;
+        assert_eq!((s.recovered, s.reads, s.ring_log_resets), (1, 1, 0));
+
+        // New requests pop from position 2 on.
+        add_read(&q, m, 6, 0x30_0000, 16);
+        backend.process_queue(0, &vring).unwrap();
+        assert_eq!(q.used().idx().load(), 3);
+        assert_eq!(q.used().ring().ref_at(2).unwrap().load().id(), 6);
+        // A clean stop leaves nothing to recover.
+        backend.stop_vring(0).unwrap();
+        assert!(!second.ring_log.as_ref().unwrap().is_active(0));
+    }
+
     #[test]
     fn bad_chain_gets_ioerr_and_bad_type_unsupp() {
         let dev = Arc::new(MemDevice::new(vec![0u8; 8192], false));
-        let shared = Shared::new(dev, 1, 1, crate::config::device_id("t")).unwrap();
+        let shared = Shared::new(dev, 1, 1, crate::config::device_id("t"), None).unwrap();
         let mem = AtomicMem::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
         let guard = mem.memory();
         let m: &Mem = &guard;

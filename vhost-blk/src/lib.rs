@@ -4,6 +4,7 @@
 //! * [`request`] — decoding of untrusted virtio-blk descriptor chains (the only such code).
 //! * [`config`] — feature bits, protocol features, the virtio-blk config space.
 //! * [`backend`] — queue workers, miss pool, request execution, drain on GET_VRING_BASE.
+//! * [`ringlog`] — the in-flight log that lets a restarted vablk resume a killed one's rings.
 //! * [`socket`] — the listening socket (0600, stale replaced, live refused).
 //! * [`stats`] — counters (printed on exit, `--stats FILE`).
 //! * [`guest_io`] — zero-copy reads into guest memory (the only `unsafe`).
@@ -16,6 +17,7 @@ pub mod config;
 pub mod file_device;
 pub mod guest_io;
 pub mod request;
+pub mod ringlog;
 pub mod socket;
 pub mod stats;
 
@@ -46,7 +48,7 @@ pub fn serve(listener: UnixListener, shared: Arc<Shared>) -> Result<(), ServeErr
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = BlkBackend::new(Arc::clone(&shared), mem.clone());
-        let mut daemon = VhostUserDaemon::new("vablk".to_string(), backend, mem)
+        let mut daemon = VhostUserDaemon::new("vablk".to_string(), backend.clone(), mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         daemon
             .start(&mut listener)
@@ -57,5 +59,6 @@ pub fn serve(listener: UnixListener, shared: Arc<Shared>) -> Result<(), ServeErr
             Ok(()) => tracing::info!("front-end disconnected"),
             Err(e) => tracing::info!("front-end connection ended: {e}"),
         }
+        backend.disconnected();
     }
 }

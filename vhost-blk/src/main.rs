@@ -61,6 +61,18 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: u16,
 
+    /// The in-flight log (default: SOCKET.inflight): a small file in which vablk notes every
+    /// request it takes from the rings and completes, so that a vablk restarted after being
+    /// killed resumes exactly (re-runs what was in flight, skips what completed out of order).
+    /// Keep it on a local filesystem; it is rewritten at every request and needs no fsync.
+    #[arg(long, value_name = "PATH")]
+    inflight_log: Option<PathBuf>,
+
+    /// Do not keep an in-flight log. A vablk restarted after a kill then resumes where QEMU
+    /// says (the guest's used index), which loses or repeats requests completed out of order.
+    #[arg(long, conflicts_with = "inflight_log")]
+    no_inflight_log: bool,
+
     /// Record the first access to every chunk here, with a timestamp (the working-set trace
     /// format of va_store::trace).
     #[arg(long, value_name = "FILE")]
@@ -141,11 +153,21 @@ fn main() -> anyhow::Result<()> {
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let (device, tag, _prefetcher) = open_device(&args)?;
     let listener = vablk::socket::bind(&args.socket)?;
+    let ring_log = if args.no_inflight_log {
+        None
+    } else {
+        let path = args
+            .inflight_log
+            .clone()
+            .unwrap_or_else(|| vablk::ringlog::default_path(&args.socket));
+        Some(vablk::ringlog::RingLog::open(&path, args.queues)?)
+    };
     let shared = Shared::new(
         device,
         args.queues,
         args.miss_threads,
         vablk::config::device_id(&tag),
+        ring_log,
     )
     .context("starting the miss pool")?;
     tracing::info!(

@@ -37,6 +37,10 @@ pub struct Counters {
     pub pool_wait_max_us: AtomicU64,
     /// Front-end (QEMU) connections accepted so far.
     pub connections: AtomicU64,
+    /// Requests re-run at start because a killed vablk left them in flight (in-flight log).
+    pub recovered: AtomicU64,
+    /// Times the in-flight log did not match a ring and was reset.
+    pub ring_log_resets: AtomicU64,
 }
 
 impl Counters {
@@ -73,6 +77,8 @@ impl Counters {
                 pool_wait_us: g(&self.pool_wait_us),
                 pool_wait_max_us: g(&self.pool_wait_max_us),
                 connections: g(&self.connections),
+                recovered: g(&self.recovered),
+                ring_log_resets: g(&self.ring_log_resets),
             },
             device: DeviceStats::from(device),
         }
@@ -98,6 +104,8 @@ pub struct RequestStats {
     pub pool_wait_us: u64,
     pub pool_wait_max_us: u64,
     pub connections: u64,
+    pub recovered: u64,
+    pub ring_log_resets: u64,
 }
 
 /// Serializable copy of [`DevStats`] (hits, misses, miss latency, fetched bytes...).

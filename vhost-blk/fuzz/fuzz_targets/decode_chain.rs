@@ -4,12 +4,14 @@
 //! entries) is at 0, the available ring at 0x100, the used ring at 0x200: so the input controls
 //! the descriptors (addresses, lengths, flags, next links, indirect tables), the chain head and
 //! every byte the decoder reads (headers, discard segments). The first byte picks the capacity.
+//! It also checks that `chain_at` (the walker that re-runs chains after a restart) yields the
+//! same descriptors as virtio-queue's chain iterator.
 //!
 //!   cargo +nightly fuzz run decode_chain      (from vhost-blk/)
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vablk::request::{decode, Limits};
+use vablk::request::{chain_at, decode, Limits};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -37,8 +39,16 @@ fuzz_target!(|data: &[u8]| {
         max_write_zeroes_seg: 4,
         max_write_zeroes_sectors: 64,
     };
+    let head = mem.read_obj::<u16>(GuestAddress(0x104)).unwrap_or(0);
     let Ok(mut iter) = q.iter(&mem) else { return };
     if let Some(chain) = iter.next() {
+        // The walker used to re-run chains after a restart sees the same descriptors.
+        let walked: Vec<_> = chain_at(&mem, GuestAddress(0), 16, head)
+            .iter()
+            .map(|d| (d.addr().0, d.len(), d.flags()))
+            .collect();
+        let iterated: Vec<_> = chain.clone().map(|d| (d.addr().0, d.len(), d.flags())).collect();
+        assert_eq!(walked, iterated);
         match decode(&mem, chain, &limits) {
             Ok(req) => {
                 // Everything a valid request points at is inside guest memory.
