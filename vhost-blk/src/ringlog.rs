@@ -421,14 +421,26 @@ mod tests {
         RingLog::open(&dir.join("log"), 2).unwrap()
     }
 
+    fn rec(next_avail: u16, heads: &[u16]) -> Resume {
+        Resume::Recover {
+            next_avail,
+            heads: heads.to_vec(),
+        }
+    }
+
+    /// Logs a whole completion of `head` (the used index becomes `used_idx`).
+    fn complete(log: &RingLog, q: u16, head: u16, used_idx: u16) {
+        log.completing(q, head);
+        log.completed(q, head, used_idx);
+    }
+
     #[test]
     fn fresh_start_then_clean_restart_is_fresh() {
         let d = tempfile::tempdir().unwrap();
         let log = open(d.path());
         assert_eq!(log.start(0, RING, 0, 0).resume, Resume::Fresh);
         log.popped(0, 3, 1);
-        log.completing(0, 3);
-        log.completed(0, 3, 1);
+        complete(&log, 0, 3, 1);
         log.clean(0);
         drop(log);
         let log = open(d.path());
@@ -445,21 +457,13 @@ mod tests {
         log.popped(1, 5, 11);
         log.popped(1, 6, 12);
         log.popped(1, 7, 13);
-        log.completing(1, 7);
-        log.completed(1, 7, 11);
-        log.completing(1, 5);
-        log.completed(1, 5, 12);
+        complete(&log, 1, 7, 11);
+        complete(&log, 1, 5, 12);
         drop(log); // killed
         let log = open(d.path());
         // QEMU resumes at used->idx = 12.
         let r = log.start(1, RING, 12, 12);
-        assert_eq!(
-            r.resume,
-            Resume::Recover {
-                next_avail: 13,
-                heads: vec![6]
-            }
-        );
+        assert_eq!(r.resume, rec(13, &[6]));
         // The other queue was never started: fresh.
         assert_eq!(log.start(0, RING, 0, 0).resume, Resume::Fresh);
     }
@@ -474,33 +478,15 @@ mod tests {
         // Killed after publishing head 2 (used->idx = 1), before logging it.
         log.completing(0, 2);
         let r = log.start(0, RING, 1, 1);
-        assert_eq!(
-            r.resume,
-            Resume::Recover {
-                next_avail: 2,
-                heads: vec![1]
-            }
-        );
+        assert_eq!(r.resume, rec(2, &[1]));
         // Killed before publishing head 1: still in flight.
         log.completing(0, 1);
         let r = log.start(0, RING, 1, 1);
-        assert_eq!(
-            r.resume,
-            Resume::Recover {
-                next_avail: 2,
-                heads: vec![1]
-            }
-        );
+        assert_eq!(r.resume, rec(2, &[1]));
         // Killed between flagging head 9 and advancing next_avail: head 9 counts.
         log.set_flag(0, 9, true);
         let r = log.start(0, RING, 1, 1);
-        assert_eq!(
-            r.resume,
-            Resume::Recover {
-                next_avail: 3,
-                heads: vec![1, 9]
-            }
-        );
+        assert_eq!(r.resume, rec(3, &[1, 9]));
     }
 
     #[test]
@@ -534,16 +520,9 @@ mod tests {
         log.start(0, RING, 65535, 65535);
         log.popped(0, 0, 0);
         log.popped(0, 1, 1);
-        log.completing(0, 1);
-        log.completed(0, 1, 0);
+        complete(&log, 0, 1, 0);
         let r = log.start(0, RING, 0, 0);
-        assert_eq!(
-            r.resume,
-            Resume::Recover {
-                next_avail: 1,
-                heads: vec![0]
-            }
-        );
+        assert_eq!(r.resume, rec(1, &[0]));
     }
 
     #[test]
