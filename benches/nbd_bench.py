@@ -196,7 +196,7 @@ def main():
     a = ap.parse_args()
     for t in ["fio", "nbdkit", "qemu-nbd", "nbdcopy", "nginx"]:
         need(t)
-    pkgs = ["-p", "va-nbd"] + ([] if a.no_appliance else ["-p", "va"])
+    pkgs = ["-p", "vanbd"] + ([] if a.no_appliance else ["-p", "va"])
     subprocess.run(["cargo", "build", "--release", "-q", *pkgs], cwd=ROOT, check=True)
     vanbd = os.path.join(REL, "vanbd")
     va = os.path.join(REL, "va")

@@ -7,7 +7,7 @@
 # --appliance (the raw file packed with `va pack`, served by `va serve`, local cache warmed
 # first: the product's path through overlay/index/cache); qsd --blockdev driver=file (page
 # cache, aio=threads). Then a cold run: vablk --appliance through `va wan` (COLD_RATE, COLD_RTT;
-# default 100mbit, 40ms) with an empty cache. The client is vhost-blk/examples/blkio_bench.rs
+# default 100mbit, 40ms) with an empty cache. The client is vablk/examples/blkio_bench.rs
 # (the `blkio` crate's virtio-blk-vhost-user driver: libblkio's Rust implementation, no C
 # library needed). Workloads: 4 KiB random read at QD1 and QD32, 1 MiB sequential read (QD4).
 # Back-ends are alternated round by round. Prints a table and writes

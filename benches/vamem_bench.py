@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """vamem bench: how soon a restored VM runs, and what a warm fault costs.
 
-Restore: the test guest (tests/guest, `va.test=memcheck`: 32 MiB of random data in guest RAM,
+Restore: the test guest (va-tests/guest, `va.test=memcheck`: 32 MiB of random data in guest RAM,
 MD5-checked in a loop, one `VA-MEM ok` line per check) is snapshotted with `va snapshot`, packed
 with `va pack`, served by `va serve` behind `va wan`, and restored with `-incoming defer`,
 x-ignore-shared and `migrate-incoming file:STATE`. Measured: seconds from QMP `cont` to the
@@ -11,7 +11,7 @@ guest's first line (its first full memory check) and bytes fetched, for
   prefetch vamem (prefetch in pack order, which is plain logical order here: no --plan)
 at 100 Mbit/s / 40 ms and 20 Mbit/s / 60 ms.
 
-Warm fault: a host-side reader (mem-server/examples/fault_probe.rs) maps the RAM file with
+Warm fault: a host-side reader (vamem/examples/fault_probe.rs) maps the RAM file with
 MADV_RANDOM and touches random 4 KiB pages not in the page cache: on vamem with every chunk in
 the local cache (one FUSE READ each), and on a tmpfs copy (minor faults). p50/p99 in us.
 
@@ -250,7 +250,7 @@ def main():
     t_start = time.monotonic()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "va", "-p", "vamem",
                     "--example", "fault_probe"], cwd=ROOT, check=True)
-    subprocess.run(["bash", os.path.join(ROOT, "tests/guest/build.sh"),
+    subprocess.run(["bash", os.path.join(ROOT, "va-tests/guest/build.sh"),
                     os.path.join(ROOT, "target/guest")], check=True)
     work = tempfile.mkdtemp(prefix="vamem-bench-")
     try:

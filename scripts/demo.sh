@@ -30,7 +30,7 @@ cargo build --release -q --workspace --bins
 B=$PWD/target/release
 W=$PWD/target/demo
 mkdir -p "$W"
-bash tests/guest/build.sh target/guest >&2
+bash va-tests/guest/build.sh target/guest >&2
 
 if [ ! -f "$W/root/.complete" ]; then
   say "building the appliance: Debian bookworm minbase + python3 (debootstrap, once)"

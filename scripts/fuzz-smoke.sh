@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target of va-store (store/fuzz) for a short time each.
+# Runs every cargo-fuzz target of va-store (va-store/fuzz) for a short time each.
 #
 # Usage: scripts/fuzz-smoke.sh [SECONDS] [TARGET...]
 #   SECONDS  time per target (default 15)
-#   TARGET   targets to run (default: all, see `cargo fuzz list` in store/fuzz)
+#   TARGET   targets to run (default: all, see `cargo fuzz list` in va-store/fuzz)
 #
 # Installs cargo-fuzz (crates.io) if it is missing. Works on the stable toolchain:
 # RUSTC_BOOTSTRAP=1 lets stable rustc accept the -Z flags cargo-fuzz passes (sanitizer,
-# coverage instrumentation). The corpus grows in store/fuzz/corpus/<target>/ (seeded from the
-# committed store/fuzz/seeds/<target>/); crashing inputs land in store/fuzz/artifacts/<target>/
-# and each run's log in store/fuzz/target/fuzz-logs/<target>.log.
+# coverage instrumentation). The corpus grows in va-store/fuzz/corpus/<target>/ (seeded from the
+# committed va-store/fuzz/seeds/<target>/); crashing inputs land in va-store/fuzz/artifacts/<target>/
+# and each run's log in va-store/fuzz/target/fuzz-logs/<target>.log.
 # Environment: FUZZ_SANITIZER (address, the default, or none), FUZZ_ARGS (extra libFuzzer
 # arguments, e.g. "-jobs=2").
 #
@@ -47,7 +47,7 @@ log "building ${#targets[@]} target(s) (sanitizer: $sanitizer)"
 mkdir -p target/fuzz-logs
 if ! cargo fuzz build --sanitizer "$sanitizer" >target/fuzz-logs/build.log 2>&1; then
   tail -n 30 target/fuzz-logs/build.log >&2
-  log "build failed (log: store/fuzz/target/fuzz-logs/build.log)"
+  log "build failed (log: va-store/fuzz/target/fuzz-logs/build.log)"
   exit 1
 fi
 failed=()
@@ -63,7 +63,7 @@ for t in "${targets[@]}"; do
     "${extra[@]}" ${FUZZ_ARGS:-} >"$logf" 2>&1; then
     result=ok
   else
-    result="FAILED (log: store/fuzz/$logf)"
+    result="FAILED (log: va-store/fuzz/$logf)"
     failed+=("$t")
   fi
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$logf" | tail -n1)
@@ -76,7 +76,7 @@ if [ ${#failed[@]} -gt 0 ]; then
   log "crashed: ${failed[*]}"
   for t in "${failed[@]}"; do
     grep -m3 -E 'panicked at|ERROR: |SUMMARY' "target/fuzz-logs/$t.log" | sed "s/^/  $t: /" >&2 || true
-    ls "artifacts/$t" 2>/dev/null | sed "s|^|  reproduce: cd store/fuzz \&\& RUSTC_BOOTSTRAP=1 cargo fuzz run $t artifacts/$t/|" >&2 || true
+    ls "artifacts/$t" 2>/dev/null | sed "s|^|  reproduce: cd va-store/fuzz \&\& RUSTC_BOOTSTRAP=1 cargo fuzz run $t artifacts/$t/|" >&2 || true
   done
   exit 1
 fi

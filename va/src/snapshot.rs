@@ -237,7 +237,7 @@ fn find_memdev(q: &mut Qmp, ram: &Path) -> anyhow::Result<(String, u64)> {
     )
 }
 
-/// Describes the machine (see mem-server/src/machine.rs for the format).
+/// Describes the machine (see vamem/src/machine.rs for the format).
 fn describe(q: &mut Qmp, memdev: &str, ram_size: u64) -> anyhow::Result<Value> {
     let mtype = q
         .cmd("qom-get", json!({"path": "/machine", "property": "type"}))?

@@ -1,0 +1,707 @@
+//! An opened bundle: the verified manifest, index pages loaded on demand, and the chunk fetcher.
+//!
+//! Trust: when the appliance URL pins the manifest digest (`URL#<hex>` or `--digest`), the
+//! manifest is checked against it; every index page and every chunk is checked against the
+//! BLAKE3 hash its parent names. So nothing reaches a reader that was not packed. Without a
+//! pin, the manifest is trusted on first use (its checksum trailer still catches corruption).
+//!
+//! Fetching: a read that misses names the chunks it needs; the fetcher claims them (a chunk
+//! being fetched by another thread is waited for, not fetched twice), sorts them by pack and
+//! offset, coalesces neighbours into single range requests, decompresses and verifies each
+//! blob (on a mismatch it refetches that blob once, then fails with a clear error), puts it in
+//! the local cache and hands the plain bytes to the caller.
+//!
+//! The manifest is also kept in the cache directory (`manifests/<BLAKE3 of the URL>`), and
+//! index pages are kept in the chunk cache, so a warm restart works with the origin down.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Instant;
+
+use crate::cache::{CacheError, ChunkCache};
+use crate::format::{BlobRef, ChunkEntry, FormatError, ImageInfo, ImageKind, Manifest, PageRef};
+use crate::origin::{self, Origin, OriginError, OriginOptions};
+use crate::Hash;
+
+/// Errors of an opened appliance.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplianceError {
+    #[error(transparent)]
+    Origin(#[from] OriginError),
+    #[error("no manifest at {0} (is this a vastream bundle directory?)")]
+    NoManifest(String),
+    #[error("{location}: {source}")]
+    Format {
+        location: String,
+        source: FormatError,
+    },
+    #[error("manifest at {location} has digest {got}, but {expected} was asked for: refusing it")]
+    DigestMismatch {
+        location: String,
+        expected: Hash,
+        got: Hash,
+    },
+    #[error(
+        "{what} {hash} from {location} failed verification twice ({detail}): refusing to serve it"
+    )]
+    Verify {
+        what: &'static str,
+        hash: Hash,
+        location: String,
+        detail: String,
+    },
+    #[error("local cache: {0}")]
+    Cache(CacheError),
+    #[error("the appliance at {location} has no {kind} image")]
+    NoImage { location: String, kind: ImageKind },
+    #[error("{kind} chunk {chunk} is past the end of the image ({chunks} chunks)")]
+    ChunkRange {
+        kind: ImageKind,
+        chunk: u64,
+        chunks: u64,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<CacheError> for ApplianceError {
+    fn from(e: CacheError) -> Self {
+        ApplianceError::Cache(e)
+    }
+}
+
+/// How to open an appliance.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Expected manifest digest (overrides none given in the URL; must agree with one given).
+    pub digest: Option<Hash>,
+    /// Local cache directory (`None`: no local cache, e.g. for `va cat`).
+    pub cache_dir: Option<PathBuf>,
+    /// Cache bound in bytes.
+    pub cache_size: u64,
+    /// Origin connection behaviour.
+    pub origin: OriginOptions,
+}
+
+/// Counters of the fetcher.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchStats {
+    /// Range requests issued.
+    pub requests: u64,
+    /// Compressed bytes received.
+    pub fetched_bytes: u64,
+    /// Chunks (and pages) fetched and verified.
+    pub blobs: u64,
+    /// Blobs that failed verification (and were refetched).
+    pub verify_failures: u64,
+}
+
+/// Largest single range request.
+const MAX_REQUEST: u64 = 16 << 20;
+/// Gap between two needed blobs below which one request reads across it.
+const MAX_GAP: u64 = 64 << 10;
+
+struct InFlight {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// An opened appliance.
+pub struct Appliance {
+    origin: Arc<dyn Origin>,
+    location: String,
+    manifest: Manifest,
+    digest: Hash,
+    cache: Option<Arc<ChunkCache>>,
+    inserter: Option<Inserter>,
+    /// Decoded index pages: per manifest image, per page.
+    pages: Vec<Vec<OnceLock<Arc<Vec<ChunkEntry>>>>>,
+    inflight: Mutex<HashMap<Hash, Arc<InFlight>>>,
+    requests: AtomicU64,
+    fetched: AtomicU64,
+    blobs: AtomicU64,
+    verify_failures: AtomicU64,
+    /// Demand (foreground) fetches under way; the prefetcher waits while this is non-zero.
+    demand: AtomicU64,
+}
+
+/// Most chunks waiting for their cache insert (beyond it, inserts happen inline).
+const MAX_PENDING_INSERTS: usize = 1024;
+
+type Pending = Mutex<HashMap<Hash, Arc<Vec<u8>>, crate::counter::DigestBuildHasher>>;
+
+/// Writes fetched chunks into the cache off the reader's path. Until a chunk's insert is done
+/// it is served from `pending`, so nobody waits for the cache file's sync.
+struct Inserter {
+    cache: Arc<ChunkCache>,
+    pending: Arc<Pending>,
+    tx: Option<crossbeam_channel::Sender<Hash>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Inserter {
+    fn new(cache: Arc<ChunkCache>) -> Inserter {
+        let pending: Arc<Pending> = Arc::default();
+        let (tx, rx) = crossbeam_channel::bounded::<Hash>(MAX_PENDING_INSERTS);
+        let (c, p) = (cache.clone(), pending.clone());
+        let thread = std::thread::Builder::new()
+            .name("va-cache-insert".into())
+            .spawn(move || {
+                for h in rx {
+                    let data = p.lock().ok().and_then(|m| m.get(&h).cloned());
+                    if let Some(data) = data {
+                        if let Err(e) = c.insert(&h, &data) {
+                            tracing::warn!("cache insert failed: {e}");
+                        }
+                    }
+                    if let Ok(mut m) = p.lock() {
+                        m.remove(&h);
+                    }
+                }
+            })
+            .ok();
+        Inserter {
+            cache,
+            pending,
+            tx: thread.as_ref().map(|_| tx),
+            thread,
+        }
+    }
+
+    fn submit(&self, h: Hash, plain: Vec<u8>) {
+        let queued = self.tx.as_ref().is_some_and(|tx| {
+            if let Ok(mut m) = self.pending.lock() {
+                m.insert(h, Arc::new(plain.clone()));
+            }
+            tx.try_send(h).is_ok()
+        });
+        if !queued {
+            if let Err(e) = self.cache.insert(&h, &plain) {
+                tracing::warn!("cache insert failed: {e}");
+            }
+            if let Ok(mut m) = self.pending.lock() {
+                m.remove(&h);
+            }
+        }
+    }
+
+    fn read(&self, h: &Hash, offset: usize, buf: &mut [u8]) -> Option<bool> {
+        let m = self.pending.lock().ok()?;
+        let d = m.get(h)?;
+        Some(match d.get(offset..offset.checked_add(buf.len())?) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn contains(&self, h: &Hash) -> bool {
+        self.pending.lock().is_ok_and(|m| m.contains_key(h)) || self.cache.contains(h)
+    }
+}
+
+impl Drop for Inserter {
+    fn drop(&mut self) {
+        self.tx = None; // the thread drains the queue, then ends
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Marks a demand fetch in flight for as long as it lives.
+struct DemandGuard<'a>(&'a AtomicU64);
+
+impl Drop for DemandGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for Appliance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Appliance")
+            .field("location", &self.location)
+            .field("digest", &self.digest)
+            .finish()
+    }
+}
+
+impl Appliance {
+    /// Opens the appliance at `url` (`http(s)://…/`, `file:///…`, a directory; `#<hex>` pins
+    /// the manifest digest).
+    pub fn open(url: &str, opts: &OpenOptions) -> Result<Arc<Appliance>, ApplianceError> {
+        let (base, url_digest) = origin::split_digest(url)?;
+        let digest_pin = match (url_digest, opts.digest) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ApplianceError::Other(format!(
+                    "the URL pins digest {a} but --digest says {b}"
+                )))
+            }
+            (a, b) => a.or(b),
+        };
+        let origin = origin::open(&base, &opts.origin)?;
+        let location = origin.describe("manifest");
+        let saved = opts
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join("manifests").join(Hash::of(base.as_bytes()).to_hex()));
+        let bytes = match origin.get_file("manifest", crate::format::MAX_MANIFEST) {
+            Ok(b) => {
+                if let Some(p) = &saved {
+                    save_manifest(p, &b);
+                }
+                b
+            }
+            Err(e) if e.is_not_found() => return Err(ApplianceError::NoManifest(location)),
+            Err(e) => match saved.as_ref().and_then(|p| std::fs::read(p).ok()) {
+                Some(b) => {
+                    tracing::warn!(
+                        "origin unreachable ({e}); using the manifest saved in the local cache"
+                    );
+                    b
+                }
+                None => return Err(e.into()),
+            },
+        };
+        let digest = Hash::of(&bytes);
+        if let Some(expected) = digest_pin {
+            if expected != digest {
+                return Err(ApplianceError::DigestMismatch {
+                    location,
+                    expected,
+                    got: digest,
+                });
+            }
+        }
+        let manifest = Manifest::decode(&bytes).map_err(|source| ApplianceError::Format {
+            location: location.clone(),
+            source,
+        })?;
+        let cache = match &opts.cache_dir {
+            Some(d) => Some(Arc::new(ChunkCache::open(d, opts.cache_size)?)),
+            None => None,
+        };
+        let pages = manifest
+            .images
+            .iter()
+            .map(|i| (0..i.pages.len()).map(|_| OnceLock::new()).collect())
+            .collect();
+        tracing::debug!(%location, %digest, "opened appliance");
+        Ok(Arc::new(Appliance {
+            origin,
+            location,
+            manifest,
+            digest,
+            inserter: cache.clone().map(Inserter::new),
+            cache,
+            pages,
+            inflight: Mutex::new(HashMap::new()),
+            requests: AtomicU64::new(0),
+            fetched: AtomicU64::new(0),
+            blobs: AtomicU64::new(0),
+            verify_failures: AtomicU64::new(0),
+            demand: AtomicU64::new(0),
+        }))
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The appliance identity (BLAKE3 of the manifest).
+    pub fn digest(&self) -> Hash {
+        self.digest
+    }
+
+    /// Where the manifest came from.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// The local cache, if any.
+    pub fn cache(&self) -> Option<&Arc<ChunkCache>> {
+        self.cache.as_ref()
+    }
+
+    /// The image of `kind`, or an error naming the appliance.
+    pub fn image(&self, kind: ImageKind) -> Result<&ImageInfo, ApplianceError> {
+        self.manifest
+            .image(kind)
+            .ok_or_else(|| ApplianceError::NoImage {
+                location: self.location.clone(),
+                kind,
+            })
+    }
+
+    fn image_index(&self, kind: ImageKind) -> Result<usize, ApplianceError> {
+        self.manifest
+            .images
+            .iter()
+            .position(|i| i.kind == kind)
+            .ok_or_else(|| ApplianceError::NoImage {
+                location: self.location.clone(),
+                kind,
+            })
+    }
+
+    /// Fetcher counters.
+    pub fn stats(&self) -> FetchStats {
+        FetchStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            fetched_bytes: self.fetched.load(Ordering::Relaxed),
+            blobs: self.blobs.load(Ordering::Relaxed),
+            verify_failures: self.verify_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The index entry of chunk `chunk` of image `kind` (fetching its page if needed).
+    pub fn entry(&self, kind: ImageKind, chunk: u64) -> Result<ChunkEntry, ApplianceError> {
+        let ii = self.image_index(kind)?;
+        let img = &self.manifest.images[ii];
+        let chunks = self.manifest.chunks_of(img.size);
+        if chunk >= chunks {
+            return Err(ApplianceError::ChunkRange {
+                kind,
+                chunk,
+                chunks,
+            });
+        }
+        let pc = self.manifest.page_chunks as u64;
+        let page = self.page(ii, chunk / pc)?;
+        page.get((chunk % pc) as usize)
+            .copied()
+            .ok_or_else(|| ApplianceError::Other("internal: short page".into()))
+    }
+
+    /// Whether the index page holding `chunk` is already loaded (no network needed for it).
+    pub fn page_loaded(&self, kind: ImageKind, chunk: u64) -> bool {
+        let Ok(ii) = self.image_index(kind) else {
+            return false;
+        };
+        let p = (chunk / self.manifest.page_chunks as u64) as usize;
+        match self.manifest.images[ii].pages.get(p) {
+            Some(PageRef::Zero) => true,
+            Some(PageRef::Stored { .. }) => self.pages[ii][p].get().is_some(),
+            None => false,
+        }
+    }
+
+    fn page(&self, ii: usize, p: u64) -> Result<Arc<Vec<ChunkEntry>>, ApplianceError> {
+        let slot = &self.pages[ii][p as usize];
+        if let Some(x) = slot.get() {
+            return Ok(x.clone());
+        }
+        let img = &self.manifest.images[ii];
+        let entries = match img.pages[p as usize] {
+            PageRef::Zero => vec![ChunkEntry::Zero; self.manifest.page_len(img.size, p) as usize],
+            PageRef::Stored { blob, plen } => {
+                let mut plain = None;
+                self.fetch_blobs("index page", &[(blob, plen)], &mut |_, bytes| {
+                    plain = Some(bytes.to_vec())
+                })?;
+                let plain = plain
+                    .ok_or_else(|| ApplianceError::Other("internal: page not delivered".into()))?;
+                self.manifest
+                    .decode_page(img, p, &plain)
+                    .map_err(|source| ApplianceError::Format {
+                        location: self
+                            .origin
+                            .describe(&self.manifest.packs[blob.pack as usize].path),
+                        source,
+                    })?
+            }
+        };
+        let _ = slot.set(Arc::new(entries));
+        slot.get()
+            .cloned()
+            .ok_or_else(|| ApplianceError::Other("internal: page slot".into()))
+    }
+
+    /// Plain length of chunk `chunk` of image `kind`.
+    pub fn chunk_len(&self, kind: ImageKind, chunk: u64) -> u32 {
+        self.manifest
+            .image(kind)
+            .map(|i| self.manifest.chunk_len(i.size, chunk))
+            .unwrap_or(0)
+    }
+
+    /// Copies bytes of chunk `h` from the local cache (or a chunk still being written to it);
+    /// `Ok(false)` when it is not local.
+    pub fn read_cached(
+        &self,
+        h: &Hash,
+        offset: u32,
+        buf: &mut [u8],
+    ) -> Result<bool, ApplianceError> {
+        let Some(c) = &self.cache else {
+            return Ok(false);
+        };
+        if c.read(h, offset, buf)? {
+            return Ok(true);
+        }
+        Ok(self
+            .inserter
+            .as_ref()
+            .and_then(|i| i.read(h, offset as usize, buf))
+            .unwrap_or(false))
+    }
+
+    /// Whether chunk `h` is local (in the cache, or fetched and being written to it).
+    pub fn is_cached(&self, h: &Hash) -> bool {
+        self.inserter.as_ref().is_some_and(|i| i.contains(h))
+    }
+
+    /// Demand fetches in flight right now.
+    pub fn demand_in_flight(&self) -> u64 {
+        self.demand.load(Ordering::Acquire)
+    }
+
+    /// Delivers the plain bytes of every distinct blob in `want` to `sink` (in any order),
+    /// from the local cache when present there, else from the origin (coalesced, verified,
+    /// cached). Each distinct hash is delivered exactly once. `what` names the blobs in
+    /// messages ("chunk"). This is a demand fetch: background prefetching yields to it.
+    pub fn fetch_blobs(
+        &self,
+        what: &'static str,
+        want: &[(BlobRef, u32)],
+        sink: &mut dyn FnMut(&BlobRef, &[u8]),
+    ) -> Result<(), ApplianceError> {
+        self.demand.fetch_add(1, Ordering::AcqRel);
+        let _g = DemandGuard(&self.demand);
+        self.fetch_blobs_inner(what, want, sink)
+    }
+
+    /// Like [`Appliance::fetch_blobs`], for background work (does not hold off prefetching).
+    pub fn fetch_blobs_background(
+        &self,
+        what: &'static str,
+        want: &[(BlobRef, u32)],
+        sink: &mut dyn FnMut(&BlobRef, &[u8]),
+    ) -> Result<(), ApplianceError> {
+        self.fetch_blobs_inner(what, want, sink)
+    }
+
+    fn fetch_blobs_inner(
+        &self,
+        what: &'static str,
+        want: &[(BlobRef, u32)],
+        sink: &mut dyn FnMut(&BlobRef, &[u8]),
+    ) -> Result<(), ApplianceError> {
+        let mut todo: Vec<(BlobRef, u32)> = Vec::with_capacity(want.len());
+        let mut buf = Vec::new();
+        for &(b, plen) in want {
+            if todo.iter().any(|(x, _)| x.hash == b.hash) {
+                continue;
+            }
+            if self.cached_blob(&b, plen, &mut buf)? {
+                sink(&b, &buf);
+            } else {
+                todo.push((b, plen));
+            }
+        }
+        while !todo.is_empty() {
+            // Claim what nobody else is fetching; wait for the rest, then look again.
+            let mut mine = Vec::new();
+            let mut theirs = Vec::new();
+            {
+                let mut inflight = self
+                    .inflight
+                    .lock()
+                    .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                for (b, plen) in todo.drain(..) {
+                    match inflight.get(&b.hash) {
+                        Some(f) if self.cache.is_some() => theirs.push((b, plen, f.clone())),
+                        _ => {
+                            inflight.insert(
+                                b.hash,
+                                Arc::new(InFlight {
+                                    done: Mutex::new(false),
+                                    cv: Condvar::new(),
+                                }),
+                            );
+                            mine.push((b, plen));
+                        }
+                    }
+                }
+            }
+            let r = self.fetch_from_origin(what, &mine, sink);
+            {
+                let mut inflight = self
+                    .inflight
+                    .lock()
+                    .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                for (b, _) in &mine {
+                    if let Some(f) = inflight.remove(&b.hash) {
+                        if let Ok(mut d) = f.done.lock() {
+                            *d = true;
+                        }
+                        f.cv.notify_all();
+                    }
+                }
+            }
+            r?;
+            for (b, plen, f) in theirs {
+                let mut d = f
+                    .done
+                    .lock()
+                    .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                while !*d {
+                    d =
+                        f.cv.wait(d)
+                            .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                }
+                drop(d);
+                if self.cached_blob(&b, plen, &mut buf)? {
+                    sink(&b, &buf);
+                } else {
+                    // The other fetch failed or the chunk was evicted already: try ourselves.
+                    todo.push((b, plen));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cached_blob(
+        &self,
+        b: &BlobRef,
+        plen: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, ApplianceError> {
+        let Some(c) = &self.cache else {
+            return Ok(false);
+        };
+        buf.resize(plen as usize, 0);
+        if let Some(hit) = self.inserter.as_ref().and_then(|i| i.read(&b.hash, 0, buf)) {
+            return Ok(hit);
+        }
+        Ok(c.read(&b.hash, 0, buf)?)
+    }
+
+    /// Fetches blobs (none cached) from the origin.
+    fn fetch_from_origin(
+        &self,
+        what: &'static str,
+        blobs: &[(BlobRef, u32)],
+        sink: &mut dyn FnMut(&BlobRef, &[u8]),
+    ) -> Result<(), ApplianceError> {
+        let mut sorted: Vec<(BlobRef, u32)> = blobs.to_vec();
+        sorted.sort_by_key(|(b, _)| (b.pack, b.offset));
+        let mut i = 0;
+        while i < sorted.len() {
+            let start = sorted[i].0.offset;
+            let pack = sorted[i].0.pack;
+            let mut end = start + sorted[i].0.clen as u64;
+            let mut j = i + 1;
+            while j < sorted.len() {
+                let b = &sorted[j].0;
+                let e = b.offset + b.clen as u64;
+                if b.pack != pack || b.offset > end + MAX_GAP || e.max(end) - start > MAX_REQUEST {
+                    break;
+                }
+                end = end.max(e);
+                j += 1;
+            }
+            let path = &self.manifest.packs[pack as usize].path;
+            let data = self.get_range(path, start, end - start)?;
+            for (b, plen) in &sorted[i..j] {
+                let z = &data[(b.offset - start) as usize..][..b.clen as usize];
+                let plain = match verify(z, b, *plen) {
+                    Ok(p) => p,
+                    Err(detail) => {
+                        self.verify_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            "{what} {} at {}+{} failed verification ({detail}); refetching",
+                            b.hash,
+                            self.origin.describe(path),
+                            b.offset
+                        );
+                        let again = self.get_range(path, b.offset, b.clen as u64)?;
+                        verify(&again, b, *plen).map_err(|detail| ApplianceError::Verify {
+                            what,
+                            hash: b.hash,
+                            location: format!("{}+{}", self.origin.describe(path), b.offset),
+                            detail,
+                        })?
+                    }
+                };
+                self.blobs.fetch_add(1, Ordering::Relaxed);
+                sink(b, &plain);
+                if let Some(ins) = &self.inserter {
+                    ins.submit(b.hash, plain);
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn get_range(&self, path: &str, off: u64, len: u64) -> Result<Vec<u8>, ApplianceError> {
+        let data = self.origin.get_range(path, off, len)?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if data.len() as u64 != len {
+            return Err(ApplianceError::Other(format!(
+                "{}: asked for {len} bytes at {off}, got {}",
+                self.origin.describe(path),
+                data.len()
+            )));
+        }
+        Ok(data)
+    }
+}
+
+/// Decompresses and checks one blob.
+fn verify(z: &[u8], b: &BlobRef, plen: u32) -> Result<Vec<u8>, String> {
+    thread_local! {
+        // One decompression context per thread, reused for every blob.
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let plain = DCTX
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new()?);
+            }
+            match d.as_mut() {
+                Some(d) => d.decompress(z, plen as usize),
+                None => Err(std::io::Error::other("no zstd context")),
+            }
+        })
+        .map_err(|e| format!("zstd: {e}"))?;
+    if plain.len() != plen as usize {
+        return Err(format!("{} plain bytes, expected {plen}", plain.len()));
+    }
+    let h = Hash::of(&plain);
+    if h != b.hash {
+        return Err(format!("content hash {h}"));
+    }
+    Ok(plain)
+}
+
+fn save_manifest(path: &std::path::Path, bytes: &[u8]) {
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return;
+    }
+    let r = path
+        .parent()
+        .map(std::fs::create_dir_all)
+        .unwrap_or(Ok(()))
+        .map_err(|e| e.to_string())
+        .and_then(|_| crate::pack::write_atomic(path, bytes).map_err(|e| e.to_string()));
+    if let Err(e) = r {
+        tracing::warn!("could not save the manifest in the local cache: {e}");
+    }
+}
+
+/// Elapsed microseconds since `t`, saturating.
+pub(crate) fn micros_since(t: Instant) -> u64 {
+    t.elapsed().as_micros().min(u64::MAX as u128) as u64
+}
