@@ -1,15 +1,18 @@
-//! The block-device API every transport serves.
+//! The block-device API every transport serves, and the one error type they all map.
 //!
 //! `vablk` (virtio-blk), `vanbd` (NBD) and `vamem` (FUSE) translate their wire requests into
 //! calls on a [`BlockDevice`] and translate a [`DevError`] into their protocol status in exactly
-//! one place (using [`DevError::kind`]). The production implementation is
-//! [`crate::volume::Volume`] (origin + cache + overlay); [`MemDevice`] is an in-memory one for
-//! transport unit tests.
+//! one function each, by its [`DevErrorKind`]. The production device is
+//! [`crate::volume::Volume`] (origin + cache + overlay) under the layers of [`crate::layer`]
+//! (retry, trace recording, request counting); [`crate::file::FileDevice`] serves a local raw
+//! file, and [`crate::testing`] has in-memory devices for transport tests.
 
-use std::sync::RwLock;
+use std::error::Error as StdError;
+use std::fmt;
 
 /// What a transport needs to know about a failure to pick a protocol status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DevErrorKind {
     /// The range lies (partly) past the end of the device.
     OutOfRange,
@@ -21,42 +24,70 @@ pub enum DevErrorKind {
     NoSpace,
     /// The request type is not supported by this device.
     Unsupported,
-    /// Anything else: origin unreachable, verification failed, local I/O error.
+    /// The data is not here and the origin cannot be reached right now (connection refused,
+    /// timed out, HTTP 5xx after retries): the same request may succeed later.
+    Unavailable,
+    /// Fetched data failed verification (hash, format): never served; a refetch may succeed.
+    Corrupt,
+    /// A local I/O error, or anything else.
     Io,
 }
 
-/// A per-request failure.
-#[derive(Debug, thiserror::Error)]
-#[error("{msg}")]
+impl DevErrorKind {
+    /// Whether retrying the same request later may succeed (the origin may come back; a
+    /// corrupt transfer may be fetched again intact).
+    pub fn is_transient(self) -> bool {
+        matches!(self, DevErrorKind::Unavailable | DevErrorKind::Corrupt)
+    }
+}
+
+/// A per-request failure: its kind, what was being done, and the underlying cause.
+///
+/// `Display` prints the context followed by the cause (`read 4096+512: connect 10.0.0.1:80:
+/// connection refused`); [`std::error::Error::source`] still returns the cause, for callers
+/// that walk the chain.
 pub struct DevError {
     kind: DevErrorKind,
-    msg: String,
+    context: String,
+    source: Option<Box<dyn StdError + Send + Sync + 'static>>,
 }
 
 impl DevError {
-    /// A new error of `kind` with a human-readable message (logged server-side).
+    /// A new error of `kind` with a human-readable message and no underlying cause.
     pub fn new(kind: DevErrorKind, msg: impl Into<String>) -> Self {
         DevError {
             kind,
-            msg: msg.into(),
+            context: msg.into(),
+            source: None,
         }
+    }
+
+    /// An error of `kind` caused by `source`, while doing `context`.
+    pub fn with_source(
+        kind: DevErrorKind,
+        context: impl Into<String>,
+        source: impl Into<Box<dyn StdError + Send + Sync + 'static>>,
+    ) -> Self {
+        DevError {
+            kind,
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// The same error with `what` prepended to its context (`what: context`).
+    pub fn context(mut self, what: impl fmt::Display) -> Self {
+        self.context = if self.context.is_empty() {
+            what.to_string()
+        } else {
+            format!("{what}: {}", self.context)
+        };
+        self
     }
 
     /// The class of the failure, for mapping to a protocol status.
     pub fn kind(&self) -> DevErrorKind {
         self.kind
-    }
-
-    /// The POSIX errno closest to this failure (NBD and FUSE report errnos).
-    pub fn errno(&self) -> i32 {
-        match self.kind {
-            DevErrorKind::OutOfRange => libc::EINVAL,
-            DevErrorKind::ReadOnly => libc::EPERM,
-            DevErrorKind::Invalid => libc::EINVAL,
-            DevErrorKind::NoSpace => libc::ENOSPC,
-            DevErrorKind::Unsupported => libc::EOPNOTSUPP,
-            DevErrorKind::Io => libc::EIO,
-        }
     }
 
     /// Checks that `[offset, offset+len)` lies within a device of `size` bytes.
@@ -68,6 +99,34 @@ impl DevError {
                 format!("range {offset}+{len} is past the end of the device ({size} bytes)"),
             )),
         }
+    }
+}
+
+impl fmt::Display for DevError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.context)?;
+        if let Some(s) = &self.source {
+            if self.context.is_empty() {
+                write!(f, "{s}")?;
+            } else {
+                write!(f, ": {s}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for DevError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DevError({:?}: {self})", self.kind)
+    }
+}
+
+impl StdError for DevError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
     }
 }
 
@@ -89,24 +148,50 @@ pub struct Extent {
     pub kind: ExtentKind,
 }
 
-/// Counters a user can read (printed on exit, readable while running).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The outcome of [`BlockDevice::read_local`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalRead {
+    /// The buffer holds the data.
+    Done,
+    /// Part of the range must come from the network: nothing was fetched and the buffer's
+    /// contents are unspecified; call [`BlockDevice::read`] (off the latency-critical thread).
+    NeedsFetch,
+}
+
+/// Counters a user can read. One flat record, filled by the layers of a device stack: the
+/// request counters by [`crate::layer::Counting`] (what the transport asked, once per request),
+/// `retries` by [`crate::layer::Retrying`], the store counters by
+/// [`crate::volume::Volume`] (a partial write's read-modify-write counts as hits or misses,
+/// never as a read). This is the `device` object of every daemon's stats JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DevStats {
+    /// Read requests and their bytes.
     pub reads: u64,
     pub read_bytes: u64,
+    /// Write requests and their bytes.
     pub writes: u64,
     pub write_bytes: u64,
+    /// Flush requests.
     pub flushes: u64,
+    /// Discard (trim) requests.
     pub discards: u64,
-    /// Chunk reads served from the local cache (or the overlay).
+    /// Write-zeroes requests.
+    pub write_zeroes: u64,
+    /// Requests that failed (after retries).
+    pub failed: u64,
+    /// Requests retried after a transient failure (origin down, corrupt transfer).
+    pub retries: u64,
+    /// Chunk reads served from the local cache.
     pub hits: u64,
     /// Chunk reads that had to wait for the origin.
     pub misses: u64,
     /// Reads of zero chunks (never fetched).
     pub zero_reads: u64,
+    /// Reads served from the overlay (blocks the guest wrote or zeroed).
+    pub overlay_reads: u64,
     /// Total time requests spent waiting for the origin, in microseconds.
     pub miss_wait_us: u64,
-    /// Compressed bytes fetched from the origin.
+    /// Compressed bytes fetched from the origin (demand and prefetch).
     pub fetched_bytes: u64,
 }
 
@@ -116,8 +201,20 @@ pub trait BlockDevice: Send + Sync {
     fn size(&self) -> u64;
     /// Whether write-type requests are refused.
     fn read_only(&self) -> bool;
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads `buf.len()` bytes at `offset`, fetching what is not local.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError>;
+    /// Reads `buf.len()` bytes at `offset` if that needs no network; otherwise returns
+    /// [`LocalRead::NeedsFetch`] at once. One lookup answers both "is it local" and the read,
+    /// so a transport tries this on its latency-critical thread and hands only misses to
+    /// workers.
+    fn read_local(&self, offset: u64, buf: &mut [u8]) -> Result<LocalRead, DevError> {
+        if self.is_local(offset, buf.len() as u64) {
+            self.read(offset, buf)?;
+            Ok(LocalRead::Done)
+        } else {
+            Ok(LocalRead::NeedsFetch)
+        }
+    }
     /// Writes `data` at `offset` (any alignment).
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevError>;
     /// Makes every completed write durable.
@@ -128,7 +225,7 @@ pub trait BlockDevice: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DevError>;
     /// Describes `[offset, offset+len)` as data/zero extents covering it exactly, in order.
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DevError>;
-    /// True when reading the range would not wait for the network.
+    /// True when reading (or read-modify-writing) the range would not wait for the network.
     fn is_local(&self, offset: u64, len: u64) -> bool;
     /// Fetches the range into the local cache now (NBD_CMD_CACHE); returns when it is local.
     fn prefetch(&self, offset: u64, len: u64) -> Result<(), DevError>;
@@ -136,202 +233,30 @@ pub trait BlockDevice: Send + Sync {
     fn stats(&self) -> DevStats;
 }
 
-/// An in-memory [`BlockDevice`] for transport tests. Zero ranges are tracked per 4 KiB block.
-pub struct MemDevice {
-    data: RwLock<Vec<u8>>,
-    zero: RwLock<Vec<bool>>,
-    read_only: bool,
-    stats: std::sync::Mutex<DevStats>,
-}
-
-const MEM_BLOCK: u64 = 4096;
-
-impl MemDevice {
-    /// A device holding `data` (its length is the device size).
-    pub fn new(data: Vec<u8>, read_only: bool) -> Self {
-        let blocks = (data.len() as u64).div_ceil(MEM_BLOCK) as usize;
-        let zero = (0..blocks)
-            .map(|b| {
-                let s = b * MEM_BLOCK as usize;
-                let e = (s + MEM_BLOCK as usize).min(data.len());
-                data[s..e].iter().all(|&x| x == 0)
-            })
-            .collect();
-        MemDevice {
-            data: RwLock::new(data),
-            zero: RwLock::new(zero),
-            read_only,
-            stats: Default::default(),
-        }
-    }
-
-    /// A copy of the current contents.
-    pub fn contents(&self) -> Vec<u8> {
-        self.data.read().map(|d| d.clone()).unwrap_or_default()
-    }
-
-    fn check_write(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        if self.read_only {
-            return Err(DevError::new(DevErrorKind::ReadOnly, "device is read-only"));
-        }
-        DevError::check_range(offset, len, self.size())
-    }
-
-    fn set_zero(&self, offset: u64, len: u64, z: bool) {
-        if let Ok(mut zero) = self.zero.write() {
-            let first = offset / MEM_BLOCK;
-            let last = (offset + len).div_ceil(MEM_BLOCK);
-            for b in first..last {
-                // Only fully covered blocks become zero; any touched block may become data.
-                let full = b * MEM_BLOCK >= offset && (b + 1) * MEM_BLOCK <= offset + len;
-                if !z || full {
-                    zero[b as usize] = z;
-                }
-            }
-        }
-    }
-
-    fn fill(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        let mut d = self
-            .data
-            .write()
-            .map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
-        d[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
-    }
-}
-
-impl BlockDevice for MemDevice {
-    fn size(&self) -> u64 {
-        self.data.read().map(|d| d.len() as u64).unwrap_or(0)
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
-        DevError::check_range(offset, buf.len() as u64, self.size())?;
-        let d = self
-            .data
-            .read()
-            .map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
-        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
-        if let Ok(mut s) = self.stats.lock() {
-            s.reads += 1;
-            s.read_bytes += buf.len() as u64;
-        }
-        Ok(())
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevError> {
-        self.check_write(offset, data.len() as u64)?;
-        {
-            let mut d = self
-                .data
-                .write()
-                .map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
-            d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-        }
-        self.set_zero(offset, data.len() as u64, false);
-        if let Ok(mut s) = self.stats.lock() {
-            s.writes += 1;
-            s.write_bytes += data.len() as u64;
-        }
-        Ok(())
-    }
-    fn flush(&self) -> Result<(), DevError> {
-        if let Ok(mut s) = self.stats.lock() {
-            s.flushes += 1;
-        }
-        Ok(())
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        self.write_zeroes(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        self.check_write(offset, len)?;
-        self.fill(offset, len)?;
-        self.set_zero(offset, len, true);
-        Ok(())
-    }
-    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DevError> {
-        DevError::check_range(offset, len, self.size())?;
-        let zero = self
-            .zero
-            .read()
-            .map_err(|_| DevError::new(DevErrorKind::Io, "poisoned"))?;
-        let mut out: Vec<Extent> = Vec::new();
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / MEM_BLOCK;
-            let next = ((b + 1) * MEM_BLOCK).min(end);
-            let kind = if zero[b as usize] {
-                ExtentKind::Zero
-            } else {
-                ExtentKind::Data
-            };
-            match out.last_mut() {
-                Some(e) if e.kind == kind => e.len += next - pos,
-                _ => out.push(Extent {
-                    offset: pos,
-                    len: next - pos,
-                    kind,
-                }),
-            }
-            pos = next;
-        }
-        Ok(out)
-    }
-    fn is_local(&self, _offset: u64, _len: u64) -> bool {
-        true
-    }
-    fn prefetch(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        DevError::check_range(offset, len, self.size())
-    }
-    fn stats(&self) -> DevStats {
-        self.stats.lock().map(|s| *s).unwrap_or_default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn mem_device_extents_and_zeroes() {
-        let mut data = vec![0u8; 4 * 4096];
-        data[4096] = 1;
-        let d = MemDevice::new(data, false);
-        let e = d.extents(0, 4 * 4096).unwrap();
+    fn error_keeps_kind_context_and_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let e = DevError::with_source(DevErrorKind::Unavailable, "fetching chunk 3", io)
+            .context("read 4096+512");
+        assert_eq!(e.kind(), DevErrorKind::Unavailable);
         assert_eq!(
-            e,
-            vec![
-                Extent {
-                    offset: 0,
-                    len: 4096,
-                    kind: ExtentKind::Zero
-                },
-                Extent {
-                    offset: 4096,
-                    len: 4096,
-                    kind: ExtentKind::Data
-                },
-                Extent {
-                    offset: 8192,
-                    len: 8192,
-                    kind: ExtentKind::Zero
-                },
-            ]
+            e.to_string(),
+            "read 4096+512: fetching chunk 3: connection refused"
         );
-        d.write(8192, &[7; 10]).unwrap();
-        d.write_zeroes(4096, 4096).unwrap();
-        let mut b = [0u8; 11];
-        d.read(8191, &mut b).unwrap();
-        assert_eq!(b, [0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]);
-        assert!(d.read(4 * 4096 - 1, &mut [0u8; 2]).is_err());
-        let ro = MemDevice::new(vec![0; 4096], true);
         assert_eq!(
-            ro.write(0, &[1]).unwrap_err().kind(),
-            DevErrorKind::ReadOnly
+            e.source().map(|s| s.to_string()).as_deref(),
+            Some("connection refused")
         );
+        assert!(e.kind().is_transient());
+        assert!(!DevErrorKind::OutOfRange.is_transient());
+        let r = DevError::check_range(10, 5, 12).unwrap_err();
+        assert_eq!(r.kind(), DevErrorKind::OutOfRange);
+        assert!(r.source().is_none());
+        assert!(DevError::check_range(u64::MAX, 2, u64::MAX).is_err());
+        assert!(DevError::check_range(7, 5, 12).is_ok());
     }
 }

@@ -11,22 +11,31 @@
 //! * [`appliance`] — an opened bundle: verified manifest, index pages on demand, chunk fetcher.
 //! * [`volume`] — one image of an appliance as a block device: origin + cache + overlay behind
 //!   the [`device::BlockDevice`] trait that every transport serves.
+//! * [`layer`] — behaviours stacked on any device: request counting, retries, trace recording.
+//! * [`file`] — a local raw file as a block device (tests, benchmarks).
 //! * [`prefetch`] — background prefetch in pack (plan) order; demand misses go first.
 //! * [`trace`] — the working-set trace format (first access to each chunk).
+//! * [`testing`] — in-memory devices for transport tests.
+//! * [`sync`], [`ratelog`], [`counter`] — lock, log and counter helpers used everywhere.
 
 pub mod appliance;
 pub mod cache;
 pub mod counter;
 pub mod device;
+pub mod file;
 pub mod format;
+pub mod layer;
 pub mod origin;
 pub mod overlay;
 pub mod pack;
 pub mod prefetch;
+pub mod ratelog;
+pub mod sync;
+pub mod testing;
 pub mod trace;
 pub mod volume;
 
-pub use device::{BlockDevice, DevError, DevErrorKind, Extent, ExtentKind};
+pub use device::{BlockDevice, DevError, DevErrorKind, DevStats, Extent, ExtentKind, LocalRead};
 
 /// BLAKE3 digest of plain bytes: the identity of chunks, index pages and manifests.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -92,9 +101,6 @@ mod tests {
         );
     }
 }
-
-#[cfg(feature = "cli")]
-pub mod cli;
 
 /// Parses a byte count: `123`, `64K`, `64KiB`, `10G`, `1.5G` (binary multiples).
 pub fn parse_size(s: &str) -> Result<u64, String> {

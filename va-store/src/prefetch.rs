@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::appliance::{Appliance, ApplianceError};
 use crate::format::{BlobRef, ChunkEntry, ImageKind};
+use crate::sync::lock;
 
 /// Prefetch parameters.
 #[derive(Debug, Clone)]
@@ -37,8 +38,8 @@ impl Default for PrefetchOptions {
     }
 }
 
-/// Progress of a prefetcher.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Progress of a prefetcher (the `prefetch` object of the daemons' stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PrefetchStats {
     /// Distinct chunks to fetch (known once the index is loaded).
     pub planned: u64,
@@ -52,8 +53,9 @@ pub struct PrefetchStats {
     pub finished: bool,
 }
 
+/// The live state of a prefetcher, shared with whoever reports its progress.
 #[derive(Default)]
-struct Shared {
+pub struct PrefetchProgress {
     stop: AtomicBool,
     planned: AtomicU64,
     done: AtomicU64,
@@ -63,9 +65,27 @@ struct Shared {
     error: Mutex<Option<String>>,
 }
 
+impl PrefetchProgress {
+    /// Progress so far.
+    pub fn snapshot(&self) -> PrefetchStats {
+        PrefetchStats {
+            planned: self.planned.load(Ordering::Relaxed),
+            done: self.done.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            yields: self.yields.load(Ordering::Relaxed),
+            finished: self.finished.load(Ordering::Acquire),
+        }
+    }
+
+    /// The error that stopped the prefetcher early, if any.
+    pub fn error(&self) -> Option<String> {
+        lock(&self.error).clone()
+    }
+}
+
 /// A running prefetcher; stops (and joins) when dropped.
 pub struct Prefetcher {
-    shared: Arc<Shared>,
+    shared: Arc<PrefetchProgress>,
     threads: Vec<JoinHandle<()>>,
     started: Instant,
 }
@@ -74,16 +94,14 @@ impl Prefetcher {
     /// Starts prefetching `opts.images` of `app` into its cache. Without a local cache there
     /// is nowhere to put chunks: the prefetcher then finishes at once.
     pub fn start(app: Arc<Appliance>, opts: PrefetchOptions) -> Prefetcher {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(PrefetchProgress::default());
         let s = shared.clone();
         let planner = std::thread::Builder::new()
             .name("va-prefetch".into())
             .spawn(move || {
-                if let Err(e) = run(&app, &opts, &s) {
+                if let Err(e) = prefetch_in_pack_order(&app, &opts, &s) {
                     tracing::warn!("prefetch stopped: {e}");
-                    if let Ok(mut g) = s.error.lock() {
-                        *g = Some(e.to_string());
-                    }
+                    *lock(&s.error) = Some(e.to_string());
                 }
                 s.finished.store(true, Ordering::Release);
             });
@@ -97,19 +115,17 @@ impl Prefetcher {
 
     /// Progress so far.
     pub fn stats(&self) -> PrefetchStats {
-        let s = &self.shared;
-        PrefetchStats {
-            planned: s.planned.load(Ordering::Relaxed),
-            done: s.done.load(Ordering::Relaxed),
-            bytes: s.bytes.load(Ordering::Relaxed),
-            yields: s.yields.load(Ordering::Relaxed),
-            finished: s.finished.load(Ordering::Acquire),
-        }
+        self.shared.snapshot()
+    }
+
+    /// The shared progress record (for a stats writer).
+    pub fn progress(&self) -> Arc<PrefetchProgress> {
+        self.shared.clone()
     }
 
     /// The error that stopped it early, if any.
     pub fn error(&self) -> Option<String> {
-        self.shared.error.lock().ok().and_then(|g| g.clone())
+        self.shared.error()
     }
 
     /// Time since start.
@@ -148,7 +164,7 @@ impl Drop for Prefetcher {
 fn plan(
     app: &Appliance,
     opts: &PrefetchOptions,
-    s: &Shared,
+    s: &PrefetchProgress,
 ) -> Result<Vec<(BlobRef, u32)>, ApplianceError> {
     let m = app.manifest();
     let mut seen = std::collections::HashSet::new();
@@ -170,10 +186,10 @@ fn plan(
     Ok(out)
 }
 
-fn run(
+fn prefetch_in_pack_order(
     app: &Arc<Appliance>,
     opts: &PrefetchOptions,
-    s: &Arc<Shared>,
+    s: &Arc<PrefetchProgress>,
 ) -> Result<(), ApplianceError> {
     if app.cache().is_none() {
         return Ok(());
@@ -220,9 +236,7 @@ fn run(
                 let before = app.stats().fetched_bytes;
                 if !want.is_empty() {
                     if let Err(e) = app.fetch_blobs_background("chunk", &want, &mut |_, _| {}) {
-                        if let Ok(mut f) = failed.lock() {
-                            f.get_or_insert(e);
-                        }
+                        lock(&failed).get_or_insert(e);
                         s.stop.store(true, Ordering::Release);
                         return;
                     }
@@ -235,7 +249,7 @@ fn run(
             });
         }
     });
-    match failed.into_inner().ok().flatten() {
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
     }

@@ -13,6 +13,9 @@
 //!                     Appliance::fetch_blobs ─► coalesced range requests, verify, cache
 //! ```
 //!
+//! Reads that must not wait (a transport's latency-critical thread) use
+//! [`BlockDevice::read_local`]: the same walk, which stops at the first chunk that is not local.
+//!
 //! Writes go to the overlay only, at 4 KiB granularity: whole blocks are written as they
 //! are, partial blocks are read-modify-written under a striped lock so that two writes to
 //! different bytes of one block never lose each other. Discard and write-zeroes record zero
@@ -24,10 +27,10 @@ use std::time::Instant;
 
 use crate::appliance::{micros_since, Appliance, ApplianceError, OpenOptions};
 use crate::counter::Counter;
-use crate::device::{BlockDevice, DevError, DevErrorKind, DevStats, Extent, ExtentKind};
+use crate::device::{BlockDevice, DevError, DevErrorKind, DevStats, Extent, ExtentKind, LocalRead};
 use crate::format::{BlobRef, ChunkEntry, ImageKind};
 use crate::overlay::{BlockState, Overlay, OverlayError, OVERLAY_BLOCK};
-use crate::trace::TraceWriter;
+use crate::sync::lock;
 use crate::Hash;
 
 /// Default cache bound when none is given.
@@ -46,8 +49,6 @@ pub struct VolumeOptions {
     pub read_only: bool,
     /// Expected manifest digest (also accepted as `URL#digest`).
     pub digest: Option<Hash>,
-    /// Record the first access to every chunk here.
-    pub trace: Option<PathBuf>,
     /// How to talk to the origin (timeouts, retries).
     pub origin: crate::origin::OriginOptions,
 }
@@ -59,8 +60,6 @@ pub enum VolumeError {
     Appliance(#[from] ApplianceError),
     #[error("overlay: {0}")]
     Overlay(OverlayError),
-    #[error("trace: {0}")]
-    Trace(crate::trace::TraceError),
     #[error("unknown image {0:?} (expected disk, mem, state or machine)")]
     UnknownImage(String),
 }
@@ -73,27 +72,18 @@ impl From<OverlayError> for VolumeError {
     }
 }
 
-impl From<crate::trace::TraceError> for VolumeError {
-    fn from(e: crate::trace::TraceError) -> Self {
-        VolumeError::Trace(e)
-    }
-}
-
 const STRIPES: usize = 64;
 /// Chunks handled per fetch round in `prefetch`.
 const PREFETCH_BATCH: u64 = 256;
 
+/// What the volume itself counts (requests are counted by [`crate::layer::Counting`] above it,
+/// so the reads of a read-modify-write never count as guest reads).
 #[derive(Default)]
-struct Counters {
-    reads: Counter,
-    read_bytes: Counter,
-    writes: Counter,
-    write_bytes: Counter,
-    flushes: Counter,
-    discards: Counter,
+struct StoreCounters {
     hits: Counter,
     misses: Counter,
     zero_reads: Counter,
+    overlay_reads: Counter,
     miss_wait_us: Counter,
 }
 
@@ -105,23 +95,42 @@ pub struct Volume {
     cs: u64,
     overlay: Option<Overlay>,
     read_only: bool,
-    trace: Option<TraceWriter>,
     stripes: Vec<Mutex<()>>,
-    c: Counters,
+    c: StoreCounters,
 }
 
-fn dev_err(e: impl std::fmt::Display) -> DevError {
-    DevError::new(DevErrorKind::Io, e.to_string())
+/// The kind of an appliance failure, for the transports: the origin being unreachable or a
+/// transfer failing verification are transient (retried by [`crate::layer::Retrying`]).
+fn appliance_err(e: ApplianceError) -> DevError {
+    let kind = match &e {
+        ApplianceError::Origin(o) if o.is_not_found() => DevErrorKind::Io,
+        ApplianceError::Origin(_) => DevErrorKind::Unavailable,
+        ApplianceError::Verify { .. } | ApplianceError::Format { .. } => DevErrorKind::Corrupt,
+        ApplianceError::Cache(c) if is_no_space(c) => DevErrorKind::NoSpace,
+        ApplianceError::ChunkRange { .. } => DevErrorKind::OutOfRange,
+        _ => DevErrorKind::Io,
+    };
+    DevError::with_source(kind, "", e)
+}
+
+fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        if let Some(io) = x.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error() == Some(28); // ENOSPC
+        }
+        cur = x.source();
+    }
+    false
 }
 
 fn overlay_err(e: OverlayError) -> DevError {
-    let kind = match &e {
-        OverlayError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-            DevErrorKind::NoSpace
-        }
-        _ => DevErrorKind::Io,
+    let kind = if is_no_space(&e) {
+        DevErrorKind::NoSpace
+    } else {
+        DevErrorKind::Io
     };
-    DevError::new(kind, e.to_string())
+    DevError::with_source(kind, "overlay", e)
 }
 
 impl Volume {
@@ -152,7 +161,6 @@ impl Volume {
         opts: &VolumeOptions,
     ) -> Result<Volume, VolumeError> {
         let size = app.image(kind)?.size;
-        let m = app.manifest();
         let overlay = match &opts.overlay {
             Some(p) => {
                 let ident = format!("{}/{}", app.digest().to_hex(), kind);
@@ -164,31 +172,15 @@ impl Volume {
             }
             None => None,
         };
-        let trace = match &opts.trace {
-            Some(p) => {
-                let mut chunks = [0u64; 4];
-                for img in &m.images {
-                    chunks[img.kind.code() as usize] = m.chunks_of(img.size);
-                }
-                Some(TraceWriter::create(
-                    p,
-                    m.chunk_size,
-                    &app.digest().to_hex(),
-                    chunks,
-                )?)
-            }
-            None => None,
-        };
         Ok(Volume {
-            cs: m.chunk_size as u64,
+            cs: app.manifest().chunk_size as u64,
             app,
             kind,
             size,
             read_only: opts.read_only || overlay.is_none(),
             overlay,
-            trace,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-            c: Counters::default(),
+            c: StoreCounters::default(),
         })
     }
 
@@ -207,15 +199,105 @@ impl Volume {
         self.overlay.is_some()
     }
 
-    /// Flushes the trace file (if any).
-    pub fn flush_trace(&self) {
-        if let Some(t) = &self.trace {
-            t.flush();
+    /// Bytes of the image that read without the network: overlay blocks, zero chunks and
+    /// chunks in the local cache. Index pages not loaded yet count as not local (nothing is
+    /// fetched to answer this); cheap enough to call every second.
+    pub fn local_bytes(&self) -> u64 {
+        let m = self.app.manifest();
+        let pc = m.page_chunks as u64;
+        let chunks = self.size.div_ceil(self.cs);
+        let mut local = 0u64;
+        let mut c = 0u64;
+        while c < chunks {
+            if !self.app.page_loaded(self.kind, c) {
+                c = (c / pc + 1) * pc;
+                continue;
+            }
+            let len = self.app.chunk_len(self.kind, c) as u64;
+            let is_local = match self.app.entry(self.kind, c) {
+                Ok(ChunkEntry::Zero) => true,
+                Ok(ChunkEntry::Stored(b)) => self.app.is_cached(&b.hash),
+                Err(_) => false,
+            } || self.overlay.as_ref().is_some_and(|o| {
+                o.map(c * self.cs, len)
+                    .iter()
+                    .all(|(_, _, st)| *st != BlockState::Base)
+            });
+            if is_local {
+                local += len;
+            }
+            c += 1;
         }
+        local
     }
 
     fn entry(&self, chunk: u64) -> Result<ChunkEntry, DevError> {
-        self.app.entry(self.kind, chunk).map_err(dev_err)
+        self.app.entry(self.kind, chunk).map_err(appliance_err)
+    }
+
+    /// Reads from the base image if every chunk of the range is local (index page loaded,
+    /// chunk cached or zero); `Ok(false)` at the first one that is not.
+    fn read_base_local(&self, offset: u64, buf: &mut [u8]) -> Result<bool, DevError> {
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let end = offset + buf.len() as u64;
+        for c in offset / self.cs..=(end - 1) / self.cs {
+            let cstart = c * self.cs;
+            let s = offset.max(cstart);
+            let e = end.min(cstart + self.cs);
+            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            if !self.app.page_loaded(self.kind, c) {
+                return Ok(false);
+            }
+            match self.entry(c)? {
+                ChunkEntry::Zero => {
+                    dst.fill(0);
+                    self.c.zero_reads.add(1);
+                }
+                ChunkEntry::Stored(b) => {
+                    let hit = self
+                        .app
+                        .read_cached(&b.hash, (s - cstart) as u32, dst)
+                        .map_err(appliance_err)?;
+                    if !hit {
+                        return Ok(false);
+                    }
+                    self.c.hits.add(1);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Walks the overlay map of `[offset, offset + buf.len())`, reading overlay blocks and
+    /// zeros itself and base segments with `base` (which says whether it read them).
+    fn read_with(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        base: impl Fn(&Self, u64, &mut [u8]) -> Result<bool, DevError>,
+    ) -> Result<bool, DevError> {
+        DevError::check_range(offset, buf.len() as u64, self.size)?;
+        let Some(o) = &self.overlay else {
+            return base(self, offset, buf);
+        };
+        for (off, len, state) in o.map(offset, buf.len() as u64) {
+            let dst = &mut buf[(off - offset) as usize..(off - offset + len) as usize];
+            match state {
+                BlockState::Base => {
+                    if !base(self, off, dst)? {
+                        return Ok(false);
+                    }
+                }
+                BlockState::Zero => dst.fill(0),
+                BlockState::Data => {
+                    o.read(off, dst).map_err(overlay_err)?;
+                    self.c.overlay_reads.add(1);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Reads from the base image (origin + cache), ignoring the overlay.
@@ -230,9 +312,6 @@ impl Volume {
         let mut misses: Vec<(BlobRef, u32)> = Vec::new();
         let mut fills: Vec<(Hash, usize, usize, u32)> = Vec::new();
         for c in first..=last {
-            if let Some(t) = &self.trace {
-                t.record(self.kind, c);
-            }
             let cstart = c * self.cs;
             let s = offset.max(cstart);
             let e = end.min(cstart + self.cs);
@@ -247,7 +326,7 @@ impl Volume {
                     let hit = self
                         .app
                         .read_cached(&b.hash, in_chunk, dst)
-                        .map_err(dev_err)?;
+                        .map_err(appliance_err)?;
                     if hit {
                         self.c.hits.add(1);
                     } else {
@@ -282,7 +361,7 @@ impl Volume {
             }
         });
         self.c.miss_wait_us.add(micros_since(t));
-        r.map_err(dev_err)?;
+        r.map_err(appliance_err)?;
         if filled != fills.len() {
             return Err(DevError::new(
                 DevErrorKind::Io,
@@ -315,9 +394,7 @@ impl Volume {
         data: Option<&[u8]>,
         len: usize,
     ) -> Result<(), DevError> {
-        let _g = self.stripes[(block_start / OVERLAY_BLOCK) as usize % STRIPES]
-            .lock()
-            .map_err(|_| DevError::new(DevErrorKind::Io, "poisoned lock"))?;
+        let _g = lock(&self.stripes[(block_start / OVERLAY_BLOCK) as usize % STRIPES]);
         let mut block = [0u8; OVERLAY_BLOCK as usize];
         let valid = (self.size - block_start).min(OVERLAY_BLOCK) as usize;
         self.read(block_start, &mut block[..valid])?;
@@ -383,7 +460,7 @@ impl Volume {
                 let t = Instant::now();
                 let r = self.app.fetch_blobs("chunk", &want, &mut |_, _| {});
                 self.c.miss_wait_us.add(micros_since(t));
-                r.map_err(dev_err)?;
+                r.map_err(appliance_err)?;
             }
             c = stop;
         }
@@ -401,33 +478,27 @@ impl BlockDevice for Volume {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
-        DevError::check_range(offset, buf.len() as u64, self.size)?;
-        self.c.reads.add(1);
-        self.c.read_bytes.add(buf.len() as u64);
-        let Some(o) = &self.overlay else {
-            return self.read_base(offset, buf);
-        };
-        for (off, len, state) in o.map(offset, buf.len() as u64) {
-            let dst = &mut buf[(off - offset) as usize..(off - offset + len) as usize];
-            match state {
-                BlockState::Base => self.read_base(off, dst)?,
-                BlockState::Zero => dst.fill(0),
-                BlockState::Data => o.read(off, dst).map_err(overlay_err)?,
-            }
+        self.read_with(offset, buf, |v, off, dst| {
+            v.read_base(off, dst).map(|()| true)
+        })
+        .map(|_| ())
+        .map_err(|e| e.context(format_args!("read {offset}+{}", buf.len())))
+    }
+
+    fn read_local(&self, offset: u64, buf: &mut [u8]) -> Result<LocalRead, DevError> {
+        match self.read_with(offset, buf, Self::read_base_local) {
+            Ok(true) => Ok(LocalRead::Done),
+            Ok(false) => Ok(LocalRead::NeedsFetch),
+            Err(e) => Err(e.context(format_args!("read {offset}+{}", buf.len()))),
         }
-        Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevError> {
-        self.modify(offset, data.len() as u64, Some(data))?;
-        self.c.writes.add(1);
-        self.c.write_bytes.add(data.len() as u64);
-        Ok(())
+        self.modify(offset, data.len() as u64, Some(data))
+            .map_err(|e| e.context(format_args!("write {offset}+{}", data.len())))
     }
 
     fn flush(&self) -> Result<(), DevError> {
-        self.c.flushes.add(1);
-        self.flush_trace();
         match &self.overlay {
             Some(o) => o.flush().map_err(overlay_err),
             None => Ok(()),
@@ -435,15 +506,13 @@ impl BlockDevice for Volume {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        self.modify(offset, len, None)?;
-        self.c.discards.add(1);
-        Ok(())
+        self.modify(offset, len, None)
+            .map_err(|e| e.context(format_args!("discard {offset}+{len}")))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        self.modify(offset, len, None)?;
-        self.c.writes.add(1);
-        Ok(())
+        self.modify(offset, len, None)
+            .map_err(|e| e.context(format_args!("write-zeroes {offset}+{len}")))
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DevError> {
@@ -507,20 +576,14 @@ impl BlockDevice for Volume {
     }
 
     fn stats(&self) -> DevStats {
-        let f = self.app.stats();
-        let l = |a: &Counter| a.get();
         DevStats {
-            reads: l(&self.c.reads),
-            read_bytes: l(&self.c.read_bytes),
-            writes: l(&self.c.writes),
-            write_bytes: l(&self.c.write_bytes),
-            flushes: l(&self.c.flushes),
-            discards: l(&self.c.discards),
-            hits: l(&self.c.hits),
-            misses: l(&self.c.misses),
-            zero_reads: l(&self.c.zero_reads),
-            miss_wait_us: l(&self.c.miss_wait_us),
-            fetched_bytes: f.fetched_bytes,
+            hits: self.c.hits.get(),
+            misses: self.c.misses.get(),
+            zero_reads: self.c.zero_reads.get(),
+            overlay_reads: self.c.overlay_reads.get(),
+            miss_wait_us: self.c.miss_wait_us.get(),
+            fetched_bytes: self.app.stats().fetched_bytes,
+            ..DevStats::default()
         }
     }
 }

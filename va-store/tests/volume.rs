@@ -6,9 +6,10 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use va_store::format::ImageKind;
+use va_store::layer::Recording;
 use va_store::pack::{pack, PackInput, PackOptions};
 use va_store::volume::{Volume, VolumeOptions};
-use va_store::{BlockDevice, ExtentKind};
+use va_store::{BlockDevice, ExtentKind, LocalRead};
 
 const CS: usize = 16 << 10;
 
@@ -65,6 +66,11 @@ fn read_back_equals_source_and_counts() {
     };
     let v = Volume::open(out.to_str().unwrap(), "disk", &opts).unwrap();
     assert_eq!(v.size(), data.len() as u64);
+    // Cold: read_local says so at once and fetches nothing (not even the index page).
+    let fetched = v.appliance().stats().fetched_bytes;
+    let mut cold = vec![0u8; 100];
+    assert_eq!(v.read_local(0, &mut cold).unwrap(), LocalRead::NeedsFetch);
+    assert_eq!(v.appliance().stats().fetched_bytes, fetched);
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let mut pos = 0usize;
     while pos < data.len() {
@@ -76,6 +82,13 @@ fn read_back_equals_source_and_counts() {
     }
     let s1 = v.stats();
     assert!(s1.misses > 0 && s1.zero_reads > 0);
+    // Everything read once is local now: read_local answers without fetching.
+    let mut local = vec![0u8; 3 * CS];
+    assert_eq!(
+        v.read_local(CS as u64 / 2, &mut local).unwrap(),
+        LocalRead::Done
+    );
+    assert!(local == data[CS / 2..CS / 2 + 3 * CS]);
     // Second pass: everything from the cache, nothing fetched.
     let mut all = vec![0u8; data.len()];
     v.read(0, &mut all).unwrap();
@@ -221,11 +234,9 @@ fn trace_records_first_accesses() {
     let d = tempfile::tempdir().unwrap();
     let (_data, out, _r) = packed(d.path(), 10);
     let tr = d.path().join("trace");
-    let opts = VolumeOptions {
-        trace: Some(tr.clone()),
-        ..Default::default()
-    };
-    let v = Volume::open(out.to_str().unwrap(), "disk", &opts).unwrap();
+    let vol = Volume::open(out.to_str().unwrap(), "disk", &VolumeOptions::default()).unwrap();
+    let app = vol.appliance().clone();
+    let v = Recording::create(vol, &app, ImageKind::Disk, &tr).unwrap();
     let mut b = vec![0u8; 10];
     v.read(5 * CS as u64, &mut b).unwrap();
     v.read(1, &mut b).unwrap();

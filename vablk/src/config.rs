@@ -5,15 +5,11 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
-    VIRTIO_BLK_ID_BYTES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use crate::request::{Limits, SECTOR_SIZE};
-
-/// Length of the GET_ID string.
-pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+use crate::request::{Limits, ID_LEN, SECTOR_SIZE};
 /// Largest queue the guest may configure.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Most data segments per request (`seg_max`): the queue size minus header and status.

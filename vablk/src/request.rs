@@ -13,12 +13,15 @@
 //! descriptor may hold the end of the header and the start of the data.
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+/// Length of the GET_ID string.
+pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// Bytes per virtio-blk sector (fixed by the spec, independent of `blk_size`).
 pub const SECTOR_SIZE: u64 = 512;
 /// Size of the request header.
@@ -438,7 +441,7 @@ where
         }
         VIRTIO_BLK_T_FLUSH => RequestKind::Flush,
         VIRTIO_BLK_T_GET_ID => {
-            let len = wr.remaining().min(u64::from(crate::config::ID_LEN as u32)) as u32;
+            let len = wr.remaining().min(u64::from(ID_LEN as u32)) as u32;
             let data = wr.take(u64::from(len));
             return Ok(Request {
                 kind: RequestKind::GetId { len },

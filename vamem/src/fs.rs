@@ -1,13 +1,13 @@
 //! The FUSE file system: one directory holding one file, `mem`, whose bytes are a
 //! [`BlockDevice`] (the appliance's RAM image behind its overlay).
 //!
-//! * READ (a first touch of a guest page, or a readahead) → [`BlockDevice::read`]. A read whose
-//!   range is local (cache, overlay, zero chunk) is answered on the FUSE thread that received
-//!   it; one that must wait for the origin is handed to a pool of miss workers, so that a slow
-//!   fetch never holds up reads that could be answered at once.
-//! * A read that fails with an I/O error (origin unreachable, a chunk that failed verification
-//!   twice) is retried with backoff for up to `retry_for`, logged each time: the guest waits
-//!   for a good copy rather than ever seeing bad bytes.
+//! * READ (a first touch of a guest page, or a readahead) → [`BlockDevice::read_local`] on the
+//!   FUSE thread that received it: answered at once when local (cache, overlay, zero chunk);
+//!   otherwise handed to the offload pool ([`va_daemon::Offload`]), so that a slow fetch never
+//!   holds up reads that could be answered at once.
+//! * A read whose chunk cannot be fetched or verified is retried by the device stack
+//!   (`va_store::layer::Retrying`, `--retry-for`): the guest waits for a good copy rather than
+//!   ever seeing bad bytes.
 //! * WRITE (page-cache writeback of pages the guest dirtied) → [`BlockDevice::write`] into the
 //!   overlay, so a page the kernel drops and reads again comes back as the guest left it.
 //! * FSYNC / FLUSH → [`BlockDevice::flush`]. FALLOCATE(PUNCH_HOLE) → discard.
@@ -26,7 +26,10 @@ use fuser::{
     LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyWrite, Request, WriteFlags,
 };
-use va_store::{BlockDevice, DevError, DevErrorKind};
+use va_daemon::buffers::with_buffer;
+use va_daemon::Offload;
+use va_store::ratelog::RateLimitedLog;
+use va_store::{BlockDevice, DevError, DevErrorKind, LocalRead};
 
 /// Inode of the `mem` file.
 pub const MEM_INO: u64 = 2;
@@ -34,9 +37,11 @@ pub const MEM_INO: u64 = 2;
 pub const MEM_NAME: &str = "mem";
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Counters a user can read (printed on exit, written to `--stats`).
+/// vamem's own counters: the `transport` object of the stats every daemon writes
+/// (`va_daemon::stats`); reads, writes, flushes, retries, hits and misses are in its `device`
+/// object.
 #[derive(Default, Debug)]
-pub struct Counters {
+pub struct FuseCounters {
     /// FUSE READs (first touches of pages and readahead).
     pub faults: AtomicU64,
     /// Bytes those READs asked for.
@@ -47,52 +52,37 @@ pub struct Counters {
     pub stall_us: AtomicU64,
     /// Longest single wait (microseconds).
     pub max_stall_us: AtomicU64,
-    /// Read attempts retried after an I/O error.
-    pub retries: AtomicU64,
-    /// READs answered with an error.
-    pub read_errors: AtomicU64,
-    /// FUSE WRITEs (page-cache writeback) and their bytes.
-    pub writes: AtomicU64,
-    pub write_bytes: AtomicU64,
-    /// FSYNC / FLUSH requests.
-    pub flushes: AtomicU64,
+    /// READs and WRITEs answered with an error.
+    pub errors: AtomicU64,
     /// Prefetch: readahead calls ("pushes") and the bytes they covered.
     pub pushes: AtomicU64,
     pub pushed_bytes: AtomicU64,
 }
 
-/// A copy of the counters, with the device's own.
+/// A copy of [`FuseCounters`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct CounterSnapshot {
+pub struct FuseStats {
     pub faults: u64,
     pub fault_bytes: u64,
     pub miss_faults: u64,
     pub stall_us: u64,
     pub max_stall_us: u64,
-    pub retries: u64,
-    pub read_errors: u64,
-    pub writes: u64,
-    pub write_bytes: u64,
-    pub flushes: u64,
+    pub errors: u64,
     pub pushes: u64,
     pub pushed_bytes: u64,
 }
 
-impl Counters {
+impl FuseCounters {
     /// Reads every counter.
-    pub fn snapshot(&self) -> CounterSnapshot {
+    pub fn snapshot(&self) -> FuseStats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        CounterSnapshot {
+        FuseStats {
             faults: l(&self.faults),
             fault_bytes: l(&self.fault_bytes),
             miss_faults: l(&self.miss_faults),
             stall_us: l(&self.stall_us),
             max_stall_us: l(&self.max_stall_us),
-            retries: l(&self.retries),
-            read_errors: l(&self.read_errors),
-            writes: l(&self.writes),
-            write_bytes: l(&self.write_bytes),
-            flushes: l(&self.flushes),
+            errors: l(&self.errors),
             pushes: l(&self.pushes),
             pushed_bytes: l(&self.pushed_bytes),
         }
@@ -105,120 +95,55 @@ impl Counters {
     }
 }
 
-/// How long a failing read is retried.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Give up (EIO) after this long.
-    pub retry_for: Duration,
-    /// First backoff; doubles up to `max_delay`.
-    pub first_delay: Duration,
-    pub max_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            retry_for: Duration::from_secs(300),
-            first_delay: Duration::from_millis(50),
-            max_delay: Duration::from_secs(5),
-        }
-    }
-}
-
-/// Reads `buf.len()` bytes at `offset`, retrying I/O errors (origin down, verification
-/// failures) with backoff for up to `policy.retry_for`. Other errors are returned at once.
-pub fn read_with_retry(
-    dev: &dyn BlockDevice,
-    offset: u64,
-    buf: &mut [u8],
-    policy: &RetryPolicy,
-    counters: &Counters,
-) -> Result<(), DevError> {
-    let start = Instant::now();
-    let mut delay = policy.first_delay;
-    loop {
-        match dev.read(offset, buf) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == DevErrorKind::Io && start.elapsed() < policy.retry_for => {
-                counters.retries.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    "fault at {offset:#x}+{}: {e}; waiting {delay:?} for a good copy",
-                    buf.len()
-                );
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(policy.max_delay);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-struct Miss {
-    offset: u64,
-    len: usize,
-    reply: ReplyData,
-    t: Instant,
-}
-
 /// The file system.
 pub struct MemFs {
     dev: Arc<dyn BlockDevice>,
-    counters: Arc<Counters>,
-    retry: RetryPolicy,
-    misses: crossbeam_channel::Sender<Miss>,
+    counters: Arc<FuseCounters>,
+    offload: Offload,
+    errors: Arc<RateLimitedLog>,
     uid: u32,
     gid: u32,
     born: SystemTime,
     read_ahead: u32,
 }
 
+/// Maps a device error to the errno FUSE returns (for a mapped file, QEMU sees SIGBUS on a
+/// failed READ). The only such mapping.
 fn errno(e: &DevError) -> Errno {
-    Errno::from_i32(e.errno())
+    match e.kind() {
+        DevErrorKind::OutOfRange | DevErrorKind::Invalid => Errno::EINVAL,
+        DevErrorKind::ReadOnly => Errno::EROFS,
+        DevErrorKind::NoSpace => Errno::ENOSPC,
+        DevErrorKind::Unsupported => Errno::EOPNOTSUPP,
+        DevErrorKind::Unavailable | DevErrorKind::Corrupt | DevErrorKind::Io => Errno::EIO,
+    }
 }
 
 impl MemFs {
-    /// A file system serving `dev` as `mem`, with `workers` miss threads.
+    /// A file system serving `dev` as `mem`; reads that must wait for the network run on
+    /// `offload`.
     pub fn new(
         dev: Arc<dyn BlockDevice>,
-        counters: Arc<Counters>,
-        retry: RetryPolicy,
-        workers: usize,
+        counters: Arc<FuseCounters>,
+        offload: Offload,
         read_ahead: u32,
-    ) -> std::io::Result<MemFs> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Miss>();
-        for i in 0..workers.max(1) {
-            let rx = rx.clone();
-            let dev = dev.clone();
-            let counters = counters.clone();
-            std::thread::Builder::new()
-                .name(format!("vamem-miss-{i}"))
-                .spawn(move || {
-                    for m in rx.iter() {
-                        let mut buf = vec![0u8; m.len];
-                        let r = read_with_retry(&*dev, m.offset, &mut buf, &retry, &counters);
-                        counters.stalled(m.t);
-                        match r {
-                            Ok(()) => m.reply.data(&buf),
-                            Err(e) => {
-                                counters.read_errors.fetch_add(1, Ordering::Relaxed);
-                                tracing::error!("fault at {:#x}+{}: {e}", m.offset, m.len);
-                                m.reply.error(errno(&e));
-                            }
-                        }
-                    }
-                })?;
-        }
+    ) -> MemFs {
         let (uid, gid) = crate::sys::ids();
-        Ok(MemFs {
+        MemFs {
             dev,
             counters,
-            retry,
-            misses: tx,
+            offload,
+            errors: Arc::new(RateLimitedLog::default()),
             uid,
             gid,
             born: SystemTime::now(),
             read_ahead,
-        })
+        }
+    }
+
+    /// Answers a failed request (logged, rate-limited).
+    fn failed(&self, what: &str, offset: u64, len: u64, e: &DevError) -> Errno {
+        failed(&self.counters, &self.errors, what, offset, len, e)
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
@@ -341,32 +266,37 @@ impl Filesystem for MemFs {
         let c = &self.counters;
         c.faults.fetch_add(1, Ordering::Relaxed);
         c.fault_bytes.fetch_add(len, Ordering::Relaxed);
-        let t = Instant::now();
-        if !self.dev.is_local(offset, len) {
-            c.miss_faults.fetch_add(1, Ordering::Relaxed);
-            let m = Miss {
-                offset,
-                len: len as usize,
-                reply,
-                t,
-            };
-            if let Err(crossbeam_channel::SendError(m)) = self.misses.send(m) {
-                // No workers (cannot happen while we live): serve it here.
-                let mut buf = vec![0u8; m.len];
-                match read_with_retry(&*self.dev, offset, &mut buf, &self.retry, c) {
-                    Ok(()) => m.reply.data(&buf),
-                    Err(e) => m.reply.error(errno(&e)),
-                }
+        // Local: answered on this thread; otherwise the reply goes to the pool.
+        let pending = with_buffer(len as usize, |buf| match self.dev.read_local(offset, buf) {
+            Ok(LocalRead::Done) => {
+                reply.data(buf);
+                None
             }
-            return;
-        }
-        let mut buf = vec![0u8; len as usize];
-        match read_with_retry(&*self.dev, offset, &mut buf, &self.retry, c) {
-            Ok(()) => reply.data(&buf),
+            Ok(LocalRead::NeedsFetch) => Some(reply),
             Err(e) => {
-                c.read_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!("read at {offset:#x}+{len}: {e}");
-                reply.error(errno(&e))
+                reply.error(self.failed("read", offset, len, &e));
+                None
+            }
+        });
+        match pending {
+            None => {}
+            Some(reply) => {
+                c.miss_faults.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                let (dev, counters, errors) =
+                    (self.dev.clone(), self.counters.clone(), self.errors.clone());
+                self.offload.submit(move || {
+                    with_buffer(len as usize, |buf| {
+                        let r = dev.read(offset, buf);
+                        counters.stalled(t);
+                        match r {
+                            Ok(()) => reply.data(buf),
+                            Err(e) => {
+                                reply.error(failed(&counters, &errors, "read", offset, len, &e))
+                            }
+                        }
+                    })
+                });
             }
         }
     }
@@ -390,17 +320,8 @@ impl Filesystem for MemFs {
             return reply.error(Errno::EFBIG);
         }
         match self.dev.write(offset, data) {
-            Ok(()) => {
-                self.counters.writes.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .write_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                reply.written(data.len() as u32)
-            }
-            Err(e) => {
-                tracing::error!("write at {offset:#x}+{}: {e}", data.len());
-                reply.error(errno(&e))
-            }
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(self.failed("write", offset, data.len() as u64, &e)),
         }
     }
 
@@ -412,10 +333,9 @@ impl Filesystem for MemFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         match self.dev.flush() {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.failed("flush", 0, 0, &e)),
         }
     }
 
@@ -427,10 +347,9 @@ impl Filesystem for MemFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         match self.dev.flush() {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(self.failed("fsync", 0, 0, &e)),
         }
     }
 
@@ -454,7 +373,7 @@ impl Filesystem for MemFs {
         if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
             return match self.dev.discard(offset, len) {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(self.failed("punch hole", offset, len, &e)),
             };
         }
         reply.error(Errno::EOPNOTSUPP)
@@ -485,107 +404,33 @@ impl Filesystem for MemFs {
     }
 }
 
+/// Counts and logs (rate-limited) a failed request; the errno to answer with.
+fn failed(
+    counters: &FuseCounters,
+    log: &RateLimitedLog,
+    what: &str,
+    offset: u64,
+    len: u64,
+    e: &DevError,
+) -> Errno {
+    counters.errors.fetch_add(1, Ordering::Relaxed);
+    log.log(format_args!("{what} at {offset:#x}+{len}: {e}"));
+    errno(e)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU32;
-    use va_store::device::MemDevice;
-
-    /// A device whose first `fail` reads fail with an I/O error (like a corrupt chunk).
-    struct Flaky {
-        inner: MemDevice,
-        fail: AtomicU32,
-        kind: DevErrorKind,
-    }
-
-    impl BlockDevice for Flaky {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn read_only(&self) -> bool {
-            true
-        }
-        fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
-            if self
-                .fail
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                return Err(DevError::new(self.kind, "chunk failed verification twice"));
-            }
-            self.inner.read(offset, buf)
-        }
-        fn write(&self, o: u64, d: &[u8]) -> Result<(), DevError> {
-            self.inner.write(o, d)
-        }
-        fn flush(&self) -> Result<(), DevError> {
-            Ok(())
-        }
-        fn discard(&self, o: u64, l: u64) -> Result<(), DevError> {
-            self.inner.discard(o, l)
-        }
-        fn write_zeroes(&self, o: u64, l: u64) -> Result<(), DevError> {
-            self.inner.write_zeroes(o, l)
-        }
-        fn extents(&self, o: u64, l: u64) -> Result<Vec<va_store::Extent>, DevError> {
-            self.inner.extents(o, l)
-        }
-        fn is_local(&self, _: u64, _: u64) -> bool {
-            false
-        }
-        fn prefetch(&self, _: u64, _: u64) -> Result<(), DevError> {
-            Ok(())
-        }
-        fn stats(&self) -> va_store::device::DevStats {
-            self.inner.stats()
-        }
-    }
-
-    fn policy(ms: u64) -> RetryPolicy {
-        RetryPolicy {
-            retry_for: Duration::from_millis(ms),
-            first_delay: Duration::from_millis(1),
-            max_delay: Duration::from_millis(4),
-        }
-    }
 
     #[test]
-    fn io_errors_are_retried_until_good_bytes_arrive() {
-        let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
-        let dev = Flaky {
-            inner: MemDevice::new(data.clone(), false),
-            fail: AtomicU32::new(3),
-            kind: DevErrorKind::Io,
-        };
-        let c = Counters::default();
-        let mut buf = vec![0u8; 100];
-        read_with_retry(&dev, 4000, &mut buf, &policy(10_000), &c).unwrap();
-        assert_eq!(buf, data[4000..4100]);
-        assert_eq!(c.snapshot().retries, 3);
-    }
-
-    #[test]
-    fn retrying_is_bounded_and_other_errors_are_not_retried() {
-        let dev = Flaky {
-            inner: MemDevice::new(vec![1; 4096], false),
-            fail: AtomicU32::new(u32::MAX),
-            kind: DevErrorKind::Io,
-        };
-        let c = Counters::default();
-        let t = Instant::now();
-        let e = read_with_retry(&dev, 0, &mut [0u8; 10], &policy(30), &c).unwrap_err();
-        assert_eq!(e.kind(), DevErrorKind::Io);
-        assert!(t.elapsed() >= Duration::from_millis(30));
-        assert!(c.snapshot().retries >= 2);
-
-        let dev = Flaky {
-            inner: MemDevice::new(vec![1; 4096], false),
-            fail: AtomicU32::new(1),
-            kind: DevErrorKind::OutOfRange,
-        };
-        let c = Counters::default();
-        let e = read_with_retry(&dev, 0, &mut [0u8; 10], &policy(10_000), &c).unwrap_err();
-        assert_eq!(e.kind(), DevErrorKind::OutOfRange);
-        assert_eq!(c.snapshot().retries, 0);
+    fn errno_mapping_covers_every_kind() {
+        let m = |k| errno(&DevError::new(k, "x"));
+        assert_eq!(m(DevErrorKind::Unavailable), Errno::EIO);
+        assert_eq!(m(DevErrorKind::Corrupt), Errno::EIO);
+        assert_eq!(m(DevErrorKind::Io), Errno::EIO);
+        assert_eq!(m(DevErrorKind::NoSpace), Errno::ENOSPC);
+        assert_eq!(m(DevErrorKind::ReadOnly), Errno::EROFS);
+        assert_eq!(m(DevErrorKind::OutOfRange), Errno::EINVAL);
+        assert_eq!(m(DevErrorKind::Unsupported), Errno::EOPNOTSUPP);
     }
 }

@@ -6,7 +6,8 @@
 //! FUSE READ that vamem answers from the local cache or the origin ([`fs`]); pages the guest
 //! dirties come back as writes into the overlay. [`pull`] prefetches race-free, [`mount`]
 //! keeps mount points clean and tunes the FUSE BDI, [`machine`] checks that a bundle's
-//! RAM image, machine description and device state belong together.
+//! RAM image, machine description and device state belong together. Options, the device
+//! stack (with its retries), the offload pool, stats and shutdown come from [`va_daemon`].
 
 pub mod fs;
 pub mod machine;
@@ -21,9 +22,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+use va_daemon::Offload;
 use va_store::BlockDevice;
 
-pub use fs::{CounterSnapshot, Counters, RetryPolicy, MEM_NAME};
+pub use fs::{FuseCounters, FuseStats, MEM_NAME};
 
 /// Errors mounting and serving.
 #[derive(Debug, thiserror::Error)]
@@ -47,21 +49,15 @@ pub enum ServeError {
 pub struct ServeOptions {
     /// FUSE threads receiving requests.
     pub fuse_threads: usize,
-    /// Threads waiting for origin fetches.
-    pub miss_workers: usize,
     /// Readahead window (bytes): FUSE max_readahead and the BDI's read_ahead_kb.
     pub read_ahead: u32,
-    /// Retry policy for reads failing with I/O errors.
-    pub retry: RetryPolicy,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             fuse_threads: 4,
-            miss_workers: 16,
             read_ahead: 1 << 20,
-            retry: RetryPolicy::default(),
         }
     }
 }
@@ -71,31 +67,26 @@ pub struct Mounted {
     mountpoint: PathBuf,
     unmounter: Option<SessionUnmounter>,
     session: Option<JoinHandle<std::io::Result<()>>>,
-    counters: Arc<Counters>,
+    counters: Arc<FuseCounters>,
     dev: Arc<dyn BlockDevice>,
 }
 
 /// Mounts `dev` as `MOUNTPOINT/mem` (see [`mount::prepare`] for stale and busy mount points),
-/// starts serving, and tunes the FUSE BDI (logged).
+/// starts serving (reads that need the network run on `offload`), and tunes the FUSE BDI
+/// (logged).
 pub fn serve(
     dev: Arc<dyn BlockDevice>,
     mountpoint: &Path,
     opts: &ServeOptions,
+    offload: Offload,
 ) -> Result<Mounted, ServeError> {
     let mp = mount::prepare(mountpoint)?;
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(FuseCounters::default());
     let fuse_err = |source| ServeError::Fuse {
         path: mp.clone(),
         source,
     };
-    let fs = fs::MemFs::new(
-        dev.clone(),
-        counters.clone(),
-        opts.retry,
-        opts.miss_workers,
-        opts.read_ahead,
-    )
-    .map_err(fuse_err)?;
+    let fs = fs::MemFs::new(dev.clone(), counters.clone(), offload, opts.read_ahead);
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("vamem".into()),
@@ -148,7 +139,7 @@ impl Mounted {
     }
 
     /// The counters.
-    pub fn counters(&self) -> &Arc<Counters> {
+    pub fn counters(&self) -> &Arc<FuseCounters> {
         &self.counters
     }
 

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use va_store::appliance::Appliance;
 use va_store::format::{ChunkEntry, ImageKind};
-use va_store::prefetch::{PrefetchOptions, Prefetcher};
+use va_store::prefetch::{PrefetchOptions, PrefetchProgress, Prefetcher};
 
-use crate::fs::Counters;
+use crate::fs::FuseCounters;
 use crate::sys;
 
 /// Prefetch parameters.
@@ -46,7 +46,21 @@ impl Default for PullOptions {
 /// A running puller; stops when dropped.
 pub struct Puller {
     stop: Arc<AtomicBool>,
+    progress: Arc<PrefetchProgress>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Why prefetching stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("opening {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Appliance(#[from] va_store::appliance::ApplianceError),
 }
 
 impl Puller {
@@ -54,22 +68,37 @@ impl Puller {
     pub fn start(
         app: Arc<Appliance>,
         file: PathBuf,
-        counters: Arc<Counters>,
+        counters: Arc<FuseCounters>,
         opts: PullOptions,
     ) -> std::io::Result<Puller> {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let pre = Prefetcher::start(
+            app.clone(),
+            PrefetchOptions {
+                images: vec![ImageKind::Mem],
+                workers: opts.workers,
+                batch_bytes: opts.batch_bytes,
+            },
+        );
+        let progress = pre.progress();
         let thread = std::thread::Builder::new()
             .name("vamem-pull".into())
             .spawn(move || {
-                if let Err(e) = run(&app, &file, &counters, &opts, &s) {
-                    tracing::warn!("prefetch stopped: {e}");
+                if let Err(e) = pull_in_pack_order(&app, pre, &file, &counters, &opts, &s) {
+                    tracing::warn!("prefetch stopped: {e:#}");
                 }
             })?;
         Ok(Puller {
             stop,
+            progress,
             thread: Some(thread),
         })
+    }
+
+    /// The cache prefetcher's progress (for the stats).
+    pub fn progress(&self) -> Arc<PrefetchProgress> {
+        self.progress.clone()
     }
 
     /// Whether the puller is done.
@@ -93,15 +122,15 @@ impl Drop for Puller {
 }
 
 /// Stored chunks of the mem image in pack order: (chunk index, hash).
-fn order(app: &Appliance, stop: &AtomicBool) -> Result<Vec<(u64, va_store::Hash)>, String> {
+fn order(app: &Appliance, stop: &AtomicBool) -> Result<Vec<(u64, va_store::Hash)>, PullError> {
     let m = app.manifest();
-    let img = app.image(ImageKind::Mem).map_err(|e| e.to_string())?;
+    let img = app.image(ImageKind::Mem)?;
     let mut v = Vec::new();
     for c in 0..m.chunks_of(img.size) {
         if stop.load(Ordering::Acquire) {
             break;
         }
-        if let ChunkEntry::Stored(b) = app.entry(ImageKind::Mem, c).map_err(|e| e.to_string())? {
+        if let ChunkEntry::Stored(b) = app.entry(ImageKind::Mem, c)? {
             v.push((b.pack, b.offset, c, b.hash));
         }
     }
@@ -109,27 +138,23 @@ fn order(app: &Appliance, stop: &AtomicBool) -> Result<Vec<(u64, va_store::Hash)
     Ok(v.into_iter().map(|x| (x.2, x.3)).collect())
 }
 
-fn run(
+fn pull_in_pack_order(
     app: &Arc<Appliance>,
+    mut pre: Prefetcher,
     file: &PathBuf,
-    counters: &Counters,
+    counters: &FuseCounters,
     opts: &PullOptions,
     stop: &AtomicBool,
-) -> Result<(), String> {
+) -> Result<(), PullError> {
     let t0 = Instant::now();
     let before = app.stats().fetched_bytes;
-    let mut pre = Prefetcher::start(
-        app.clone(),
-        PrefetchOptions {
-            images: vec![ImageKind::Mem],
-            workers: opts.workers,
-            batch_bytes: opts.batch_bytes,
-        },
-    );
-    let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let f = std::fs::File::open(file).map_err(|source| PullError::Open {
+        path: file.clone(),
+        source,
+    })?;
     let list = order(app, stop)?;
     let cs = app.manifest().chunk_size as u64;
-    let size = app.image(ImageKind::Mem).map_err(|e| e.to_string())?.size;
+    let size = app.image(ImageKind::Mem)?.size;
     let cache = app.cache().cloned();
     tracing::info!(
         "prefetch: {} stored chunks of the mem image, in pack order",

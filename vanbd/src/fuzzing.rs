@@ -5,7 +5,7 @@
 use std::io::{self, Cursor};
 use std::sync::Arc;
 
-use va_store::device::MemDevice;
+use va_store::testing::MemDevice;
 
 use crate::handshake::Export;
 use crate::server::{Server, ServerConfig};
@@ -22,8 +22,19 @@ pub fn session(input: &[u8]) {
     if shape & 2 == 2 {
         export.min_block = 512;
     }
-    let server = Server::new(export, ServerConfig::default());
-    let _ = server.serve_stream(Cursor::new(input), io::sink(), &|| {}, &|| {});
+    let cfg = ServerConfig {
+        workers: 2,
+        ..ServerConfig::default()
+    };
+    let Ok(server) = Server::new(export, cfg) else {
+        return;
+    };
+    let _ = server.serve_stream(
+        Cursor::new(input),
+        Box::new(io::sink()),
+        &|| {},
+        Box::new(|| {}),
+    );
 }
 
 /// A valid client prefix (fixed newstyle, structured replies, base:allocation, GO) after

@@ -11,22 +11,24 @@
 //!   out of order, several connections at once (`NBD_FLAG_CAN_MULTI_CONN`).
 //!
 //! Layout: [`decode`] turns client bytes into typed values (total, never panics),
-//! [`wire`] encodes server messages, [`handshake`] negotiates, [`transmission`] serves one
-//! connection, [`server`] accepts connections, [`errors`] maps device failures to NBD errors,
-//! [`file_device`] is a plain raw-file [`va_store::BlockDevice`] for tests and benchmarks.
+//! [`wire`] encodes server messages, [`handshake`] negotiates, [`transmission`] reads one
+//! connection's requests and decides where each runs, [`command`] executes one command and
+//! builds its reply, [`reply`] buffers and writes replies, [`server`] accepts connections,
+//! [`errors`] maps device failures to NBD errors, [`stats`] counts the protocol side. The
+//! device stack, the offload pool, options, stats and shutdown come from [`va_daemon`].
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod command;
 pub mod decode;
 pub mod errors;
-pub mod file_device;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handshake;
 pub mod proto;
+pub mod reply;
 pub mod server;
 pub mod stats;
-mod sys;
 pub mod transmission;
 pub mod wire;
 

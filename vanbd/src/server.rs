@@ -7,8 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use va_daemon::Offload;
+
 use crate::handshake::{self, Export, HandshakeError, Outcome};
-use crate::stats::{Counters, Snapshot};
+use crate::stats::{NbdCounters, Snapshot};
 use crate::transmission::{self, ConnConfig, Context, End, TransmissionError};
 
 /// Server tuning.
@@ -19,6 +21,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Connections served at once; further ones are closed at once (and logged).
     pub max_connections: u64,
+    /// Threads of the offload pool a server makes for itself ([`Server::new`]).
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -27,6 +31,7 @@ impl Default for ServerConfig {
             conn: ConnConfig::default(),
             handshake_timeout: Duration::from_secs(30),
             max_connections: 256,
+            workers: 16,
         }
     }
 }
@@ -34,19 +39,20 @@ impl Default for ServerConfig {
 /// Why one connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
-    #[error("handshake: {0}")]
+    #[error("handshake")]
     Handshake(#[from] HandshakeError),
     #[error(transparent)]
     Transmission(#[from] TransmissionError),
-    #[error("socket setup: {0}")]
-    Setup(io::Error),
+    #[error("socket setup")]
+    Setup(#[source] io::Error),
 }
 
 /// An NBD server for one export.
 pub struct Server {
-    export: Export,
+    export: Arc<Export>,
     cfg: ServerConfig,
-    ctx: Context,
+    ctx: Arc<Context>,
+    offload: Offload,
 }
 
 /// A connected socket (TCP or Unix).
@@ -88,11 +94,19 @@ impl Socket for UnixStream {
 }
 
 impl Server {
-    pub fn new(export: Export, cfg: ServerConfig) -> Arc<Self> {
+    /// A server for `export` with an offload pool of its own (`cfg.workers` threads).
+    pub fn new(export: Export, cfg: ServerConfig) -> io::Result<Arc<Self>> {
+        let offload = Offload::new("vanbd", cfg.workers)?;
+        Ok(Self::with_offload(export, cfg, offload))
+    }
+
+    /// A server for `export` whose slow requests run on `offload`.
+    pub fn with_offload(export: Export, cfg: ServerConfig, offload: Offload) -> Arc<Self> {
         Arc::new(Server {
-            export,
+            export: Arc::new(export),
             cfg,
-            ctx: Context::default(),
+            ctx: Arc::new(Context::default()),
+            offload,
         })
     }
 
@@ -105,6 +119,11 @@ impl Server {
         self.ctx.counters.snapshot()
     }
 
+    /// The offload pool's counters.
+    pub fn offload(&self) -> &Offload {
+        &self.offload
+    }
+
     /// Request errors logged or suppressed so far: (total, not logged).
     pub fn error_counts(&self) -> (u64, u64) {
         (self.ctx.errors.total(), self.ctx.errors.suppressed())
@@ -112,12 +131,12 @@ impl Server {
 
     /// Runs handshake and transmission on an arbitrary byte stream pair (used by tests and
     /// the fuzz target); `shutdown` must make blocked reads of `r` return.
-    pub fn serve_stream<R: Read, W: Write + Send>(
+    pub fn serve_stream<R: Read>(
         &self,
         r: R,
-        mut w: W,
+        mut w: Box<dyn Write + Send>,
         on_handshake_done: &dyn Fn(),
-        shutdown: &(dyn Fn() + Sync),
+        shutdown: Box<dyn Fn() + Send + Sync>,
     ) -> Result<End, ConnError> {
         let mut reader = BufReader::with_capacity(transmission::IN_BUF, r);
         let neg = match handshake::negotiate(&mut reader, &mut w, &self.export)? {
@@ -128,10 +147,11 @@ impl Server {
         let end = transmission::serve(
             &mut reader,
             w,
-            &self.export,
+            Arc::clone(&self.export),
             neg,
             &self.cfg.conn,
-            &self.ctx,
+            Arc::clone(&self.ctx),
+            &self.offload,
             shutdown,
         )?;
         Ok(end)
@@ -140,10 +160,10 @@ impl Server {
     /// Serves one accepted socket until it closes, logging how it ended.
     pub fn serve_socket<S: Socket>(&self, s: S, peer: &str) {
         let c = &self.ctx.counters;
-        Counters::inc(&c.connections);
+        NbdCounters::inc(&c.connections);
         if c.active.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_connections {
             c.active.fetch_sub(1, Ordering::AcqRel);
-            Counters::inc(&c.refused);
+            NbdCounters::inc(&c.refused);
             tracing::warn!(
                 "{peer}: refused: already {} connections",
                 self.cfg.max_connections
@@ -158,18 +178,18 @@ impl Server {
             Err(ConnError::Handshake(HandshakeError::Io(e)))
                 if e.kind() == io::ErrorKind::UnexpectedEof =>
             {
-                Counters::inc(&c.handshake_failures);
+                NbdCounters::inc(&c.handshake_failures);
                 tracing::debug!("{peer}: left during the handshake");
             }
             Err(e @ ConnError::Handshake(_)) | Err(e @ ConnError::Setup(_)) => {
-                Counters::inc(&c.handshake_failures);
+                NbdCounters::inc(&c.handshake_failures);
                 tracing::warn!("{peer}: {e}");
             }
             Err(ConnError::Transmission(TransmissionError::Io(e))) => {
                 tracing::info!("{peer}: connection lost: {e}");
             }
             Err(e @ ConnError::Transmission(_)) => {
-                Counters::inc(&c.protocol_errors);
+                NbdCounters::inc(&c.protocol_errors);
                 tracing::warn!("{peer}: closing: {e}");
             }
         }
@@ -182,11 +202,11 @@ impl Server {
             .map_err(ConnError::Setup)?;
         let w = s.try_clone().map_err(ConnError::Setup)?;
         let r = s.try_clone().map_err(ConnError::Setup)?;
+        let closer = s.try_clone().map_err(ConnError::Setup)?;
         let done = || {
             let _ = s.set_read_timeout(None);
         };
-        let shutdown = || s.shutdown();
-        self.serve_stream(r, w, &done, &shutdown)
+        self.serve_stream(r, Box::new(w), &done, Box::new(move || closer.shutdown()))
     }
 
     /// Accepts TCP connections forever, one thread each.
@@ -237,16 +257,17 @@ fn spawn_conn(f: impl FnOnce() + Send + 'static) {
 }
 
 fn accept_error_is_transient(e: &io::Error) -> bool {
+    use rustix::io::Errno;
     matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE)
-            | Some(libc::ENFILE)
-            | Some(libc::ENOBUFS)
-            | Some(libc::ENOMEM)
-            | Some(libc::ECONNABORTED)
-            | Some(libc::EINTR)
-            | Some(libc::EPROTO)
-            | Some(libc::EPERM)
+        e.raw_os_error().map(Errno::from_raw_os_error),
+        Some(Errno::MFILE)
+            | Some(Errno::NFILE)
+            | Some(Errno::NOBUFS)
+            | Some(Errno::NOMEM)
+            | Some(Errno::CONNABORTED)
+            | Some(Errno::INTR)
+            | Some(Errno::PROTO)
+            | Some(Errno::PERM)
     )
 }
 
@@ -261,7 +282,7 @@ mod tests {
             max_connections: 1,
             ..ServerConfig::default()
         };
-        let server = Server::new(Export::new("disk", mem_device(8192, &[0])), cfg);
+        let server = Server::new(Export::new("disk", mem_device(8192, &[0])), cfg).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let s = Arc::clone(&server);

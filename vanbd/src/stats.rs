@@ -1,4 +1,5 @@
-//! Server-side counters (protocol level; the device keeps its own [`va_store::device::DevStats`]).
+//! vanbd's own counters (the NBD side): the `transport` object of the stats every daemon writes
+//! (`va_daemon::stats`); requests, bytes, hits and misses are in its `device` object.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,7 +8,7 @@ use crate::decode::Command;
 
 /// Live counters, shared by all connections.
 #[derive(Default)]
-pub struct Counters {
+pub struct NbdCounters {
     pub connections: AtomicU64,
     pub active: AtomicU64,
     /// Connections closed at once because `max_connections` were active.
@@ -25,7 +26,7 @@ pub struct Counters {
     pub queued: AtomicU64,
 }
 
-impl Counters {
+impl NbdCounters {
     pub(crate) fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -51,18 +52,29 @@ impl Counters {
     }
 }
 
-/// A copy of [`Counters`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A copy of [`NbdCounters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Snapshot {
     pub connections: u64,
     pub active: u64,
     pub refused: u64,
     pub handshake_failures: u64,
     pub protocol_errors: u64,
+    /// Requests per command, named as in the NBD spec.
+    #[serde(serialize_with = "by_command")]
     pub requests: [u64; 9],
     pub errors: u64,
     pub inline: u64,
     pub queued: u64,
+}
+
+fn by_command<S: serde::Serializer>(v: &[u64; 9], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(NAMES.len()))?;
+    for (n, c) in NAMES.iter().zip(v) {
+        m.serialize_entry(n, c)?;
+    }
+    m.end()
 }
 
 const NAMES: [&str; 9] = [

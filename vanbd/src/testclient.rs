@@ -3,12 +3,11 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use va_store::device::{DevStats, MemDevice};
-use va_store::{BlockDevice, DevError, Extent};
+use va_store::testing::MemDevice;
 
 use crate::handshake::Export;
 use crate::proto::*;
@@ -28,7 +27,7 @@ impl Harness {
     }
 
     pub fn with_config(export: Export, cfg: ServerConfig) -> Self {
-        let server = Server::new(export, cfg);
+        let server = Server::new(export, cfg).unwrap();
         let c = connect(&server);
         Harness {
             server: Arc::clone(&server),
@@ -59,10 +58,11 @@ fn connect(server: &Arc<Server>) -> (Client, JoinHandle<Result<End, ConnError>>)
     let t = std::thread::spawn(move || {
         let r = s.try_clone().unwrap();
         let w = s.try_clone().unwrap();
-        let sd = || {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+        let closer = s.try_clone().unwrap();
+        let sd = move || {
+            let _ = closer.shutdown(std::net::Shutdown::Both);
         };
-        let res = srv.serve_stream(r, w, &|| {}, &sd);
+        let res = srv.serve_stream(r, Box::new(w), &|| {}, Box::new(sd));
         let _ = s.shutdown(std::net::Shutdown::Both);
         res
     });
@@ -361,90 +361,4 @@ pub fn reassemble(chunks: &[Msg], offset: u64, len: u32) -> Result<Vec<u8>, u32>
     }
     assert!(covered.iter().all(|&c| c), "chunks do not cover the read");
     Ok(out)
-}
-
-/// A device whose reads of `[gate_off, gate_off+gate_len)` are "remote" (`is_local` false)
-/// and block until [`GateDevice::open`] is called.
-pub struct GateDevice {
-    pub inner: MemDevice,
-    gate_off: u64,
-    gate_len: u64,
-    open: Mutex<bool>,
-    cv: Condvar,
-    pub entered: Mutex<u32>,
-}
-
-impl GateDevice {
-    pub fn new(inner: MemDevice, gate_off: u64, gate_len: u64) -> Arc<Self> {
-        Arc::new(GateDevice {
-            inner,
-            gate_off,
-            gate_len,
-            open: Mutex::new(false),
-            cv: Condvar::new(),
-            entered: Mutex::new(0),
-        })
-    }
-    pub fn open(&self) {
-        *self.open.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-    fn gated(&self, o: u64, l: u64) -> bool {
-        o < self.gate_off + self.gate_len && self.gate_off < o + l
-    }
-    /// Blocks until at least `n` reads have entered the gate.
-    pub fn wait_entered(&self, n: u32) {
-        let mut e = self.entered.lock().unwrap();
-        while *e < n {
-            e = self
-                .cv
-                .wait_timeout(e, Duration::from_millis(10))
-                .unwrap()
-                .0;
-        }
-    }
-}
-
-impl BlockDevice for GateDevice {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_only(&self) -> bool {
-        self.inner.read_only()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DevError> {
-        if self.gated(offset, buf.len() as u64) {
-            *self.entered.lock().unwrap() += 1;
-            self.cv.notify_all();
-            let mut o = self.open.lock().unwrap();
-            while !*o {
-                o = self.cv.wait(o).unwrap();
-            }
-        }
-        self.inner.read(offset, buf)
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), DevError> {
-        self.inner.write(offset, data)
-    }
-    fn flush(&self) -> Result<(), DevError> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DevError> {
-        self.inner.extents(offset, len)
-    }
-    fn is_local(&self, offset: u64, len: u64) -> bool {
-        !self.gated(offset, len)
-    }
-    fn prefetch(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        self.inner.prefetch(offset, len)
-    }
-    fn stats(&self) -> DevStats {
-        self.inner.stats()
-    }
 }

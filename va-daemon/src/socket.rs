@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("{0} is in use: another process is listening on it (stop it first, or pick another --socket)")]
+    #[error("{0} is in use: another process is listening on it (stop it first, or pick another --socket or --unix)")]
     InUse(PathBuf),
     #[error("{0} exists and is not a socket: refusing to replace it")]
     NotASocket(PathBuf),

@@ -1,0 +1,148 @@
+//! The options every daemon shares, as one clap `Args` struct flattened into each binary.
+
+use std::path::PathBuf;
+
+/// Where the data comes from, how it is cached and kept, and what the daemon reports.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DaemonArgs {
+    /// Appliance URL: `http(s)://host/path/` (a bundle directory served by `va serve`, nginx, S3,
+    /// a CDN), `file:///dir` or a local directory. `URL#<digest>` pins the manifest digest:
+    /// a manifest, index page or chunk that does not match is refused.
+    #[arg(
+        long,
+        value_name = "URL",
+        required_unless_present = "file",
+        help_heading = "Appliance"
+    )]
+    pub appliance: Option<String>,
+
+    /// Expected manifest digest (64 hex digits), if the URL does not carry one.
+    #[arg(long, value_name = "HEX", help_heading = "Appliance")]
+    pub digest: Option<String>,
+
+    /// Serve this local raw image file instead of an appliance (testing and benchmarks).
+    /// Writes go to the file itself (a second writer is refused); the appliance options do
+    /// not apply.
+    #[arg(
+        long,
+        value_name = "RAW",
+        conflicts_with_all = ["appliance", "digest", "overlay", "trace", "prefetch"],
+        help_heading = "Appliance"
+    )]
+    pub file: Option<PathBuf>,
+
+    /// Local chunk cache directory, shared by all daemons of this host.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/cache/vastream",
+        help_heading = "Cache and overlay"
+    )]
+    pub cache_dir: PathBuf,
+
+    /// Bound of the local cache (bytes, or with a K/M/G/T suffix).
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size,
+          help_heading = "Cache and overlay")]
+    pub cache_size: u64,
+
+    /// Copy-on-write overlay file that holds the writes (created if missing, mode 0600).
+    /// Without it, the device is read-only.
+    #[arg(long, value_name = "PATH", help_heading = "Cache and overlay")]
+    pub overlay: Option<PathBuf>,
+
+    /// Refuse writes even with an overlay.
+    #[arg(long, help_heading = "Cache and overlay")]
+    pub read_only: bool,
+
+    /// Seconds allowed for connecting to the origin and for each read from it, before the
+    /// request is retried.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        help_heading = "Origin"
+    )]
+    pub origin_timeout: u64,
+
+    /// Retries of a failed origin request (connection errors, HTTP 5xx, short reads,
+    /// timeouts), with exponential backoff from 200 ms. 404/403 are never retried.
+    #[arg(long, value_name = "N", default_value_t = 5, help_heading = "Origin")]
+    pub origin_retries: u32,
+
+    /// How long a request whose data cannot be fetched (origin unreachable) or verified keeps
+    /// being retried before it fails, in seconds (0: fail at once). The default depends on the
+    /// daemon: a guest's RAM cannot take an error, a tool can.
+    #[arg(long, value_name = "SECONDS", help_heading = "Origin")]
+    pub retry_for: Option<u64>,
+
+    /// Prefetch the image into the local cache in the background, in pack order (the chunks of
+    /// a `va pack --plan` trace come first). Demand misses always go first: the prefetcher
+    /// starts no request while a read waits for the origin.
+    #[arg(long, overrides_with = "no_prefetch", help_heading = "Working set")]
+    pub prefetch: bool,
+
+    /// Do not prefetch: fetch only what is read.
+    #[arg(long, overrides_with = "prefetch", help_heading = "Working set")]
+    pub no_prefetch: bool,
+
+    /// Record the first access to every chunk in this working-set trace file (time, image,
+    /// chunk), for `va pack --plan`.
+    #[arg(long, value_name = "FILE", help_heading = "Working set")]
+    pub trace: Option<PathBuf>,
+
+    /// Threads that serve requests which must wait for the network (cache misses) or are
+    /// large, so that they never hold up requests that can be answered at once.
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=1024), help_heading = "Serving")]
+    pub miss_threads: u16,
+
+    /// Rewrite the counters (one JSON object, the same shape for every daemon) to FILE every
+    /// second while running, and at exit.
+    #[arg(long, value_name = "FILE", help_heading = "Reporting")]
+    pub stats: Option<PathBuf>,
+
+    /// Log filter (RUST_LOG overrides it), e.g. `info`, `debug`, `vablk=debug,va_store=info`.
+    #[arg(
+        long,
+        value_name = "FILTER",
+        default_value = "info",
+        env = "VA_LOG",
+        help_heading = "Reporting"
+    )]
+    pub log: String,
+}
+
+/// Parses `123`, `64K`, `64KiB`, `10G`, `1.5G` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    va_store::parse_size(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        d: DaemonArgs,
+    }
+
+    #[test]
+    fn appliance_or_file_is_required_and_file_excludes_appliance_options() {
+        assert!(Cli::try_parse_from(["x"]).is_err());
+        let c = Cli::try_parse_from(["x", "--appliance", "http://h/a/", "--prefetch"]).unwrap();
+        assert_eq!(c.d.appliance.as_deref(), Some("http://h/a/"));
+        assert!(c.d.prefetch && !c.d.no_prefetch);
+        assert_eq!(c.d.cache_size, 10 << 30);
+        let c = Cli::try_parse_from(["x", "--file", "/tmp/r", "--cache-size", "1G"]).unwrap();
+        assert_eq!(c.d.cache_size, 1 << 30);
+        assert!(Cli::try_parse_from(["x", "--file", "/r", "--overlay", "/o"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--file", "/r", "--appliance", "/a"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--appliance", "/a", "--cache-size", "12q"]).is_err());
+        // The later of --prefetch / --no-prefetch wins.
+        let c =
+            Cli::try_parse_from(["x", "--appliance", "/a", "--prefetch", "--no-prefetch"]).unwrap();
+        assert!(!c.d.prefetch && c.d.no_prefetch);
+    }
+}

@@ -1,0 +1,193 @@
+//! The typed configuration of a daemon: [`DaemonArgs`] checked and resolved against the
+//! daemon's [`Defaults`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use va_store::format::ImageKind;
+use va_store::layer::RetryPolicy;
+use va_store::origin::OriginOptions;
+use va_store::Hash;
+
+use crate::args::DaemonArgs;
+
+/// What differs between daemons where the options do not say.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// The daemon's name (logs, stats).
+    pub daemon: &'static str,
+    /// Which image of the appliance it serves.
+    pub image: ImageKind,
+    /// Prefetch unless told otherwise.
+    pub prefetch: bool,
+    /// `--retry-for` when not given.
+    pub retry_for: Duration,
+}
+
+/// Where the bytes come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// An appliance (origin + local cache).
+    Appliance {
+        /// The URL as given (may carry `#digest`).
+        url: String,
+        /// A digest given with `--digest`.
+        digest: Option<Hash>,
+        /// Cache directory and bound.
+        cache_dir: PathBuf,
+        cache_size: u64,
+        /// Origin connection behaviour.
+        origin: OriginOptions,
+    },
+    /// A local raw file (tests and benchmarks).
+    File(PathBuf),
+}
+
+/// Everything [`crate::open_device`] and [`crate::Daemon`] need.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The daemon's name.
+    pub daemon: &'static str,
+    /// Where the bytes come from.
+    pub source: Source,
+    /// The image served.
+    pub image: ImageKind,
+    /// Copy-on-write overlay (appliances only).
+    pub overlay: Option<PathBuf>,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Prefetch the image in the background.
+    pub prefetch: bool,
+    /// Record a working-set trace here.
+    pub trace: Option<PathBuf>,
+    /// Write stats here every second.
+    pub stats: Option<PathBuf>,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// Threads of the miss pool.
+    pub miss_threads: usize,
+    /// The log filter.
+    pub log: String,
+}
+
+/// Options that do not fit together.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--digest: {0:?} is not 64 hex digits")]
+    BadDigest(String),
+    #[error("give --appliance URL (or --file RAW for testing)")]
+    NoSource,
+}
+
+impl Config {
+    /// Checks `args` and fills what they leave open from `defaults`.
+    pub fn from_args(args: DaemonArgs, defaults: &Defaults) -> Result<Config, ConfigError> {
+        let source = match (args.file, args.appliance) {
+            (Some(path), _) => Source::File(path),
+            (None, Some(url)) => {
+                let digest = match &args.digest {
+                    Some(d) => {
+                        Some(Hash::from_hex(d).ok_or_else(|| ConfigError::BadDigest(d.clone()))?)
+                    }
+                    None => None,
+                };
+                let timeout = Duration::from_secs(args.origin_timeout.clamp(1, 3600));
+                Source::Appliance {
+                    url,
+                    digest,
+                    cache_dir: args.cache_dir,
+                    cache_size: args.cache_size,
+                    origin: OriginOptions {
+                        connect_timeout: timeout,
+                        io_timeout: timeout,
+                        retries: args.origin_retries,
+                        ..OriginOptions::default()
+                    },
+                }
+            }
+            (None, None) => return Err(ConfigError::NoSource),
+        };
+        let prefetch = if args.no_prefetch {
+            false
+        } else {
+            args.prefetch || defaults.prefetch
+        };
+        let retry_for = args
+            .retry_for
+            .map(Duration::from_secs)
+            .unwrap_or(defaults.retry_for);
+        Ok(Config {
+            daemon: defaults.daemon,
+            prefetch: prefetch && matches!(source, Source::Appliance { .. }),
+            source,
+            image: defaults.image,
+            overlay: args.overlay,
+            read_only: args.read_only,
+            trace: args.trace,
+            stats: args.stats,
+            retry: RetryPolicy::for_duration(retry_for),
+            miss_threads: usize::from(args.miss_threads),
+            log: args.log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults(prefetch: bool) -> Defaults {
+        Defaults {
+            daemon: "t",
+            image: ImageKind::Mem,
+            prefetch,
+            retry_for: Duration::from_secs(7),
+        }
+    }
+
+    #[test]
+    fn defaults_fill_what_args_leave_open() {
+        let args = DaemonArgs {
+            appliance: Some("http://h/a/".into()),
+            origin_timeout: 0,
+            ..DaemonArgs::default()
+        };
+        let c = Config::from_args(args.clone(), &defaults(true)).unwrap();
+        assert!(c.prefetch);
+        assert_eq!(c.image, ImageKind::Mem);
+        assert_eq!(c.retry.retry_for, Duration::from_secs(7));
+        match &c.source {
+            Source::Appliance { origin, .. } => {
+                assert_eq!(origin.io_timeout, Duration::from_secs(1))
+            }
+            Source::File(_) => panic!("not a file"),
+        }
+        let no = DaemonArgs {
+            no_prefetch: true,
+            retry_for: Some(0),
+            ..args.clone()
+        };
+        let c = Config::from_args(no, &defaults(true)).unwrap();
+        assert!(!c.prefetch);
+        assert_eq!(c.retry.retry_for, Duration::ZERO);
+        let bad = DaemonArgs {
+            digest: Some("xyz".into()),
+            ..args
+        };
+        assert!(matches!(
+            Config::from_args(bad, &defaults(false)),
+            Err(ConfigError::BadDigest(_))
+        ));
+        let file = DaemonArgs {
+            file: Some("/r".into()),
+            prefetch: true,
+            ..DaemonArgs::default()
+        };
+        let c = Config::from_args(file, &defaults(true)).unwrap();
+        assert!(!c.prefetch, "a file is never prefetched");
+        assert!(matches!(
+            Config::from_args(DaemonArgs::default(), &defaults(false)),
+            Err(ConfigError::NoSource)
+        ));
+    }
+}
