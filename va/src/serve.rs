@@ -10,13 +10,15 @@ use std::fs::File;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, info, warn};
+
+use crate::sys::{self, Errno};
 
 /// Largest request head (request line and header fields) accepted.
 const MAX_HEAD: usize = 16 * 1024;
@@ -187,7 +189,7 @@ impl Server {
                 Err(e) => {
                     // Out of descriptors or an aborted handshake: keep serving the others.
                     warn!("accept: {e}");
-                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    if matches!(sys::errno(&e), Some(Errno::MFILE | Errno::NFILE)) {
                         std::thread::sleep(Duration::from_millis(100));
                     }
                     continue;
@@ -624,11 +626,7 @@ fn respond(root: &Path, req: &Request) -> Reply {
         path.push(std::ffi::OsStr::from_bytes(s));
     }
     // O_NONBLOCK so that opening a FIFO cannot hang the connection; no effect on regular files.
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&path)
-    {
+    let file = match sys::open_read_nonblocking(&path) {
         Ok(f) => f,
         Err(e) => return open_error(&e),
     };
@@ -731,10 +729,10 @@ fn open_error(e: &io::Error) -> Reply {
     match e.kind() {
         ErrorKind::NotFound => Reply::error(404, reason(404)),
         ErrorKind::PermissionDenied => Reply::error(403, reason(403)),
-        _ if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ENAMETOOLONG)) => {
+        _ if matches!(sys::errno(e), Some(Errno::NOTDIR | Errno::NAMETOOLONG)) => {
             Reply::error(404, reason(404))
         }
-        _ if e.raw_os_error() == Some(libc::ELOOP) => Reply::error(403, reason(403)),
+        _ if sys::errno(e) == Some(Errno::LOOP) => Reply::error(403, reason(403)),
         _ => {
             warn!("open: {e}");
             Reply::error(500, reason(500))
@@ -825,8 +823,7 @@ fn send_file(stream: &mut TcpStream, file: &File, offset: u64, len: u64) -> io::
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e)
-                if pos == offset
-                    && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) =>
+                if pos == offset && matches!(sys::errno(&e), Some(Errno::INVAL | Errno::NOSYS)) =>
             {
                 return copy_loop(stream, file, offset, len);
             }
@@ -854,33 +851,6 @@ fn copy_loop(stream: &mut TcpStream, file: &File, offset: u64, len: u64) -> io::
         done += n as u64;
     }
     Ok(done)
-}
-
-/// The one system call std does not offer safely.
-mod sys {
-    use std::fs::File;
-    use std::io;
-    use std::net::TcpStream;
-    use std::os::fd::AsRawFd;
-
-    /// Sends up to `len` bytes of `file` starting at `*offset` to `sock` with `sendfile(2)` and
-    /// advances `*offset` by the bytes sent (0 at end of file). The file's own offset is untouched.
-    pub fn sendfile(
-        sock: &TcpStream,
-        file: &File,
-        offset: &mut u64,
-        len: usize,
-    ) -> io::Result<usize> {
-        let mut off = libc::off_t::try_from(*offset)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: both descriptors belong to objects borrowed for the whole call, so they stay open; `off` is a live, exclusively borrowed off_t the kernel may update; the kernel touches no other memory of ours.
-        let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        *offset = u64::try_from(off).unwrap_or(*offset);
-        Ok(n as usize)
-    }
 }
 
 /// Formats seconds since the Unix epoch as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).

@@ -7,7 +7,6 @@
 
 mod link;
 mod proxy;
-mod sys;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
@@ -16,6 +15,7 @@ mod units;
 pub use proxy::{start, ResetAt, WanConfig, WanHandle, WanStats};
 pub use units::{parse_duration, parse_rate, Rate};
 
+use crate::sys;
 use anyhow::Context;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -15,7 +15,8 @@
 
 use super::link::{Link, LinkStats};
 use super::units::{fmt_bytes, fmt_duration, Rate};
-use super::{lock, sys, WanError};
+use super::{lock, WanError};
+use crate::sys;
 use rand::Rng;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

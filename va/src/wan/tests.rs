@@ -508,7 +508,7 @@ fn client_reset_propagates_to_upstream() {
     let s = connect(&h);
     (&s).write_all(b"partial request").unwrap();
     wait_until("bytes forwarded", || h.stats().up.bytes == 15);
-    super::sys::set_linger_zero(&s).unwrap();
+    crate::sys::set_linger_zero(&s).unwrap();
     drop(s);
     assert_eq!(
         rx.recv_timeout(LONG).unwrap(),
