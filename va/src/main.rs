@@ -4,6 +4,7 @@ mod cat;
 mod pack_cmd;
 mod serve;
 mod snapshot;
+mod sync;
 mod sys;
 mod wan;
 

@@ -23,11 +23,12 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tracing::{info, warn};
 
+use crate::sync::{lock, wait};
 use crate::sys::{self, Errno};
 
 /// Arguments of `va serve`.
@@ -230,12 +231,9 @@ impl ConnectionLimit {
 
     /// Waits until fewer than `max` connections are being served, then claims a slot.
     fn wait_for_slot(self: &Arc<Self>) -> ConnectionSlot {
-        let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut used = lock(&self.used);
         while *used >= self.max {
-            used = self
-                .freed
-                .wait(used)
-                .unwrap_or_else(PoisonError::into_inner);
+            used = wait(&self.freed, used);
         }
         *used += 1;
         ConnectionSlot(self.clone())
@@ -244,7 +242,7 @@ impl ConnectionLimit {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut used = self.0.used.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut used = lock(&self.0.used);
         *used = used.saturating_sub(1);
         self.0.freed.notify_one();
     }

@@ -20,7 +20,6 @@ use anyhow::Context;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroU64;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tracing::{debug, info};
 
@@ -68,12 +67,6 @@ pub enum WanError {
     /// Another system error (thread creation, socket query).
     #[error("{0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Locks a mutex, ignoring poisoning (the protected state stays consistent: every critical
-/// section here is a few field updates that cannot panic halfway).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 const MANUAL: &str = "\
