@@ -11,12 +11,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
 use va_store::appliance::{Appliance, OpenOptions as AppOpen};
 use va_store::format::ImageKind;
 use va_store::volume::{Volume, VolumeOptions};
 use va_store::{BlockDevice, ExtentKind, Hash};
 
+use crate::progress::byte_progress;
 use crate::sync::{lock, wait};
 
 /// Download one image of an appliance in full (tooling, and the "full download" baseline).
@@ -132,16 +132,7 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
         file.set_len(0).context("truncating output")?;
         file.set_len(size).context("sizing output")?;
     }
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(size)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("[{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    let bar = byte_progress(a.quiet, size, "");
     let t = Instant::now();
     let next = AtomicU64::new(0);
     let written = Mutex::new(0u64); // windows written in order (pipe mode)

@@ -2,6 +2,7 @@
 
 mod cat;
 mod pack_cmd;
+mod progress;
 mod serve;
 mod snapshot;
 mod sync;
