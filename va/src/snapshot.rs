@@ -107,6 +107,12 @@ impl Qmp {
         }
     }
 
+    /// A string property of a QOM object (`qom-get`); `None` when it is not a string.
+    fn qom_get_str(&mut self, path: &str, property: &str) -> anyhow::Result<Option<String>> {
+        let v = self.cmd("qom-get", json!({"path": path, "property": property}))?;
+        Ok(v.as_str().map(String::from))
+    }
+
     /// The QEMU process on the other end (SO_PEERCRED).
     fn peer_pid(&self) -> Option<i32> {
         sys::peer_pid(&self.w)
@@ -173,12 +179,9 @@ fn find_memdev(q: &mut Qmp, ram: &Path) -> anyhow::Result<(String, u64)> {
             continue;
         };
         let path = q
-            .cmd(
-                "qom-get",
-                json!({"path": format!("/objects/{id}"), "property": "mem-path"}),
-            )
+            .qom_get_str(&format!("/objects/{id}"), "mem-path")
             .ok()
-            .and_then(|v| v.as_str().map(String::from));
+            .flatten();
         if let Some(p) = &path {
             if Path::new(p).canonicalize().ok().as_deref() == Some(want.as_path()) {
                 if d.get("share").and_then(Value::as_bool) == Some(false) {
@@ -209,9 +212,8 @@ fn find_memdev(q: &mut Qmp, ram: &Path) -> anyhow::Result<(String, u64)> {
 /// Describes the machine (see vamem/src/machine.rs for the format).
 fn describe(q: &mut Qmp, memdev: &str, ram_size: u64) -> anyhow::Result<Value> {
     let mtype = q
-        .cmd("qom-get", json!({"path": "/machine", "property": "type"}))?
-        .as_str()
-        .unwrap_or("")
+        .qom_get_str("/machine", "type")?
+        .unwrap_or_default()
         .trim_end_matches("-machine")
         .to_string();
     let cpus = q.cmd("query-cpus-fast", json!({}))?;
@@ -222,12 +224,10 @@ fn describe(q: &mut Qmp, memdev: &str, ram_size: u64) -> anyhow::Result<Value> {
         .and_then(Value::as_str)
     {
         Some(p) => q
-            .cmd("qom-get", json!({"path": p, "property": "type"}))
+            .qom_get_str(p, "type")
             .ok()
-            .and_then(|v| {
-                v.as_str()
-                    .map(|s| s.trim_end_matches("-x86_64-cpu").to_string())
-            }),
+            .flatten()
+            .map(|s| s.trim_end_matches("-x86_64-cpu").to_string()),
         None => None,
     };
     let mut devices = Vec::new();
