@@ -163,13 +163,7 @@ mod tests {
     use std::sync::Arc;
     use std::thread;
 
-    fn wait_until(what: &str, f: impl Fn() -> bool) {
-        let t0 = Instant::now();
-        while !f() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "timed out: {what}");
-            thread::sleep(Duration::from_millis(1));
-        }
-    }
+    use crate::wan::tests::wait_until;
 
     #[test]
     fn serialization_is_back_to_back_without_burst_credit() {

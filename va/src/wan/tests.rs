@@ -117,7 +117,9 @@ fn send_in_background(s: &TcpStream, data: Vec<u8>) -> thread::JoinHandle<()> {
     })
 }
 
-fn wait_until(what: &str, f: impl Fn() -> bool) {
+/// Polls `f` until it holds; fails the test after a minute. Shared with the unit tests of the
+/// other `wan` modules.
+pub(super) fn wait_until(what: &str, f: impl Fn() -> bool) {
     let t0 = Instant::now();
     while !f() {
         assert!(t0.elapsed() < LONG, "timed out waiting for: {what}");
