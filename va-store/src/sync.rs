@@ -26,3 +26,40 @@ pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(recovered)
 }
+
+/// Waits on `cv` with `guard` released, recovering the lock if poisoned.
+pub fn wait<'a, T>(cv: &std::sync::Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(guard).unwrap_or_else(recovered)
+}
+
+/// Waits on `cv` for at most `timeout` with `guard` released, recovering the lock if poisoned.
+pub fn wait_timeout<'a, T>(
+    cv: &std::sync::Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: std::time::Duration,
+) -> MutexGuard<'a, T> {
+    cv.wait_timeout(guard, timeout).unwrap_or_else(recovered).0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Condvar};
+    use std::time::Duration;
+
+    #[test]
+    fn a_poisoned_mutex_is_still_usable() {
+        let m = Arc::new(Mutex::new(1));
+        let m2 = m.clone();
+        let _ = std::thread::spawn(move || {
+            let _g = lock(&m2);
+            panic!("poison it");
+        })
+        .join();
+        assert!(m.is_poisoned());
+        *lock(&m) += 1;
+        let cv = Condvar::new();
+        let g = wait_timeout(&cv, lock(&m), Duration::from_millis(1));
+        assert_eq!(*g, 2);
+    }
+}

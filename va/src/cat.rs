@@ -8,14 +8,16 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
 use va_store::appliance::{Appliance, OpenOptions as AppOpen};
 use va_store::format::ImageKind;
 use va_store::volume::{Volume, VolumeOptions};
 use va_store::{BlockDevice, ExtentKind, Hash};
+
+use crate::progress::byte_progress;
+use va_store::sync::{lock, wait};
 
 /// Download one image of an appliance in full (tooling, and the "full download" baseline).
 ///
@@ -73,6 +75,7 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let origin_timeout = Duration::from_secs(a.origin_timeout.clamp(1, 3600));
     let app = Appliance::open(
         &a.url,
         &AppOpen {
@@ -80,8 +83,8 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
             cache_dir: a.cache_dir.clone(),
             cache_size: a.cache_size,
             origin: va_store::origin::OriginOptions {
-                connect_timeout: std::time::Duration::from_secs(a.origin_timeout.clamp(1, 3600)),
-                io_timeout: std::time::Duration::from_secs(a.origin_timeout.clamp(1, 3600)),
+                connect_timeout: origin_timeout,
+                io_timeout: origin_timeout,
                 retries: a.origin_retries,
                 ..Default::default()
             },
@@ -129,16 +132,7 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
         file.set_len(0).context("truncating output")?;
         file.set_len(size).context("sizing output")?;
     }
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(size)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("[{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    let bar = byte_progress(a.quiet, size, "");
     let t = Instant::now();
     let next = AtomicU64::new(0);
     let written = Mutex::new(0u64); // windows written in order (pipe mode)
@@ -158,9 +152,9 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
                         }
                         if !seekable {
                             // Bound the reorder buffer.
-                            let mut w = written.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                            let mut w = lock(&written);
                             while i >= *w + lead && !failed.load(Ordering::Relaxed) {
-                                w = cv.wait(w).map_err(|_| anyhow::anyhow!("poisoned"))?;
+                                w = wait(&cv, w);
                             }
                         }
                         let off = i * window;
@@ -178,9 +172,9 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
                                 file.write_all_at(&buf, off).context("writing output")?;
                             }
                         } else {
-                            let mut p = pending.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                            let mut p = lock(&pending);
                             p.insert(i, buf);
-                            let mut w = written.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                            let mut w = lock(&written);
                             while let Some(b) = p.remove(&*w) {
                                 (&file).write_all(&b).context("writing output")?;
                                 *w += 1;
@@ -193,15 +187,14 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
                 if let Err(e) = r {
                     failed.store(true, Ordering::Relaxed);
                     cv.notify_all();
-                    if let Ok(mut g) = err.lock() {
-                        g.get_or_insert(e);
-                    }
+                    lock(&err).get_or_insert(e);
                 }
             });
         }
     });
     bar.finish_and_clear();
-    match err.lock().ok().and_then(|mut e| e.take()) {
+    let first_error = lock(&err).take();
+    match first_error {
         Some(e) => Err(e),
         None => {
             if seekable {

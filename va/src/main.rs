@@ -2,8 +2,10 @@
 
 mod cat;
 mod pack_cmd;
+mod progress;
 mod serve;
 mod snapshot;
+mod sys;
 mod wan;
 
 use clap::{Parser, Subcommand};

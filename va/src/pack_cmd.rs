@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
 use va_store::format::ImageKind;
 use va_store::pack::{self, PackInput, PackOptions, Phase};
+
+use crate::progress::byte_progress;
 
 /// Pack raw images into a bundle directory that `va serve`, nginx or any static HTTP server can
 /// serve.
@@ -109,18 +110,7 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
         max_pack_size: a.max_pack_size.max(1 << 20),
         store: a.store.clone(),
     };
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let bar = byte_progress(a.quiet, 0, "{msg:8} ");
     let report = pack::pack(&inputs, &a.out, &opts, &|phase, done, total| {
         bar.set_message(match phase {
             Phase::Read => "reading",

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 
+use crate::sys;
+
 /// Save a running QEMU VM (RAM in a shared memory-backend-file) as an appliance snapshot.
 ///
 /// Over the VM's QMP socket: stop the VM, enable the migration capability `x-ignore-shared`
@@ -105,31 +107,16 @@ impl Qmp {
         }
     }
 
+    /// A string property of a QOM object (`qom-get`); `None` when it is not a string.
+    fn qom_get_str(&mut self, path: &str, property: &str) -> anyhow::Result<Option<String>> {
+        let v = self.cmd("qom-get", json!({"path": path, "property": property}))?;
+        Ok(v.as_str().map(String::from))
+    }
+
     /// The QEMU process on the other end (SO_PEERCRED).
     fn peer_pid(&self) -> Option<i32> {
-        peer_pid(&self.w)
+        sys::peer_pid(&self.w)
     }
-}
-
-fn peer_pid(s: &UnixStream) -> Option<i32> {
-    use std::os::unix::io::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes of the sizes passed; the fd is open.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (r == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
 fn argv_of(pid: i32) -> Option<Vec<String>> {
@@ -152,24 +139,12 @@ fn copy_sparse(src: &Path, dst: &Path) -> anyhow::Result<u64> {
     let mut written = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
-    use std::os::unix::io::AsRawFd;
     while pos < size {
-        let off = libc::off_t::try_from(pos).context("RAM file too large")?;
-        // SAFETY: lseek on an open descriptor; no memory is passed.
-        let data = unsafe { libc::lseek(f.as_raw_fd(), off, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data past pos
-            }
-            return Err(e).context("SEEK_DATA");
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error()).context("SEEK_HOLE");
-        }
-        let (start, end) = (data as u64, (hole as u64).min(size));
+        let Some(data) = sys::seek_data(&f, pos).context("SEEK_DATA")? else {
+            break; // no data past pos
+        };
+        let hole = sys::seek_hole(&f, data).context("SEEK_HOLE")?;
+        let (start, end) = (data, hole.min(size));
         f.seek(SeekFrom::Start(start))?;
         let mut p = start;
         while p < end {
@@ -204,12 +179,9 @@ fn find_memdev(q: &mut Qmp, ram: &Path) -> anyhow::Result<(String, u64)> {
             continue;
         };
         let path = q
-            .cmd(
-                "qom-get",
-                json!({"path": format!("/objects/{id}"), "property": "mem-path"}),
-            )
+            .qom_get_str(&format!("/objects/{id}"), "mem-path")
             .ok()
-            .and_then(|v| v.as_str().map(String::from));
+            .flatten();
         if let Some(p) = &path {
             if Path::new(p).canonicalize().ok().as_deref() == Some(want.as_path()) {
                 if d.get("share").and_then(Value::as_bool) == Some(false) {
@@ -240,9 +212,8 @@ fn find_memdev(q: &mut Qmp, ram: &Path) -> anyhow::Result<(String, u64)> {
 /// Describes the machine (see vamem/src/machine.rs for the format).
 fn describe(q: &mut Qmp, memdev: &str, ram_size: u64) -> anyhow::Result<Value> {
     let mtype = q
-        .cmd("qom-get", json!({"path": "/machine", "property": "type"}))?
-        .as_str()
-        .unwrap_or("")
+        .qom_get_str("/machine", "type")?
+        .unwrap_or_default()
         .trim_end_matches("-machine")
         .to_string();
     let cpus = q.cmd("query-cpus-fast", json!({}))?;
@@ -253,12 +224,10 @@ fn describe(q: &mut Qmp, memdev: &str, ram_size: u64) -> anyhow::Result<Value> {
         .and_then(Value::as_str)
     {
         Some(p) => q
-            .cmd("qom-get", json!({"path": p, "property": "type"}))
+            .qom_get_str(p, "type")
             .ok()
-            .and_then(|v| {
-                v.as_str()
-                    .map(|s| s.trim_end_matches("-x86_64-cpu").to_string())
-            }),
+            .flatten()
+            .map(|s| s.trim_end_matches("-x86_64-cpu").to_string()),
         None => None,
     };
     let mut devices = Vec::new();

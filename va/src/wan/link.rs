@@ -10,11 +10,11 @@
 //! limit a bound on everything between the two sockets (queue and wire). There is no burst
 //! credit: an idle link does not save up capacity.
 
-use super::lock;
 use super::units::Rate;
+use va_store::sync::{lock, wait_timeout};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// How often a waiting reader re-checks its cancel flag even without a wake-up.
@@ -101,11 +101,7 @@ impl Link {
                 }
                 return Some(t);
             }
-            st = self
-                .cv
-                .wait_timeout(st, CANCEL_POLL)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            st = wait_timeout(&self.cv, st, CANCEL_POLL);
         }
     }
 
@@ -167,13 +163,7 @@ mod tests {
     use std::sync::Arc;
     use std::thread;
 
-    fn wait_until(what: &str, f: impl Fn() -> bool) {
-        let t0 = Instant::now();
-        while !f() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "timed out: {what}");
-            thread::sleep(Duration::from_millis(1));
-        }
-    }
+    use crate::wan::tests::wait_until;
 
     #[test]
     fn serialization_is_back_to_back_without_burst_credit() {

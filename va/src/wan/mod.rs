@@ -7,7 +7,6 @@
 
 mod link;
 mod proxy;
-mod sys;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
@@ -16,11 +15,11 @@ mod units;
 pub use proxy::{start, ResetAt, WanConfig, WanHandle, WanStats};
 pub use units::{parse_duration, parse_rate, Rate};
 
+use crate::sys;
 use anyhow::Context;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroU64;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tracing::{debug, info};
 
@@ -68,12 +67,6 @@ pub enum WanError {
     /// Another system error (thread creation, socket query).
     #[error("{0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Locks a mutex, ignoring poisoning (the protected state stays consistent: every critical
-/// section here is a few field updates that cannot panic halfway).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 const MANUAL: &str = "\

@@ -15,14 +15,16 @@
 
 use super::link::{Link, LinkStats};
 use super::units::{fmt_bytes, fmt_duration, Rate};
-use super::{lock, sys, WanError};
+use super::WanError;
+use va_store::sync::{lock, wait, wait_timeout};
+use crate::sys;
 use rand::Rng;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -749,7 +751,7 @@ impl Conn {
             if self.is_aborted() {
                 return None;
             }
-            let wait = match st.items.front() {
+            let due_in = match st.items.front() {
                 None => None,
                 Some(item) => {
                     let now = Instant::now();
@@ -760,13 +762,9 @@ impl Conn {
                     Some(at - now)
                 }
             };
-            st = match wait {
-                None => q.cv.wait(st).unwrap_or_else(PoisonError::into_inner),
-                Some(d) => {
-                    q.cv.wait_timeout(st, d)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                }
+            st = match due_in {
+                None => wait(&q.cv, st),
+                Some(d) => wait_timeout(&q.cv, st, d),
             };
         }
     }

@@ -117,7 +117,9 @@ fn send_in_background(s: &TcpStream, data: Vec<u8>) -> thread::JoinHandle<()> {
     })
 }
 
-fn wait_until(what: &str, f: impl Fn() -> bool) {
+/// Polls `f` until it holds; fails the test after a minute. Shared with the unit tests of the
+/// other `wan` modules.
+pub(super) fn wait_until(what: &str, f: impl Fn() -> bool) {
     let t0 = Instant::now();
     while !f() {
         assert!(t0.elapsed() < LONG, "timed out waiting for: {what}");
@@ -508,7 +510,7 @@ fn client_reset_propagates_to_upstream() {
     let s = connect(&h);
     (&s).write_all(b"partial request").unwrap();
     wait_until("bytes forwarded", || h.stats().up.bytes == 15);
-    super::sys::set_linger_zero(&s).unwrap();
+    crate::sys::set_linger_zero(&s).unwrap();
     drop(s);
     assert_eq!(
         rx.recv_timeout(LONG).unwrap(),
