@@ -14,6 +14,8 @@
 //! wait has a timeout whose message shows the relevant log or console. Missing tools make
 //! tests fail, never skip: run `bash scripts/setup.sh`.
 
+#![warn(missing_docs)]
+
 pub mod bins;
 pub mod daemons;
 pub mod guest;
@@ -27,12 +29,15 @@ pub use bins::{
     assert_identical, bin, fio_verify, pack, parse_map, qemu_img_compare, qemu_io, qemu_io_ok,
     require_tool, run, run_ok, va, va_ok, workspace_root,
 };
-pub use daemons::{Vablk, Vamem, Vanbd};
+pub use daemons::{refused, Daemon, Vablk, Vamem, Vanbd};
 pub use guest::{guest, Guest};
 pub use images::{
     du, make_image, random_disk, sha256, sha256_file, sha256_range, sparse_image, MIB,
 };
 pub use origin::{nginx, va_serve, va_wan, Origin};
-pub use process::{free_port, unique, wait_port, Lines, Proc};
-pub use qemu::{result, Boot, Disk, Qemu, Ram, ShmFile, BOOT_TIMEOUT};
+pub use process::{free_port, output_within, unique, wait_port, wait_until, Lines, Proc};
+pub use qemu::{
+    result, snapshot_memcheck, Boot, Disk, MemcheckSnapshot, Qemu, Ram, ShmFile, BOOT_TIMEOUT,
+    MEMCHECK_RAM_BYTES,
+};
 pub use qmp::Qmp;

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use va_tests::daemons::refused;
 use va_tests::*;
 
 /// A random file disk (with zero runs) in a fresh folder, its sha256, and where vablk's

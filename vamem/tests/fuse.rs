@@ -6,7 +6,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use va_tests::daemons::refused;
 use va_tests::*;
 
 const SIZE: u64 = 8 << 20;

@@ -7,7 +7,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use va_tests::qemu::{snapshot_memcheck, MEMCHECK_RAM_BYTES};
 use va_tests::*;
 
 const MEM_MB: u32 = 64;

@@ -2,7 +2,6 @@
 //! overlay) against real NBD clients.
 #![allow(clippy::unwrap_used)]
 
-use va_tests::daemons::refused;
 use va_tests::*;
 
 struct Setup {

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use va_tests::daemons::refused;
 use va_tests::*;
 
 /// A test image `disk.raw` in a fresh folder.
