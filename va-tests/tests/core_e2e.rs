@@ -3,26 +3,35 @@
 
 use std::fs;
 
-use va_tests::{du, make_image, nginx, va, va_serve, va_wan};
-
-fn pack(src: &std::path::Path, out: &std::path::Path) -> (String, String) {
-    let (ok, stdout, stderr) = va(&[
-        "pack",
-        "--quiet",
-        "--disk",
-        src.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(ok, "va pack failed: {stderr}");
-    (stdout.trim().to_string(), stderr)
-}
+use va_tests::{du, make_image, nginx, pack, va, va_serve, va_wan};
 
 fn cat(url: &str, out: &std::path::Path, extra: &[&str]) -> (bool, String) {
     let mut args = vec!["cat", "--quiet", url, "--out", out.to_str().unwrap()];
     args.extend_from_slice(extra);
     let (ok, _, stderr) = va(&args);
     (ok, stderr)
+}
+
+/// A test image of `mib` MiB (see `make_image`) packed into `site/app` of a fresh folder.
+struct Site {
+    d: tempfile::TempDir,
+    site: std::path::PathBuf,
+    data: Vec<u8>,
+    digest: String,
+}
+
+fn packed_site(mib: usize, seed: u64) -> Site {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("disk.raw");
+    let data = make_image(&src, mib, seed);
+    let site = d.path().join("site");
+    let (digest, _) = pack(&src, &site.join("app"));
+    Site {
+        d,
+        site,
+        data,
+        digest,
+    }
 }
 
 #[test]
@@ -41,11 +50,13 @@ fn pack_counts_zero_and_duplicate_chunks() {
 
 #[test]
 fn read_back_via_va_serve_and_nginx_and_pinned_digest() {
-    let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("disk.raw");
-    let data = make_image(&src, 24, 2);
-    let site = d.path().join("site");
-    let (digest, _) = pack(&src, &site.join("app"));
+    let Site {
+        d,
+        site,
+        data,
+        digest,
+        ..
+    } = packed_site(24, 2);
 
     let (_serve, port) = va_serve(&site);
     let out = d.path().join("out1.raw");
@@ -84,11 +95,7 @@ fn read_back_via_va_serve_and_nginx_and_pinned_digest() {
 
 #[test]
 fn flipped_byte_served_over_http_is_refused() {
-    let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("disk.raw");
-    make_image(&src, 2, 3);
-    let site = d.path().join("site");
-    pack(&src, &site.join("app"));
+    let Site { d, site, .. } = packed_site(2, 3);
     // Corrupt the biggest pack (the data pack) in its first blob.
     let packs = site.join("app/packs");
     let p = fs::read_dir(&packs)
@@ -111,11 +118,7 @@ fn flipped_byte_served_over_http_is_refused() {
 
 #[test]
 fn warm_cache_survives_origin_down_and_stays_bounded() {
-    let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("disk.raw");
-    let data = make_image(&src, 16, 4);
-    let site = d.path().join("site");
-    pack(&src, &site.join("app"));
+    let Site { d, site, data, .. } = packed_site(16, 4);
     let cache = d.path().join("cache");
     let url;
     {
@@ -153,11 +156,7 @@ fn warm_cache_survives_origin_down_and_stays_bounded() {
 
 #[test]
 fn through_the_wan_emulator() {
-    let d = tempfile::tempdir().unwrap();
-    let src = d.path().join("disk.raw");
-    let data = make_image(&src, 8, 5);
-    let site = d.path().join("site");
-    pack(&src, &site.join("app"));
+    let Site { d, site, data, .. } = packed_site(8, 5);
     let (_serve, port) = va_serve(&site);
     let (_wan, wport) = va_wan(port, &["--rate", "400mbit", "--rtt", "20ms"]);
     let out = d.path().join("o");

@@ -3,83 +3,44 @@
 //! with a fresh vablk, and its disk keeps working.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use std::time::Duration;
-
-use common::*;
 use serde_json::json;
+use va_tests::*;
 
 #[test]
 fn vm_saved_mid_io_resumes_with_fresh_vablk() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
-    random_disk(&disk, 24);
-    let want = sha256_file(&disk);
+    let want = random_disk(&disk, 24, true);
     let file = disk.to_str().unwrap();
     let state = dir.path().join("dev.state");
+    // The guest checksums its disk four times, on vablk at `sock`.
+    let start = |sock: &str| {
+        let sock = dir.path().join(sock);
+        let v = Vablk::start(dir.path(), &sock, &["--file", file]);
+        (
+            v,
+            Boot::vhost_user_blk(&sock, "sha256").append("va.count=4"),
+        )
+    };
 
-    // Source: the guest checksums its disk four times; save it after the first pass.
-    let sock1 = dir.path().join("vablk1.sock");
-    let v1 = Vablk::start(dir.path(), &sock1, &["--file", file]);
-    let qmp1 = dir.path().join("qmp1.sock");
-    let mut b = Boot::new(&sock1, "sha256");
-    b.extra_append = "va.count=4";
-    b.extra_args = vec![
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qmp1.display()),
-    ];
-    let mut q1 = Qemu::boot(&b);
-    let mut qmp = Qmp::connect(&qmp1);
+    // Source: save the VM after the first pass.
+    let (v1, boot) = start("vablk1.sock");
+    let mut q1 = Qemu::boot(&boot);
     q1.wait_result("sha256", 1, BOOT_TIMEOUT);
-    qmp.cmd_on(
-        &q1,
-        "migrate",
-        json!({"uri": format!("file:{}", state.display())}),
-    );
-    qmp.wait_status(
-        &q1,
-        "query-migrate",
-        &["completed"],
-        Duration::from_secs(90),
-    );
+    q1.save(&state);
     let before: Vec<String> = q1
         .results()
         .into_iter()
         .filter(|r| r.starts_with("sha256"))
         .collect();
-    let _ = qmp.try_cmd("quit", json!({}));
+    let _ = q1.qmp().try_cmd("quit", json!({}));
     drop(q1);
     v1.terminate();
 
     // Destination: a new QEMU and a fresh vablk on another socket.
-    let sock2 = dir.path().join("vablk2.sock");
-    let _v2 = Vablk::start(dir.path(), &sock2, &["--file", file]);
-    let qmp2 = dir.path().join("qmp2.sock");
-    let mut b2 = Boot::new(&sock2, "sha256");
-    b2.extra_append = "va.count=4";
-    b2.extra_args = vec![
-        "-incoming".into(),
-        "defer".into(),
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qmp2.display()),
-    ];
-    let mut q2 = Qemu::boot(&b2);
-    let mut qmp = Qmp::connect(&qmp2);
-    qmp.cmd_on(
-        &q2,
-        "migrate-incoming",
-        json!({"uri": format!("file:{}", state.display())}),
-    );
-    let st = qmp.wait_status(
-        &q2,
-        "query-status",
-        &["running", "paused"],
-        Duration::from_secs(90),
-    );
-    if st == "paused" {
-        qmp.cmd_on(&q2, "cont", json!({}));
-    }
+    let (_v2, boot) = start("vablk2.sock");
+    let mut q2 = Qemu::boot(&boot.incoming());
+    q2.restore(&state, false);
     let after = q2.wait_done(BOOT_TIMEOUT);
     let after: Vec<&String> = after.iter().filter(|r| r.starts_with("sha256")).collect();
     assert_eq!(

@@ -2,14 +2,11 @@
 //! point in use, a stale mount after `kill -9`, and a chunk that fails verification.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use va_tests::*;
 
 const SIZE: u64 = 8 << 20;
 const CS: usize = 64 << 10;
@@ -95,39 +92,19 @@ fn bundle(
     args.push("--out".into());
     args.push(out.to_str().unwrap().into());
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    va(&a);
+    va_ok(&a);
     out
 }
 
-fn vamem_fails(args: &[&str]) -> String {
-    let d = tempfile::tempdir().unwrap();
-    let err = d.path().join("err");
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vamem"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let st = loop {
-        if let Some(st) = c.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!(
-                "vamem {args:?} did not fail:\n{}",
-                std::fs::read_to_string(&err).unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let text = std::fs::read_to_string(&err).unwrap();
-    assert!(!st.success(), "vamem {args:?} succeeded:\n{text}");
-    text
+/// A bundle of `img` with a matching state and machine description.
+fn good_bundle(dir: &Path, name: &str, img: &[u8]) -> PathBuf {
+    bundle(
+        dir,
+        name,
+        Some(img),
+        Some(fake_state(SIZE)),
+        Some(machine(SIZE)),
+    )
 }
 
 #[test]
@@ -139,76 +116,44 @@ fn bad_bundles_and_busy_mount_points_are_refused_before_mounting() {
     let m = mnt.to_str().unwrap();
     let img = ram_image();
 
-    let no_mem = bundle(d.path(), "nomem", None, None, None);
-    let e = vamem_fails(&[
-        "--appliance",
-        no_mem.to_str().unwrap(),
-        "--mount",
-        m,
-        "--cache-dir",
-        c,
-    ]);
+    // vamem on `bundle` fails before mounting; returns its stderr.
+    let fails = |bundle: &Path| {
+        let b = bundle.to_str().unwrap();
+        refused("vamem", &["--appliance", b, "--mount", m, "--cache-dir", c]).1
+    };
+
+    let e = fails(&bundle(d.path(), "nomem", None, None, None));
     assert!(e.contains("no memory image"), "{e}");
 
-    let bad_state = bundle(
+    let e = fails(&bundle(
         d.path(),
         "badstate",
         Some(&img),
         Some(fake_state(SIZE * 2)),
         Some(machine(SIZE)),
-    );
-    let e = vamem_fails(&[
-        "--appliance",
-        bad_state.to_str().unwrap(),
-        "--mount",
-        m,
-        "--cache-dir",
-        c,
-    ]);
+    ));
     assert!(e.contains("RAM block") && e.contains("mem0"), "{e}");
 
-    let bad_machine = bundle(
+    let e = fails(&bundle(
         d.path(),
         "badmachine",
         Some(&img),
         Some(fake_state(SIZE)),
         Some(machine(SIZE / 2)),
-    );
-    let e = vamem_fails(&[
-        "--appliance",
-        bad_machine.to_str().unwrap(),
-        "--mount",
-        m,
-        "--cache-dir",
-        c,
-    ]);
+    ));
     assert!(e.contains("machine description says"), "{e}");
 
-    let not_state = bundle(
+    let e = fails(&bundle(
         d.path(),
         "notstate",
         Some(&img),
         Some(b"hello".to_vec()),
         Some(machine(SIZE)),
-    );
-    let e = vamem_fails(&[
-        "--appliance",
-        not_state.to_str().unwrap(),
-        "--mount",
-        m,
-        "--cache-dir",
-        c,
-    ]);
+    ));
     assert!(e.contains("QEVM"), "{e}");
 
     // A mount point in use.
-    let good = bundle(
-        d.path(),
-        "good",
-        Some(&img),
-        Some(fake_state(SIZE)),
-        Some(machine(SIZE)),
-    );
+    let good = good_bundle(d.path(), "good", &img);
     let _v = Vamem::start(
         d.path(),
         good.to_str().unwrap(),
@@ -216,14 +161,7 @@ fn bad_bundles_and_busy_mount_points_are_refused_before_mounting() {
         SIZE,
         &["--cache-dir", c],
     );
-    let e = vamem_fails(&[
-        "--appliance",
-        good.to_str().unwrap(),
-        "--mount",
-        m,
-        "--cache-dir",
-        c,
-    ]);
+    let e = fails(&good);
     assert!(e.contains("already a mount point in use"), "{e}");
     // None of this disturbed the running one.
     assert_eq!(std::fs::metadata(mnt.join("mem")).unwrap().len(), SIZE);
@@ -289,13 +227,7 @@ impl Drop for Map {
 fn mmap_reads_writes_eviction_and_a_stale_mount() {
     let d = tempfile::tempdir().unwrap();
     let img = ram_image();
-    let b = bundle(
-        d.path(),
-        "app",
-        Some(&img),
-        Some(fake_state(SIZE)),
-        Some(machine(SIZE)),
-    );
+    let b = good_bundle(d.path(), "app", &img);
     let origin = Origin::start(&b, None);
     let mnt = d.path().join("mnt");
     let ov = d.path().join("overlay");
@@ -334,11 +266,7 @@ fn mmap_reads_writes_eviction_and_a_stale_mount() {
     let e = std::fs::metadata(mnt.join("mem")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
     let v2 = Vamem::start(d.path(), &origin.url, &mnt, SIZE, &a);
-    assert!(
-        v2.log_text().contains("stale FUSE mount"),
-        "{}",
-        v2.log_text()
-    );
+    assert!(v2.log_has("stale FUSE mount"), "{}", v2.log());
     let mut got = vec![0u8; SIZE as usize];
     std::fs::File::open(mnt.join("mem"))
         .unwrap()
@@ -351,13 +279,7 @@ fn mmap_reads_writes_eviction_and_a_stale_mount() {
 fn a_chunk_failing_verification_is_waited_for_never_served() {
     let d = tempfile::tempdir().unwrap();
     let img = ram_image();
-    let b = bundle(
-        d.path(),
-        "app",
-        Some(&img),
-        Some(fake_state(SIZE)),
-        Some(machine(SIZE)),
-    );
+    let b = good_bundle(d.path(), "app", &img);
     // Corrupt the whole pack body (past its 16-byte header): every mem chunk fails.
     let pack = std::fs::read_dir(b.join("packs"))
         .unwrap()
@@ -394,12 +316,8 @@ fn a_chunk_failing_verification_is_waited_for_never_served() {
         (buf, t.elapsed())
     });
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !v.log_text().contains("for a good copy") {
-        assert!(
-            Instant::now() < deadline,
-            "no retry logged:\n{}",
-            v.log_text()
-        );
+    while !v.log().contains("for a good copy") {
+        assert!(Instant::now() < deadline, "no retry logged:\n{}", v.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
@@ -410,5 +328,5 @@ fn a_chunk_failing_verification_is_waited_for_never_served() {
     let (buf, _) = reader.join().unwrap();
     assert!(buf == img[..CS], "served bytes differ from the packed ones");
     let s = v.fresh_stats();
-    assert!(s["retries"].as_u64().unwrap() > 0, "{s}\n{}", v.log_text());
+    assert!(s["retries"].as_u64().unwrap() > 0, "{s}\n{}", v.log());
 }

@@ -4,11 +4,10 @@
 //! page (so that they come back from vamem's overlay).
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
+use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use va_tests::*;
 
 const MEM_MB: u32 = 64;
 const PARAMS: &str = "va.mem_mb=64";
@@ -22,25 +21,34 @@ fn n(v: &serde_json::Value, k: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {k} in {v}"))
 }
 
+/// vamem on `url`, mounted at DIR/mnt, with a cache and an overlay in `dir`, and `extra`.
+fn vamem(dir: &Path, url: &str, extra: &[&str]) -> Vamem {
+    let cache = dir.join("cache");
+    let overlay = dir.join("overlay");
+    let mut args = vec![
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--overlay",
+        overlay.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Vamem::start(dir, url, &dir.join("mnt"), MEMCHECK_RAM_BYTES, &args)
+}
+
 #[test]
 fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let (bundle, snap) = make_snapshot(dir.path(), &disk, PARAMS);
+    let snap = snapshot_memcheck(dir.path(), PARAMS);
     let machine: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(snap.join("machine.json")).unwrap()).unwrap();
-    assert_eq!(machine["ram_size"], RAM_BYTES);
+        serde_json::from_slice(&std::fs::read(snap.snap.join("machine.json")).unwrap()).unwrap();
+    assert_eq!(machine["ram_size"], MEMCHECK_RAM_BYTES);
     assert_eq!(machine["machine"], "pc-q35-10.0");
     assert_eq!(machine["memdev"], "mem0");
 
-    let origin = Origin::start(&bundle, Some(("100mbit", "20ms")));
+    let origin = Origin::start(&snap.bundle, Some(("100mbit", "20ms")));
     // The state comes from the appliance too.
     let state = dir.path().join("state.restored");
-    va(&[
+    va_ok(&[
         "cat",
         &origin.url,
         "--image",
@@ -51,30 +59,14 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
     ]);
     assert_eq!(
         std::fs::read(&state).unwrap(),
-        std::fs::read(snap.join("state")).unwrap()
+        std::fs::read(snap.snap.join("state")).unwrap()
     );
 
-    let mnt = dir.path().join("mnt");
-    let mut vamem = Vamem::start(
-        dir.path(),
-        &origin.url,
-        &mnt,
-        RAM_BYTES,
-        &[
-            "--no-prefetch",
-            "--cache-dir",
-            dir.path().join("cache").to_str().unwrap(),
-            "--overlay",
-            dir.path().join("overlay").to_str().unwrap(),
-        ],
-    );
-    assert!(
-        vamem.log_text().contains("strict_limit"),
-        "BDI tuning not logged"
-    );
-    let mem = mnt.join("mem");
-    let mut q = Qemu::start(dir.path(), &mem, &disk, PARAMS, true);
-    restore(&q, &state);
+    let vamem = vamem(dir.path(), &origin.url, &["--no-prefetch"]);
+    assert!(vamem.log_has("strict_limit"), "BDI tuning not logged");
+    let mem = vamem.mount.join("mem");
+    let mut q = Qemu::boot(&Boot::memcheck(&mem, &snap.disk, PARAMS).incoming());
+    q.restore(&state, true);
     q.wait_more_oks(3, T);
     let s1 = vamem.fresh_stats();
     assert!(n(&s1, "faults") > 0 && n(&s1, "miss_faults") > 0, "{s1}");
@@ -88,7 +80,7 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
     });
     q.wait_more_oks(2, T);
     let before = vamem.fresh_stats();
-    evict_guest_pages(q.pid(), &mem);
+    q.evict_ram(&mem);
     q.wait_more_oks(3, T);
     let after = vamem.fresh_stats();
     assert!(
@@ -100,7 +92,7 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
         "eviction did not make the guest fault again: {before} -> {after}"
     );
     // Once more, with everything the guest wrote only in the overlay.
-    evict_guest_pages(q.pid(), &mem);
+    q.evict_ram(&mem);
     q.wait_more_oks(2, T);
     q.oks(); // no `bad` line anywhere
     q.kill();
@@ -114,30 +106,13 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
 #[test]
 fn prefetch_runs_while_the_guest_rewrites_its_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let (bundle, snap) = make_snapshot(dir.path(), &disk, STRESS_PARAMS);
+    let snap = snapshot_memcheck(dir.path(), STRESS_PARAMS);
     // Slow enough that prefetching the RAM takes many seconds.
-    let origin = Origin::start(&bundle, Some(("16mbit", "40ms")));
-    let mnt = dir.path().join("mnt");
-    let mut vamem = Vamem::start(
-        dir.path(),
-        &origin.url,
-        &mnt,
-        RAM_BYTES,
-        &[
-            "--cache-dir",
-            dir.path().join("cache").to_str().unwrap(),
-            "--overlay",
-            dir.path().join("overlay").to_str().unwrap(),
-        ],
-    );
-    let mem = mnt.join("mem");
-    let mut q = Qemu::start(dir.path(), &mem, &disk, STRESS_PARAMS, true);
-    restore(&q, &snap.join("state"));
+    let origin = Origin::start(&snap.bundle, Some(("16mbit", "40ms")));
+    let vamem = vamem(dir.path(), &origin.url, &[]);
+    let mem = vamem.mount.join("mem");
+    let mut q = Qemu::boot(&Boot::memcheck(&mem, &snap.disk, STRESS_PARAMS).incoming());
+    q.restore(&snap.snap.join("state"), true);
     // Rewrite the memory again and again while the prefetcher pulls pages in; every rewrite
     // is followed by a full check of the 64 MiB.
     let mut overlapped = 0;
@@ -146,19 +121,17 @@ fn prefetch_runs_while_the_guest_rewrites_its_memory() {
         let want = format!("rewrote {g}");
         q.wait_for(&want, T, |q| q.mem_lines().contains(&want));
         q.wait_more_oks(1, T);
-        if !vamem.log_text().contains("prefetch done") {
+        if !vamem.log().contains("prefetch done") {
             overlapped += 1;
         }
     }
     eprintln!("{overlapped} of 4 rewrites overlapped the prefetch");
-    q.wait_for("the prefetch", T, |_| {
-        vamem.log_text().contains("prefetch done")
-    });
+    q.wait_for("the prefetch", T, |_| vamem.log().contains("prefetch done"));
     q.wait_more_oks(2, T);
     let s = vamem.fresh_stats();
     assert!(n(&s, "pushes") > 0 && n(&s, "pushed_bytes") > 0, "{s}");
     // Every byte the guest wrote must survive eviction.
-    evict_guest_pages(q.pid(), &mem);
+    q.evict_ram(&mem);
     q.wait_more_oks(3, T);
     q.oks();
     q.kill();

@@ -2,9 +2,7 @@
 //! overlay) against real NBD clients.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
+use va_tests::*;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -24,7 +22,7 @@ fn setup(shape: Option<(&str, &str)>) -> Setup {
 
 impl Setup {
     fn url(&self) -> String {
-        format!("{}app/", self.origin.base)
+        format!("{}app/", self.origin.url)
     }
     fn vanbd(&self, extra: &[&str]) -> Vanbd {
         let cache = self.dir.path().join("cache");
@@ -33,6 +31,9 @@ impl Setup {
         args.extend_from_slice(extra);
         Vanbd::start(&args)
     }
+    fn src(&self) -> &str {
+        self.src.to_str().unwrap()
+    }
 }
 
 #[test]
@@ -40,22 +41,10 @@ fn streamed_export_is_identical_and_maps_zero_chunks_as_holes() {
     // Cold cache over a 100 Mbit/s, 40 ms link.
     let s = setup(Some(("100mbit", "40ms")));
     let v = s.vanbd(&[]);
-    let out = run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            s.src.to_str().unwrap(),
-            &v.uri("disk"),
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    assert_identical(s.src(), &v.uri("disk"));
     // 64 KiB chunks: the 4 KiB data run makes its chunk data; the written zeros at 12M are
     // zero chunks, reported as holes like the real holes.
-    let map = parse_map(&run_ok("nbdinfo", &["--map", &v.uri("disk")]));
+    let map = parse_map(&run_ok("nbdinfo", ["--map", &v.uri("disk")]));
     assert_eq!(
         map,
         vec![
@@ -67,7 +56,7 @@ fn streamed_export_is_identical_and_maps_zero_chunks_as_holes() {
             (8 * MIB + 65536, 8 * MIB - 65536, 3),
         ]
     );
-    let info = run_ok("nbdinfo", &[&v.uri("disk")]);
+    let info = run_ok("nbdinfo", [&v.uri("disk")]);
     assert!(
         info.contains("is_read_only: true"),
         "no overlay means read-only: {info}"
@@ -86,28 +75,21 @@ fn overlay_takes_writes_and_keeps_them_across_restarts() {
     let ov = overlay.to_str().unwrap();
     let v = s.vanbd(&["--overlay", ov]);
     let uri = v.uri("disk");
-    run_ok(
-        "qemu-io",
+    qemu_io_ok(
+        &uri,
         &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
             "write -P 0x5a 4096 8192",
-            "-c",
             "write -P 0x77 1000 10",
-            "-c",
             "discard 3145728 65536",
-            "-c",
             "write -z 0 512",
-            "-c",
             "flush",
         ],
     );
     // A second writer on the same overlay is refused with a clear error.
     let cache = s.dir.path().join("cache2");
-    let second = std::process::Command::new(env!("CARGO_BIN_EXE_vanbd"))
-        .args([
+    let (code, err) = refused(
+        "vanbd",
+        &[
             "serve",
             "--listen",
             "127.0.0.1:0",
@@ -115,13 +97,11 @@ fn overlay_takes_writes_and_keeps_them_across_restarts() {
             &s.url(),
             "--overlay",
             ov,
-        ])
-        .arg("--cache-dir")
-        .arg(&cache)
-        .output()
-        .unwrap();
-    assert_eq!(second.status.code(), Some(1), "{second:?}");
-    let err = String::from_utf8_lossy(&second.stderr);
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("overlay"), "{err}");
     drop(v.terminate());
 
@@ -132,46 +112,29 @@ fn overlay_takes_writes_and_keeps_them_across_restarts() {
     want[..512].fill(0);
     let v = s.vanbd(&["--overlay", ov]);
     let got = s.dir.path().join("got.raw");
-    run_ok("nbdcopy", &[&v.uri("disk"), got.to_str().unwrap()]);
+    run_ok("nbdcopy", [&v.uri("disk"), got.to_str().unwrap()]);
     assert!(
         std::fs::read(&got).unwrap() == want,
         "overlay contents lost across the restart"
     );
     // The fio verify run on top, then the whole export still matches outside its range.
-    run_ok(
-        "fio",
+    fio_verify(
+        "v",
+        &v.uri("disk"),
         &[
-            "--name=v",
-            "--ioengine=nbd",
-            &format!("--uri={}", v.uri("disk")),
             "--rw=randrw",
             "--bs=4k",
             "--iodepth=8",
             "--offset=8M",
             "--size=4M",
             "--verify=crc32c",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--verify_fatal=1",
         ],
     );
-    run_ok("nbdcopy", &[&v.uri("disk"), got.to_str().unwrap()]);
+    run_ok("nbdcopy", [&v.uri("disk"), got.to_str().unwrap()]);
     let after = std::fs::read(&got).unwrap();
     assert!(after[..8 << 20] == want[..8 << 20] && after[12 << 20..] == want[12 << 20..]);
     // The bundle itself never changes: a fresh read-only export equals the source.
     drop(v);
     let ro = s.vanbd(&[]);
-    let out = run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            s.src.to_str().unwrap(),
-            &ro.uri("disk"),
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    assert_identical(s.src(), &ro.uri("disk"));
 }

@@ -2,32 +2,48 @@
 //! nbdcopy, fio's nbd engine.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use std::path::PathBuf;
 
-use common::*;
+use va_tests::*;
+
+/// A test image `disk.raw` in a fresh folder.
+struct Img {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Img {
+    fn new(write: impl FnOnce(&std::path::Path)) -> Img {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        write(&path);
+        Img { dir, path }
+    }
+    /// `mib` MiB of random data.
+    fn random(mib: usize) -> Img {
+        Img::new(|p| {
+            random_disk(p, mib, false);
+        })
+    }
+    fn path(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+    /// `vanbd serve --file IMG EXTRA...`.
+    fn serve(&self, extra: &[&str]) -> Vanbd {
+        let mut args = vec!["--file", self.path()];
+        args.extend_from_slice(extra);
+        Vanbd::start(&args)
+    }
+}
 
 #[test]
 fn qemu_img_compare_says_identical() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    sparse_image(&img);
-    let v = Vanbd::start(&["--file", img.to_str().unwrap(), "--read-only"]);
-    let out = run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            img.to_str().unwrap(),
-            &v.uri("disk"),
-        ],
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    let img = Img::new(|p| drop(sparse_image(p)));
+    let v = img.serve(&["--read-only"]);
+    assert_identical(img.path(), &v.uri("disk"));
     // And a different image is reported as different (the comparison is real).
-    let other = dir.path().join("other.raw");
-    std::fs::copy(&img, &other).unwrap();
+    let other = img.dir.path().join("other.raw");
+    std::fs::copy(&img.path, &other).unwrap();
     use std::os::unix::fs::FileExt;
     std::fs::OpenOptions::new()
         .write(true)
@@ -35,18 +51,7 @@ fn qemu_img_compare_says_identical() {
         .unwrap()
         .write_all_at(b"x", 5 * MIB)
         .unwrap();
-    let o = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            other.to_str().unwrap(),
-            &v.uri("disk"),
-        ],
-    );
+    let o = qemu_img_compare(other.to_str().unwrap(), &v.uri("disk"));
     assert_eq!(
         o.status.code(),
         Some(1),
@@ -56,7 +61,7 @@ fn qemu_img_compare_says_identical() {
     // qemu-img map over NBD sees the same layout as on the file.
     let map = run_ok(
         "qemu-img",
-        &["map", "--output=json", "-f", "raw", &v.uri("disk")],
+        ["map", "--output=json", "-f", "raw", &v.uri("disk")],
     );
     assert!(
         map.contains("\"zero\": true") && map.contains("\"data\": true"),
@@ -66,17 +71,10 @@ fn qemu_img_compare_says_identical() {
 
 #[test]
 fn nbdinfo_map_matches_layout_and_list_shows_export() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    let runs = sparse_image(&img);
-    let v = Vanbd::start(&[
-        "--file",
-        img.to_str().unwrap(),
-        "--read-only",
-        "--name",
-        "appdisk",
-    ]);
-    let map = parse_map(&run_ok("nbdinfo", &["--map", &v.uri("appdisk")]));
+    let mut runs = vec![];
+    let img = Img::new(|p| runs = sparse_image(p));
+    let v = img.serve(&["--read-only", "--name", "appdisk"]);
+    let map = parse_map(&run_ok("nbdinfo", ["--map", &v.uri("appdisk")]));
     // Expected: data runs with state 0, everything else hole|zero (3), merged.
     let mut want: Vec<(u64, u64, u32)> = Vec::new();
     let mut pos = 0;
@@ -91,19 +89,19 @@ fn nbdinfo_map_matches_layout_and_list_shows_export() {
     assert_eq!(map, want);
     let list = run_ok(
         "nbdinfo",
-        &["--list", &format!("nbd://127.0.0.1:{}", v.port)],
+        ["--list", &format!("nbd://127.0.0.1:{}", v.port)],
     );
     assert!(list.contains("export=\"appdisk\""), "{list}");
     assert!(list.contains("export-size: 16777216"), "{list}");
     assert!(list.contains("is_read_only: true"), "{list}");
     assert!(list.contains("can_multi_conn: true"), "{list}");
-    let info = run_ok("nbdinfo", &["--json", &v.uri("")]);
+    let info = run_ok("nbdinfo", ["--json", &v.uri("")]);
     assert!(
         info.contains("\"block_size_maximum\": 33554432"),
         "the default export: {info}"
     );
     // An unknown export is refused with a message, not a hang.
-    let o = run("nbdinfo", &[&v.uri("nope")]);
+    let o = run("nbdinfo", [&v.uri("nope")]);
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("No such file or directory for export: nope"),
@@ -113,52 +111,33 @@ fn nbdinfo_map_matches_layout_and_list_shows_export() {
 
 #[test]
 fn qemu_io_write_read_discard_patterns() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    random_image(&img, 4);
-    let orig = std::fs::read(&img).unwrap();
-    let v = Vanbd::start(&["--file", img.to_str().unwrap()]);
+    let img = Img::random(4);
+    let orig = std::fs::read(&img.path).unwrap();
+    let v = img.serve(&[]);
     let uri = v.uri("disk");
-    let out = run_ok(
-        "qemu-io",
+    let out = qemu_io_ok(
+        &uri,
         &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
             "write -P 0xab 0 64k",
-            "-c",
             "read -P 0xab 0 64k",
-            "-c",
             "write -P 0xcd 70000 3000",
-            "-c",
             "read -P 0xcd 70000 3000",
-            "-c",
             "discard 131072 65536",
-            "-c",
             "read -P 0 131072 65536",
-            "-c",
             "write -z 262144 65536",
-            "-c",
             "read -P 0 262144 65536",
-            "-c",
             "write -z -u 393216 65536",
-            "-c",
             "write -z -u -n 524288 65536",
-            "-c",
             "read -P 0 393216 65536",
-            "-c",
             "read -P 0 524288 65536",
-            "-c",
             "write -f -P 0x11 1048576 4096",
-            "-c",
             "flush",
         ],
     );
     assert!(!out.contains("fail") && !out.contains("error"), "{out}");
     assert_eq!(out.matches("read ").count(), 6, "{out}");
     // The file holds exactly what was written.
-    let now = std::fs::read(&img).unwrap();
+    let now = std::fs::read(&img.path).unwrap();
     let mut want = orig.clone();
     want[..65536].fill(0xab);
     want[70000..73000].fill(0xcd);
@@ -176,7 +155,7 @@ fn qemu_io_write_read_discard_patterns() {
     // A read pattern that does not match is detected (the check above is meaningful).
     let bad = run(
         "qemu-io",
-        &["-f", "raw", "-r", &uri, "-c", "read -P 0xab 70000 10"],
+        ["-f", "raw", "-r", &uri, "-c", "read -P 0xab 70000 10"],
     );
     let text = String::from_utf8_lossy(&bad.stdout);
     assert!(
@@ -191,42 +170,23 @@ fn qemu_io_write_read_discard_patterns() {
     );
     // Allocated zeroes (NO_HOLE) without fallback (FAST_ZERO) are not faster than a write:
     // refused with ENOTSUP, and nothing changes; without -n they are written.
-    let v = Vanbd::start(&["--file", img.to_str().unwrap()]);
+    let v = img.serve(&[]);
     let uri = v.uri("disk");
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", &uri, "-c", "write -z -n 655360 65536"])
-        .output()
-        .unwrap();
+    let out = qemu_io(&uri, &["write -z -n 655360 65536"]);
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("Operation not supported"), "{text}");
-    assert!(std::fs::read(&img).unwrap()[655360..720896] == orig[655360..720896]);
-    let out = run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "write -z 655360 65536",
-            "-c",
-            "read -P 0 655360 65536",
-        ],
-    );
+    assert!(std::fs::read(&img.path).unwrap()[655360..720896] == orig[655360..720896]);
+    let out = qemu_io_ok(&uri, &["write -z 655360 65536", "read -P 0 655360 65536"]);
     assert!(!out.contains("fail"), "{out}");
 }
 
 #[test]
 fn read_only_export_refuses_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    random_image(&img, 1);
-    let orig = std::fs::read(&img).unwrap();
-    let v = Vanbd::start(&["--file", img.to_str().unwrap(), "--read-only"]);
-    let o = run(
-        "qemu-io",
-        &["-f", "raw", &v.uri("disk"), "-c", "write -P 0xab 0 4k"],
-    );
+    let img = Img::random(1);
+    let orig = std::fs::read(&img.path).unwrap();
+    let v = img.serve(&["--read-only"]);
+    let o = qemu_io(&v.uri("disk"), &["write -P 0xab 0 4k"]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -239,34 +199,27 @@ fn read_only_export_refuses_writes() {
         "{text}"
     );
     assert!(!text.contains("wrote 4096"), "{text}");
-    assert_eq!(std::fs::read(&img).unwrap(), orig);
+    assert_eq!(std::fs::read(&img.path).unwrap(), orig);
     // nbdsh-free raw check with nbdcopy: the export copies out intact.
-    let out = dir.path().join("copy.raw");
-    run_ok("nbdcopy", &[&v.uri("disk"), out.to_str().unwrap()]);
+    let out = img.dir.path().join("copy.raw");
+    run_ok("nbdcopy", [&v.uri("disk"), out.to_str().unwrap()]);
     assert_eq!(std::fs::read(&out).unwrap(), orig);
 }
 
 #[test]
 fn fio_nbd_engine_random_read_write_with_verify() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    random_image(&img, 32);
-    let v = Vanbd::start(&["--file", img.to_str().unwrap()]);
+    let img = Img::random(32);
+    let v = img.serve(&[]);
     let uri = v.uri("disk");
-    let out = run_ok(
-        "fio",
+    let out = fio_verify(
+        "verify",
+        &uri,
         &[
-            "--name=verify",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
             "--rw=randrw",
             "--bs=4k",
             "--iodepth=16",
             "--size=16M",
             "--verify=crc32c",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--verify_fatal=1",
             "--output-format=terse",
             "--terse-version=3",
         ],
@@ -280,20 +233,15 @@ fn fio_nbd_engine_random_read_write_with_verify() {
         "verification must read everything back: {out}"
     );
     // Larger blocks at a higher queue depth, sequential with verify.
-    run_ok(
-        "fio",
+    fio_verify(
+        "seq",
+        &uri,
         &[
-            "--name=seq",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
             "--rw=write",
             "--bs=1M",
             "--iodepth=8",
             "--size=32M",
             "--verify=md5",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--verify_fatal=1",
         ],
     );
     let log = v.terminate();
@@ -302,23 +250,21 @@ fn fio_nbd_engine_random_read_write_with_verify() {
 
 #[test]
 fn unix_socket_and_nbdcopy_multi_conn() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    random_image(&img, 24);
-    let sock = dir.path().join("nbd.sock");
+    let img = Img::random(24);
+    let sock = img.dir.path().join("nbd.sock");
     let v = Vanbd::start_with(
         &["--unix", sock.to_str().unwrap()],
-        &["--file", img.to_str().unwrap(), "--read-only"],
+        &["--file", img.path(), "--read-only"],
     );
     assert_eq!(v.port, 0, "--unix alone must not listen on TCP");
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
-    let info = run_ok("nbdinfo", &["--size", &uri]);
+    let info = run_ok("nbdinfo", ["--size", &uri]);
     assert_eq!(info.trim(), (24 * MIB).to_string());
-    let out = dir.path().join("copy.raw");
+    let out = img.dir.path().join("copy.raw");
     // nbdcopy opens several connections when the server advertises multi-conn.
     run_ok(
         "nbdcopy",
-        &[
+        [
             "--connections=4",
             "--threads=4",
             "--requests=16",
@@ -327,7 +273,7 @@ fn unix_socket_and_nbdcopy_multi_conn() {
         ],
     );
     assert!(
-        std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap(),
+        std::fs::read(&out).unwrap() == std::fs::read(&img.path).unwrap(),
         "copy differs"
     );
     let log = v.terminate();
@@ -347,23 +293,12 @@ fn unix_socket_and_nbdcopy_multi_conn() {
 
 #[test]
 fn second_writer_on_the_same_file_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    random_image(&img, 1);
-    let _v = Vanbd::start(&["--file", img.to_str().unwrap()]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vanbd"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--file",
-            img.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("in use by another server"),
-        "{out:?}"
+    let img = Img::random(1);
+    let _v = img.serve(&[]);
+    let (code, err) = refused(
+        "vanbd",
+        &["serve", "--listen", "127.0.0.1:0", "--file", img.path()],
     );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("in use by another server"), "{err}");
 }

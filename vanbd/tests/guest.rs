@@ -2,18 +2,26 @@
 //! whole disk, writes with a flush, reads back.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use std::time::Duration;
 
-use common::*;
+use va_tests::*;
+
+/// How long one guest run may take here (the whole run was limited to 300 s before).
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Boots the guest on the `disk` export of `v`, running `tests` with kernel parameters
+/// `params`; returns its results.
+fn boot(v: &Vanbd, tests: &str, params: &str) -> Vec<String> {
+    Qemu::run(&Boot::nbd(v.port, tests).append(params).timeout(RUN_TIMEOUT))
+}
 
 #[test]
 fn guest_on_file_export_reads_writes_and_flushes() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.raw");
-    random_image(&img, 16);
-    let want = sha256(&std::fs::read(&img).unwrap());
+    let want = random_disk(&img, 16, false);
     let v = Vanbd::start(&["--file", img.to_str().unwrap()]);
-    let r = boot_nbd_guest(v.port, "sha256,write,readback", "va.off=16 va.blocks=64");
+    let r = boot(&v, "sha256,write,readback", "va.off=16 va.blocks=64");
     assert_eq!(
         result(&r, "sha256 "),
         want,
@@ -27,43 +35,37 @@ fn guest_on_file_export_reads_writes_and_flushes() {
         "the guest's fsync must reach vanbd as FLUSH: {log}"
     );
     // The written blocks are in the file.
-    let now = std::fs::read(&img).unwrap();
-    assert_eq!(sha256(&now[16 * 4096..80 * 4096]), written);
+    assert_eq!(sha256_range(&img, 16 * 4096, 64 * 4096), written);
 }
 
 #[test]
 fn guest_boots_from_streamed_appliance_with_overlay() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
-    random_image(&src, 16);
-    let want = sha256(&std::fs::read(&src).unwrap());
+    let want = random_disk(&src, 16, false);
     pack(&src, &dir.path().join("site/app"));
     let origin = Origin::start(&dir.path().join("site"), Some(("100mbit", "40ms")));
-    let url = format!("{}app/", origin.base);
+    let url = format!("{}app/", origin.url);
     let overlay = dir.path().join("overlay");
     let cache = dir.path().join("cache");
-    let v = Vanbd::start(&[
-        "--appliance",
-        &url,
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "--overlay",
-        overlay.to_str().unwrap(),
-    ]);
-    let r = boot_nbd_guest(v.port, "sha256,write,readback", "va.off=100 va.blocks=32");
+    let vanbd = || {
+        Vanbd::start(&[
+            "--appliance",
+            &url,
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--overlay",
+            overlay.to_str().unwrap(),
+        ])
+    };
+    let v = vanbd();
+    let r = boot(&v, "sha256,write,readback", "va.off=100 va.blocks=32");
     assert_eq!(result(&r, "sha256 "), want);
     let written = result(&r, "write ok ").to_string();
     assert_eq!(result(&r, "readback "), written);
     drop(v.terminate());
     // A second boot on the same overlay sees the write.
-    let v = Vanbd::start(&[
-        "--appliance",
-        &url,
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "--overlay",
-        overlay.to_str().unwrap(),
-    ]);
-    let r = boot_nbd_guest(v.port, "readback", "va.off=100 va.blocks=32");
+    let v = vanbd();
+    let r = boot(&v, "readback", "va.off=100 va.blocks=32");
     assert_eq!(result(&r, "readback "), written);
 }
