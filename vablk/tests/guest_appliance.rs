@@ -57,7 +57,7 @@ impl Setup {
 fn wait_reads(v: &Vablk, n: u64, secs: u64) -> bool {
     let t = Instant::now();
     loop {
-        if v.stats()["requests"]["reads"].as_u64().unwrap_or(0) >= n {
+        if v.stats()["device"]["reads"].as_u64().unwrap_or(0) >= n {
             return true;
         }
         if t.elapsed().as_secs() >= secs {
@@ -73,15 +73,12 @@ fn streamed_disk_checksum_matches_source() {
     let v = s.vablk_overlay(&["--queues", "2"]);
     let r = Qemu::run(&s.boot("sha256").queues(2));
     assert_eq!(result(&r, "sha256 "), sha256_file(&s.src));
-    let st = v.stats_when(|st| st["requests"]["read_bytes"].as_u64().unwrap() >= 16 << 20);
+    let st = v.stats_when(|st| st["device"]["read_bytes"].as_u64().unwrap() >= 16 << 20);
     // The cache was cold: reads missed, went through the miss pool, and were fetched.
     assert!(st["device"]["misses"].as_u64().unwrap() > 0, "{st}");
-    assert!(
-        st["requests"]["pool_requests"].as_u64().unwrap() > 0,
-        "{st}"
-    );
+    assert!(st["offload"]["requests"].as_u64().unwrap() > 0, "{st}");
     assert!(st["device"]["fetched_bytes"].as_u64().unwrap() > 0, "{st}");
-    assert_eq!(st["requests"]["io_errors"], 0, "{st}");
+    assert_eq!(st["transport"]["io_errors"], 0, "{st}");
 }
 
 #[test]
@@ -133,14 +130,14 @@ fn prefetch_fills_the_cache_so_the_guest_runs_with_the_origin_gone() {
         st["device"]["fetched_bytes"].as_u64().unwrap() >= 8 << 20,
         "{st}"
     );
-    assert_eq!(st["requests"]["reads"], 0, "{st}");
+    assert_eq!(st["device"]["reads"], 0, "{st}");
     // The origin goes away; the guest reads every byte from the local cache.
     drop(origin);
     let r = Qemu::run(&boot);
     assert_eq!(result(&r, "sha256 "), sha256_file(&src));
-    let st = v.stats_when(|st| st["requests"]["read_bytes"].as_u64().unwrap() >= 16 << 20);
+    let st = v.stats_when(|st| st["device"]["read_bytes"].as_u64().unwrap() >= 16 << 20);
     assert_eq!(st["device"]["misses"], 0, "{st}");
-    assert_eq!(st["requests"]["io_errors"], 0, "{st}");
+    assert_eq!(st["transport"]["io_errors"], 0, "{st}");
     drop(dir);
 }
 
@@ -196,7 +193,7 @@ fn vablk_killed_repeatedly_with_out_of_order_completions() {
                 resumed += 1;
                 break;
             }
-            if log.contains("queue drained") || v.stats()["requests"]["reads"].as_u64() > Some(0) {
+            if log.contains("queue drained") || v.stats()["device"]["reads"].as_u64() > Some(0) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -219,6 +216,6 @@ fn vablk_killed_repeatedly_with_out_of_order_completions() {
         v.log()
     );
     let st = v.stats();
-    assert_eq!(st["requests"]["io_errors"], 0, "{st}");
-    assert_eq!(st["requests"]["ring_log_resets"], 0, "{st}");
+    assert_eq!(st["transport"]["io_errors"], 0, "{st}");
+    assert_eq!(st["transport"]["ring_log_resets"], 0, "{st}");
 }

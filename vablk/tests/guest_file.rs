@@ -52,19 +52,19 @@ fn guest_reads_whole_disk_and_checksum_matches() {
         d.sha,
         "guest checksum differs from the source image"
     );
-    let stats = v.stats_when(|s| s["requests"]["read_bytes"].as_u64().unwrap() >= 32 << 20);
+    let stats = v.stats_when(|s| s["device"]["read_bytes"].as_u64().unwrap() >= 32 << 20);
     assert!(
-        stats["requests"]["read_bytes"].as_u64().unwrap() >= 32 << 20,
+        stats["device"]["read_bytes"].as_u64().unwrap() >= 32 << 20,
         "{stats}"
     );
-    assert_eq!(stats["requests"]["io_errors"], 0, "{stats}");
+    assert_eq!(stats["transport"]["io_errors"], 0, "{stats}");
     // Counters are printed on exit.
     let printed = v.terminate();
     let last: serde_json::Value =
         serde_json::from_str(printed.lines().last().expect("counters on stdout")).unwrap();
-    assert!(last["requests"]["reads"].as_u64().unwrap() > 0, "{printed}");
+    assert!(last["device"]["reads"].as_u64().unwrap() > 0, "{printed}");
     assert_eq!(
-        last["requests"]["connections"].as_u64().unwrap(),
+        last["transport"]["connections"].as_u64().unwrap(),
         2,
         "probe + QEMU: {printed}"
     );
@@ -78,9 +78,9 @@ fn write_flush_poweroff_then_second_boot_reads_it_back() {
     let v = d.vablk(&[]);
     let r1 = Qemu::run(&d.boot("write"));
     let written = result(&r1, "write ok ").to_string();
-    let s = v.stats_when(|s| s["requests"]["flushes"].as_u64().unwrap() > 0);
+    let s = v.stats_when(|s| s["device"]["flushes"].as_u64().unwrap() > 0);
     assert!(
-        s["requests"]["flushes"].as_u64().unwrap() > 0,
+        s["device"]["flushes"].as_u64().unwrap() > 0,
         "dd conv=fsync must send a FLUSH: {s}"
     );
     // The same vablk serves a second QEMU (it waits for the next connection).
@@ -136,7 +136,7 @@ fn vablk_killed_mid_io_and_restarted_guest_continues() {
     let written = q.wait_result("write ok", 1, BOOT_TIMEOUT);
     // The guest is now reading the whole disk (three passes): kill vablk in the middle.
     std::thread::sleep(Duration::from_millis(1500));
-    let read_before = v.stats()["requests"]["reads"].as_u64().unwrap();
+    let read_before = v.stats()["device"]["reads"].as_u64().unwrap();
     assert!(read_before > 0);
     v.kill9();
     std::thread::sleep(Duration::from_millis(500));
@@ -151,9 +151,9 @@ fn vablk_killed_mid_io_and_restarted_guest_continues() {
     }
     let hex = written.strip_prefix("write ok ").unwrap();
     assert_eq!(sha256_range(&d.disk, 16 * 4096, 256 * 4096), hex);
-    let after = v2.stats_when(|s| s["requests"]["reads"].as_u64().unwrap() > 0);
+    let after = v2.stats_when(|s| s["device"]["reads"].as_u64().unwrap() > 0);
     assert!(
-        after["requests"]["reads"].as_u64().unwrap() > 0,
+        after["device"]["reads"].as_u64().unwrap() > 0,
         "the restarted vablk served reads: {after}"
     );
 }
@@ -165,11 +165,10 @@ fn fio_random_read_write_with_verification() {
     let r = Qemu::run(&d.boot("fio").fio().queues(2).append("va.fio_size=32M"));
     let fio = result(&r, "fio ");
     assert!(fio.starts_with("ok "), "fio failed in the guest: {fio}");
-    let s = v.stats_when(|s| s["requests"]["writes"].as_u64().unwrap() > 0);
+    let s = v.stats_when(|s| s["device"]["writes"].as_u64().unwrap() > 0);
     assert!(
-        s["requests"]["writes"].as_u64().unwrap() > 0
-            && s["requests"]["reads"].as_u64().unwrap() > 0,
+        s["device"]["writes"].as_u64().unwrap() > 0 && s["device"]["reads"].as_u64().unwrap() > 0,
         "{s}"
     );
-    assert_eq!(s["requests"]["io_errors"], 0, "{s}");
+    assert_eq!(s["transport"]["io_errors"], 0, "{s}");
 }

@@ -328,5 +328,9 @@ fn a_chunk_failing_verification_is_waited_for_never_served() {
     let (buf, _) = reader.join().unwrap();
     assert!(buf == img[..CS], "served bytes differ from the packed ones");
     let s = v.fresh_stats();
-    assert!(s["retries"].as_u64().unwrap() > 0, "{s}\n{}", v.log());
+    assert!(
+        s["device"]["retries"].as_u64().unwrap() > 0,
+        "{s}\n{}",
+        v.log()
+    );
 }

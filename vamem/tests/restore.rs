@@ -16,9 +16,12 @@ const PARAMS: &str = "va.mem_mb=64";
 const STRESS_PARAMS: &str = "va.mem_mb=16 va.ballast_mb=128";
 const T: Duration = Duration::from_secs(240);
 
-fn n(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("no counter {k} in {v}"))
+/// The counter at `path` (`"transport.faults"`) of a stats report.
+fn n(v: &serde_json::Value, path: &str) -> u64 {
+    path.split('.')
+        .fold(v, |v, k| &v[k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {path} in {v}"))
 }
 
 /// vamem on `url`, mounted at DIR/mnt, with a cache and an overlay in `dir`, and `extra`.
@@ -69,9 +72,12 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
     q.restore(&state, true);
     q.wait_more_oks(3, T);
     let s1 = vamem.fresh_stats();
-    assert!(n(&s1, "faults") > 0 && n(&s1, "miss_faults") > 0, "{s1}");
-    assert!(n(&s1, "fetched_bytes") > 0, "{s1}");
-    assert_eq!(n(&s1, "read_errors"), 0);
+    assert!(
+        n(&s1, "transport.faults") > 0 && n(&s1, "transport.miss_faults") > 0,
+        "{s1}"
+    );
+    assert!(n(&s1, "device.fetched_bytes") > 0, "{s1}");
+    assert_eq!(n(&s1, "transport.errors"), 0);
 
     // The guest rewrites its 64 MiB; the host writes back and evicts every page.
     q.send("rewrite 1");
@@ -84,11 +90,11 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
     q.wait_more_oks(3, T);
     let after = vamem.fresh_stats();
     assert!(
-        n(&after, "write_bytes") >= (MEM_MB as u64) << 20,
+        n(&after, "device.write_bytes") >= (MEM_MB as u64) << 20,
         "the guest's rewrite did not reach the overlay: {after}"
     );
     assert!(
-        n(&after, "faults") > n(&before, "faults"),
+        n(&after, "transport.faults") > n(&before, "transport.faults"),
         "eviction did not make the guest fault again: {before} -> {after}"
     );
     // Once more, with everything the guest wrote only in the overlay.
@@ -98,7 +104,7 @@ fn restored_guest_keeps_its_memory_through_rewrite_and_eviction() {
     q.kill();
     let summary = vamem.terminate();
     assert!(
-        summary.contains("faults") && summary.contains("fetched"),
+        summary.contains("transport.faults") && summary.contains("fetched"),
         "{summary}"
     );
 }
@@ -129,7 +135,10 @@ fn prefetch_runs_while_the_guest_rewrites_its_memory() {
     q.wait_for("the prefetch", T, |_| vamem.log().contains("prefetch done"));
     q.wait_more_oks(2, T);
     let s = vamem.fresh_stats();
-    assert!(n(&s, "pushes") > 0 && n(&s, "pushed_bytes") > 0, "{s}");
+    assert!(
+        n(&s, "transport.pushes") > 0 && n(&s, "transport.pushed_bytes") > 0,
+        "{s}"
+    );
     // Every byte the guest wrote must survive eviction.
     q.evict_ram(&mem);
     q.wait_more_oks(3, T);

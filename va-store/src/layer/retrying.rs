@@ -67,7 +67,7 @@ impl Retrying {
                     let left = self.policy.retry_for.saturating_sub(start.elapsed());
                     let wait = delay.min(left);
                     self.log.log(format_args!(
-                        "{what} {offset}+{len}: {e}; retrying in {wait:?} (giving up in {left:.0?})"
+                        "{what} {offset}+{len}: {e}; waiting {wait:?} for a good copy (giving up in {left:.0?})"
                     ));
                     std::thread::sleep(wait);
                     delay = (delay * 2).min(self.policy.max_delay);
