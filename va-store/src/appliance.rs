@@ -21,8 +21,10 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::cache::{CacheError, ChunkCache};
+use crate::fsutil;
 use crate::format::{BlobRef, ChunkEntry, FormatError, ImageInfo, ImageKind, Manifest, PageRef};
 use crate::origin::{self, Origin, OriginError, OriginOptions};
+use crate::sync::{lock, wait};
 use crate::Hash;
 
 /// Errors of an opened appliance.
@@ -150,15 +152,13 @@ impl Inserter {
             .name("va-cache-insert".into())
             .spawn(move || {
                 for h in rx {
-                    let data = p.lock().ok().and_then(|m| m.get(&h).cloned());
+                    let data = lock(&p).get(&h).cloned();
                     if let Some(data) = data {
                         if let Err(e) = c.insert(&h, &data) {
                             tracing::warn!("cache insert failed: {e}");
                         }
                     }
-                    if let Ok(mut m) = p.lock() {
-                        m.remove(&h);
-                    }
+                    lock(&p).remove(&h);
                 }
             })
             .ok();
@@ -172,23 +172,19 @@ impl Inserter {
 
     fn submit(&self, h: Hash, plain: Vec<u8>) {
         let queued = self.tx.as_ref().is_some_and(|tx| {
-            if let Ok(mut m) = self.pending.lock() {
-                m.insert(h, Arc::new(plain.clone()));
-            }
+            lock(&self.pending).insert(h, Arc::new(plain.clone()));
             tx.try_send(h).is_ok()
         });
         if !queued {
             if let Err(e) = self.cache.insert(&h, &plain) {
                 tracing::warn!("cache insert failed: {e}");
             }
-            if let Ok(mut m) = self.pending.lock() {
-                m.remove(&h);
-            }
+            lock(&self.pending).remove(&h);
         }
     }
 
     fn read(&self, h: &Hash, offset: usize, buf: &mut [u8]) -> Option<bool> {
-        let m = self.pending.lock().ok()?;
+        let m = lock(&self.pending);
         let d = m.get(h)?;
         Some(match d.get(offset..offset.checked_add(buf.len())?) {
             Some(src) => {
@@ -200,7 +196,7 @@ impl Inserter {
     }
 
     fn contains(&self, h: &Hash) -> bool {
-        self.pending.lock().is_ok_and(|m| m.contains_key(h)) || self.cache.contains(h)
+        lock(&self.pending).contains_key(h) || self.cache.contains(h)
     }
 }
 
@@ -510,10 +506,7 @@ impl Appliance {
             let mut mine = Vec::new();
             let mut theirs = Vec::new();
             {
-                let mut inflight = self
-                    .inflight
-                    .lock()
-                    .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                let mut inflight = lock(&self.inflight);
                 for (b, plen) in todo.drain(..) {
                     match inflight.get(&b.hash) {
                         Some(f) if self.cache.is_some() => theirs.push((b, plen, f.clone())),
@@ -532,29 +525,19 @@ impl Appliance {
             }
             let r = self.fetch_from_origin(what, &mine, sink);
             {
-                let mut inflight = self
-                    .inflight
-                    .lock()
-                    .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                let mut inflight = lock(&self.inflight);
                 for (b, _) in &mine {
                     if let Some(f) = inflight.remove(&b.hash) {
-                        if let Ok(mut d) = f.done.lock() {
-                            *d = true;
-                        }
+                        *lock(&f.done) = true;
                         f.cv.notify_all();
                     }
                 }
             }
             r?;
             for (b, plen, f) in theirs {
-                let mut d = f
-                    .done
-                    .lock()
-                    .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                let mut d = lock(&f.done);
                 while !*d {
-                    d =
-                        f.cv.wait(d)
-                            .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                    d = wait(&f.cv, d);
                 }
                 drop(d);
                 if self.cached_blob(&b, plen, &mut buf)? {
@@ -690,13 +673,16 @@ fn save_manifest(path: &std::path::Path, bytes: &[u8]) {
     if std::fs::read(path).is_ok_and(|old| old == bytes) {
         return;
     }
-    let r = path
-        .parent()
-        .map(std::fs::create_dir_all)
-        .unwrap_or(Ok(()))
-        .map_err(|e| e.to_string())
-        .and_then(|_| crate::pack::write_atomic(path, bytes).map_err(|e| e.to_string()));
-    if let Err(e) = r {
+    if let Some(dir) = path.parent() {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            tracing::warn!(
+                "could not save the manifest in the local cache: {}: {e}",
+                dir.display()
+            );
+            return;
+        }
+    }
+    if let Err(e) = fsutil::write_atomic(path, bytes) {
         tracing::warn!("could not save the manifest in the local cache: {e}");
     }
 }

@@ -74,6 +74,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lru::LruCache;
 
+use crate::sync::lock;
 use crate::Hash;
 
 /// Name of the layout marker file in the cache directory.
@@ -237,10 +238,6 @@ pub struct ChunkCache {
     /// Recency clock (µs since the Unix epoch, bumped to stay strictly increasing).
     clock: AtomicU64,
     touch_after_us: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn system_us(t: SystemTime) -> u64 {

@@ -13,16 +13,21 @@
 //!   the [`device::BlockDevice`] trait that every transport serves.
 //! * [`prefetch`] — background prefetch in pack (plan) order; demand misses go first.
 //! * [`trace`] — the working-set trace format (first access to each chunk).
+//!
+//! Shared helpers: [`fsutil`] (atomic file replacement, directory syncs), [`sync`] (taking
+//! locks, with the one policy for poisoned locks), [`counter`] (contention-free counters).
 
 pub mod appliance;
 pub mod cache;
 pub mod counter;
 pub mod device;
 pub mod format;
+pub mod fsutil;
 pub mod origin;
 pub mod overlay;
 pub mod pack;
 pub mod prefetch;
+pub mod sync;
 pub mod trace;
 pub mod volume;
 

@@ -27,6 +27,8 @@ use crate::format::{
     self, BlobRef, ChunkEntry, ImageInfo, ImageKind, Manifest, PackEntry, PackInfo, PageRef,
     PACK_HEADER_LEN, PACK_TAIL_LEN,
 };
+use crate::fsutil::{self, FsError};
+use crate::sync::{self, lock};
 use crate::trace::PlanItem;
 use crate::Hash;
 
@@ -45,6 +47,8 @@ pub enum PackError {
         path: PathBuf,
         source: format::FormatError,
     },
+    #[error(transparent)]
+    Fs(#[from] FsError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PackError + '_ {
@@ -253,17 +257,17 @@ pub fn pack(
             let done = shared.done_bytes.load(Ordering::Relaxed);
             progress(Phase::Read, done, report.input_bytes);
             if done >= report.input_bytes
-                || shared.error.lock().map(|e| e.is_some()).unwrap_or(true)
+                || lock(&shared.error).is_some()
             {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     });
-    if let Some(e) = shared.error.lock().ok().and_then(|mut e| e.take()) {
+    if let Some(e) = lock(&shared.error).take() {
         return Err(e);
     }
-    let spooled: HashMap<Hash, Loc> = shared.seen.into_inner().unwrap_or_default();
+    let spooled: HashMap<Hash, Loc> = sync::into_inner(shared.seen);
     report.zero_chunks = shared.counts.zero.load(Ordering::Relaxed);
     report.dup_chunks = shared.counts.dup.load(Ordering::Relaxed);
     report.reused_chunks = shared.counts.reused.load(Ordering::Relaxed);
@@ -454,7 +458,7 @@ pub fn pack(
     let bytes = manifest.encode();
     report.manifest_len = bytes.len() as u64;
     report.digest = Hash::of(&bytes);
-    write_atomic(&out.join("manifest"), &bytes)?;
+    fsutil::write_atomic(&out.join("manifest"), &bytes)?;
     report.elapsed = started.elapsed();
     Ok(report)
 }
@@ -490,26 +494,6 @@ fn place(pending: &mut Vec<(Hash, u64, u32)>, idx: u32, out: &mut HashMap<Hash, 
 
 fn file_name_of(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
-}
-
-/// Writes `data` to `path` via a temporary file, fsync and rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), PackError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        file_name_of(&path.to_string_lossy()),
-        std::process::id()
-    ));
-    {
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(data).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io(path))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// The path of `to` relative to `from` (both directories), ending in `/`.
@@ -632,9 +616,7 @@ const BATCH: u64 = 16;
 
 impl Pass1<'_> {
     fn fail(&self, e: PackError) {
-        if let Ok(mut g) = self.error.lock() {
-            g.get_or_insert(e);
-        }
+        lock(&self.error).get_or_insert(e);
     }
 
     fn worker(&self) {
@@ -650,7 +632,7 @@ impl Pass1<'_> {
         let mut buf = vec![0u8; self.cs as usize];
         let total: u64 = self.chunk_counts.iter().sum();
         loop {
-            if self.error.lock().map(|e| e.is_some()).unwrap_or(true) {
+            if lock(&self.error).is_some() {
                 return;
             }
             let first = self.next.fetch_add(BATCH, Ordering::Relaxed);
@@ -702,18 +684,11 @@ impl Pass1<'_> {
         };
         if let Some(loc) = self.known.get(&h) {
             self.counts.reused.fetch_add(1, Ordering::Relaxed);
-            let mut seen = self
-                .seen
-                .lock()
-                .map_err(|_| PackError::Invalid("poisoned".into()))?;
-            seen.entry(h).or_insert(*loc);
+            lock(&self.seen).entry(h).or_insert(*loc);
             return Ok(());
         }
         {
-            let mut seen = self
-                .seen
-                .lock()
-                .map_err(|_| PackError::Invalid("poisoned".into()))?;
+            let mut seen = lock(&self.seen);
             if seen.contains_key(&h) {
                 self.counts.dup.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
@@ -731,11 +706,7 @@ impl Pass1<'_> {
                 path: "(spool)".into(),
                 source,
             })?;
-        let mut seen = self
-            .seen
-            .lock()
-            .map_err(|_| PackError::Invalid("poisoned".into()))?;
-        seen.insert(h, Loc::Spool(at, z.len() as u32, len as u32));
+        lock(&self.seen).insert(h, Loc::Spool(at, z.len() as u32, len as u32));
         Ok(())
     }
 }
@@ -820,9 +791,8 @@ impl PackWriter {
         let name = format!("{}.pack", hash.to_hex());
         let dest = self.dir.join(&name);
         fs::rename(&self.tmp, &dest).map_err(io(&dest))?;
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
+        // Best effort: the manifest that names this pack is written (and synced) later.
+        let _ = fsutil::sync_dir(&self.dir);
         Ok(PackInfo {
             path: format!("{rel}{name}"),
             size: self.len,

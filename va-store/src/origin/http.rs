@@ -7,10 +7,12 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
+
+use crate::sync::{lock, wait};
 
 use super::{
     fmt_duration, parse_rel_path, range_desc, Counters, FileSize, Origin, OriginError,
@@ -484,12 +486,9 @@ struct Slot<'a>(&'a Slots);
 
 impl Slots {
     fn acquire(&self) -> Slot<'_> {
-        let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut used = lock(&self.used);
         while *used >= self.max {
-            used = self
-                .freed
-                .wait(used)
-                .unwrap_or_else(PoisonError::into_inner);
+            used = wait(&self.freed, used);
         }
         *used += 1;
         Slot(self)
@@ -498,7 +497,7 @@ impl Slots {
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        let mut used = self.0.used.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut used = lock(&self.0.used);
         *used = used.saturating_sub(1);
         self.0.freed.notify_one();
     }
@@ -681,7 +680,7 @@ impl HttpOrigin {
 
     /// An idle connection young enough to reuse, if any.
     fn take_idle(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = lock(&self.idle);
         while let Some(c) = idle.pop() {
             if c.idle_since.elapsed() < IDLE_REUSE {
                 return Some(c);
@@ -692,17 +691,14 @@ impl HttpOrigin {
 
     fn put_idle(&self, mut c: Conn) {
         c.idle_since = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = lock(&self.idle);
         if idle.len() < self.slots.max {
             idle.push(c);
         }
     }
 
     fn drop_idle(&self) {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        lock(&self.idle).clear();
     }
 
     /// Maps an I/O error while reading a body to an origin error.

@@ -5,9 +5,11 @@ use std::io::{ErrorKind, Read};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
+
+use crate::sync::lock;
 
 use super::{parse_rel_path, range_desc, Counters, FileSize, Origin, OriginError, OriginStats};
 
@@ -101,17 +103,11 @@ impl LocalOrigin {
     }
 
     fn cached_file(&self, full: &Path, what: &str) -> Result<Arc<File>, OriginError> {
-        if let Some(f) = self
-            .files
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(full)
-        {
+        if let Some(f) = lock(&self.files).get(full) {
             return Ok(f.clone());
         }
         let f = Arc::new(self.open_file(full, what)?);
-        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
-        files.put(full.to_path_buf(), f.clone());
+        lock(&self.files).put(full.to_path_buf(), f.clone());
         Ok(f)
     }
 
