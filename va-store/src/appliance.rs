@@ -21,8 +21,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::cache::{CacheError, ChunkCache};
-use crate::fsutil;
 use crate::format::{BlobRef, ChunkEntry, FormatError, ImageInfo, ImageKind, Manifest, PageRef};
+use crate::fsutil;
 use crate::origin::{self, Origin, OriginError, OriginOptions};
 use crate::sync::{lock, wait};
 use crate::Hash;

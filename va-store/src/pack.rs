@@ -256,9 +256,7 @@ pub fn pack(
         loop {
             let done = shared.done_bytes.load(Ordering::Relaxed);
             progress(Phase::Read, done, report.input_bytes);
-            if done >= report.input_bytes
-                || lock(&shared.error).is_some()
-            {
+            if done >= report.input_bytes || lock(&shared.error).is_some() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
