@@ -875,7 +875,7 @@ impl ChunkCache {
             let files = match fs::read_dir(&dir) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotADirectory => continue,
                 Err(e) => return Err(io_err(&dir)(e)),
             };
             for f in files {

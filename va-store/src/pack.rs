@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -711,14 +710,12 @@ impl Pass1<'_> {
 
 /// True when `[off, off+len)` of `f` is entirely a hole (reads as zeros without being read).
 fn is_hole(f: &File, off: u64, len: u64) -> bool {
-    // SAFETY: lseek on a valid, open descriptor owned by `f`; no memory is touched.
-    let next = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-    if next < 0 {
+    match rustix::fs::seek(f, rustix::fs::SeekFrom::Data(off)) {
+        Ok(next) => next >= off + len,
         // ENXIO: no data at or after `off`. Anything else (EINVAL on a filesystem without
         // SEEK_DATA): assume data.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        Err(e) => e == rustix::io::Errno::NXIO,
     }
-    next as u64 >= off + len
 }
 
 /// Writes one pack file: header, blobs, table, tail; named by its hash when finished.

@@ -75,7 +75,7 @@ impl LocalOrigin {
                 what,
                 detail: "no such file".into(),
             },
-            _ if e.raw_os_error() == Some(libc::ENOTDIR) => OriginError::NotFound {
+            ErrorKind::NotADirectory => OriginError::NotFound {
                 what,
                 detail: "no such file".into(),
             },
