@@ -5,6 +5,17 @@ use std::path::PathBuf;
 use crate::volume::VolumeOptions;
 use crate::Hash;
 
+/// Arguments that parse but cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreArgsError {
+    /// `--digest` is not a digest.
+    #[error("--digest: {value:?} is not 64 hex digits")]
+    Digest {
+        /// The value given.
+        value: String,
+    },
+}
+
 /// Where the appliance comes from and how it is cached locally.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreArgs {
@@ -33,11 +44,11 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     /// The volume options these arguments describe.
-    pub fn volume_options(&self) -> Result<VolumeOptions, String> {
+    pub fn volume_options(&self) -> Result<VolumeOptions, StoreArgsError> {
         let digest = match &self.digest {
-            Some(d) => Some(
-                Hash::from_hex(d).ok_or_else(|| format!("--digest: {d:?} is not 64 hex digits"))?,
-            ),
+            Some(d) => {
+                Some(Hash::from_hex(d).ok_or_else(|| StoreArgsError::Digest { value: d.clone() })?)
+            }
             None => None,
         };
         Ok(VolumeOptions {
@@ -56,6 +67,6 @@ impl StoreArgs {
 }
 
 /// Parses `123`, `64K`, `64KiB`, `10G`, `1.5G`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, crate::SizeError> {
     crate::parse_size(s)
 }

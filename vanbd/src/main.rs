@@ -89,7 +89,7 @@ struct ServeArgs {
 }
 
 fn parse_min_block(s: &str) -> Result<u32, String> {
-    let v = va_store::parse_size(s)?;
+    let v = va_store::parse_size(s).map_err(|e| e.to_string())?;
     if v == 0 || v > 65536 || !v.is_power_of_two() {
         return Err(format!("{s}: must be a power of two from 1 to 65536"));
     }
