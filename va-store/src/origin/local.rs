@@ -11,7 +11,9 @@ use lru::LruCache;
 
 use crate::sync::lock;
 
-use super::{parse_rel_path, range_desc, Counters, FileSize, Origin, OriginError, OriginStats};
+use super::{
+    parse_rel_path, range_desc, FileSize, Origin, OriginCounters, OriginError, OriginStats,
+};
 
 /// Open files kept for range reads.
 const OPEN_FILES: usize = 256;
@@ -24,7 +26,7 @@ const OPEN_FILES: usize = 256;
 pub struct LocalOrigin {
     root: PathBuf,
     files: Mutex<LruCache<PathBuf, Arc<File>>>,
-    stats: Counters,
+    stats: OriginCounters,
 }
 
 impl LocalOrigin {
@@ -44,7 +46,7 @@ impl LocalOrigin {
         Ok(LocalOrigin {
             root,
             files: Mutex::new(LruCache::new(cap)),
-            stats: Counters::default(),
+            stats: OriginCounters::default(),
         })
     }
 
@@ -89,7 +91,7 @@ impl LocalOrigin {
 
     fn open_file(&self, full: &Path, what: &str) -> Result<File, OriginError> {
         let f = File::open(full).map_err(|e| Self::open_error(what.to_string(), e))?;
-        Counters::add(&self.stats.connections, 1);
+        self.stats.connection();
         let meta = f
             .metadata()
             .map_err(|e| Self::open_error(what.to_string(), e))?;
@@ -199,21 +201,21 @@ impl LocalOrigin {
 
 impl Origin for LocalOrigin {
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>, OriginError> {
-        Counters::add(&self.stats.requests, 1);
+        self.stats.request();
         let r = self.range(path, offset, len);
         match &r {
-            Ok(v) => Counters::add(&self.stats.bytes, v.len() as u64),
-            Err(_) => Counters::add(&self.stats.errors, 1),
+            Ok(v) => self.stats.bytes(v.len() as u64),
+            Err(_) => self.stats.error(),
         }
         r
     }
 
     fn get_file(&self, path: &str, max_len: u64) -> Result<Vec<u8>, OriginError> {
-        Counters::add(&self.stats.requests, 1);
+        self.stats.request();
         let r = self.file(path, max_len);
         match &r {
-            Ok(v) => Counters::add(&self.stats.bytes, v.len() as u64),
-            Err(_) => Counters::add(&self.stats.errors, 1),
+            Ok(v) => self.stats.bytes(v.len() as u64),
+            Err(_) => self.stats.error(),
         }
         r
     }
