@@ -219,12 +219,13 @@ pub enum OriginError {
         source: Arc<TlsConfigError>,
     },
     /// The TLS handshake failed (certificate, protocol); not retried.
-    #[error("TLS handshake with {addr}: {msg}")]
+    #[error("TLS handshake with {addr}: {source}")]
     Tls {
         /// `host:port`.
         addr: String,
         /// What rustls reported.
-        msg: String,
+        #[source]
+        source: std::io::Error,
     },
     /// The reply does not match the request (wrong Content-Range, bad framing, ...).
     #[error("{what}: invalid reply: {source}{after}")]

@@ -202,23 +202,18 @@ impl Connection {
         };
         // The handshake runs under the connect timeout.
         setup(&tcp, timeout(ct)).map_err(|e| fail(e.to_string()))?;
-        let name = ServerName::try_from(base.host.clone()).map_err(|e| OriginError::Tls {
+        let tls_err = |e: Box<dyn std::error::Error + Send + Sync>| OriginError::Tls {
             addr: addr.clone(),
-            msg: e.to_string(),
-        })?;
+            source: io::Error::new(ErrorKind::InvalidInput, e),
+        };
+        let name = ServerName::try_from(base.host.clone()).map_err(|e| tls_err(e.into()))?;
         let conn =
-            rustls::ClientConnection::new(cfg.clone(), name).map_err(|e| OriginError::Tls {
-                addr: addr.clone(),
-                msg: e.to_string(),
-            })?;
+            rustls::ClientConnection::new(cfg.clone(), name).map_err(|e| tls_err(e.into()))?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         while tls.conn.is_handshaking() {
             if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
                 return Err(if e.kind() == ErrorKind::InvalidData {
-                    OriginError::Tls {
-                        addr,
-                        msg: e.to_string(),
-                    }
+                    OriginError::Tls { addr, source: e }
                 } else {
                     fail(format!("during TLS handshake: {}", io_msg(&e, ct)))
                 });
