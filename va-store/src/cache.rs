@@ -1,6 +1,6 @@
 //! The size-bounded, LRU, multi-process local chunk cache.
 //!
-//! Holds verified plain chunks (the bytes whose BLAKE3 is the chunk's [`Hash`]) as one file per
+//! Holds verified plain chunks (the bytes whose BLAKE3 is the chunk's [`Hash`](struct@Hash)) as one file per
 //! chunk, so that a chunk once fetched from the origin is read back at local-disk speed, also by
 //! the next daemon run and by other daemons sharing the directory. The caller verifies before
 //! [`ChunkCache::insert`]; the read path never hashes or decompresses.

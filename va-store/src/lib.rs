@@ -3,7 +3,7 @@
 //! Everything the daemons (`vablk`, `vanbd`, `vamem`) and the `va` tool share, and nothing
 //! about their transports (virtio, NBD, FUSE):
 //!
-//! * [`format`] — the versioned bundle format: manifest, index pages, pack files.
+//! * [`format`](mod@format) — the versioned bundle format: manifest, index pages, pack files.
 //! * [`pack`] — building a bundle from raw images (dedup, zero elision, plan order).
 //! * [`origin`] — fetching byte ranges of bundle files from HTTP(S) servers or a local directory.
 //! * [`cache`] — the size-bounded, LRU, multi-process local chunk cache.

@@ -13,7 +13,7 @@
 //! * The first recovery in a process is logged (with `tracing`, at `warn`), so that the panic
 //!   that caused it is looked for; later ones are not, so a hot lock cannot flood the log.
 //!
-//! Use [`lock`], [`read`], [`write`], [`wait`], [`wait_timeout`] and [`into_inner`] instead of
+//! Use [`lock()`], [`read()`], [`write()`], [`wait()`], [`wait_timeout()`] and [`into_inner()`] instead of
 //! the `std` methods, never `.lock().unwrap()` or ad-hoc handling of the error. The daemons may
 //! use them too.
 

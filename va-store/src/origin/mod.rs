@@ -421,8 +421,8 @@ pub enum ReplyError {
 
 /// A place bundle files are read from.
 pub trait Origin: Send + Sync + fmt::Debug {
-    /// Exactly `len` bytes of bundle file `path` (relative to the bundle base, e.g. "manifest",
-    /// "packs/<hex>.pack", "../shared/packs/<hex>.pack") starting at `offset`.
+    /// Exactly `len` bytes of bundle file `path` (relative to the bundle base, e.g. `manifest`,
+    /// `packs/<hex>.pack`, `../shared/packs/<hex>.pack`) starting at `offset`.
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>, OriginError>;
     /// A whole file, refusing (with an error, before reading it all) one larger than `max_len`.
     fn get_file(&self, path: &str, max_len: u64) -> Result<Vec<u8>, OriginError>;

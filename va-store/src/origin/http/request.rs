@@ -189,8 +189,14 @@ impl Request {
 
 /// Something that changes each request of an HTTP origin before it is sent: signs it, adds
 /// custom headers or credentials. Closures `Fn(&mut Request) + Send + Sync` are hooks.
+///
+/// Hooks run for every attempt (so a signature is fresh on each retry), in the order of the
+/// [`RequestHooks`] list, after the origin built the request and before
+/// [`Request::to_bytes`] checks and renders it. A hook may add, replace or remove headers and
+/// change the target (e.g. add a query string); it must not change what is asked for: the reply
+/// is checked against the range the origin asked for.
 pub trait RequestHook: Send + Sync {
-    /// Changes `request` (see the [module docs](self) for what a hook may change).
+    /// Changes `request`.
     fn apply(&self, request: &mut Request);
 }
 
