@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use va_store::sync::{lock, wait};
 use crate::sys::{self, Errno};
+use va_store::sync::{lock, wait};
 
 /// Arguments of `va serve`.
 #[derive(clap::Args, Debug)]

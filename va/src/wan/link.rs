@@ -11,11 +11,11 @@
 //! credit: an idle link does not save up capacity.
 
 use super::units::Rate;
-use va_store::sync::{lock, wait_timeout};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+use va_store::sync::{lock, wait_timeout};
 
 /// How often a waiting reader re-checks its cancel flag even without a wake-up.
 const CANCEL_POLL: Duration = Duration::from_millis(100);
@@ -101,7 +101,7 @@ impl Link {
                 }
                 return Some(t);
             }
-            st = wait_timeout(&self.cv, st, CANCEL_POLL);
+            st = wait_timeout(&self.cv, st, CANCEL_POLL).0;
         }
     }
 

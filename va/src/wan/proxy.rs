@@ -16,7 +16,6 @@
 use super::link::{Link, LinkStats};
 use super::units::{fmt_bytes, fmt_duration, Rate};
 use super::WanError;
-use va_store::sync::{lock, wait, wait_timeout};
 use crate::sys;
 use rand::Rng;
 use std::collections::{HashMap, VecDeque};
@@ -28,6 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
+use va_store::sync::{lock, wait, wait_timeout};
 
 /// How often a writer blocked on a full peer re-checks whether the connection was aborted.
 const WRITE_POLL: Duration = Duration::from_millis(100);
@@ -764,7 +764,7 @@ impl Conn {
             };
             st = match due_in {
                 None => wait(&q.cv, st),
-                Some(d) => wait_timeout(&q.cv, st, d),
+                Some(d) => wait_timeout(&q.cv, st, d).0,
             };
         }
     }
