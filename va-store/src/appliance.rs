@@ -22,54 +22,153 @@ use std::time::Instant;
 
 use crate::cache::{CacheError, ChunkCache};
 use crate::format::{BlobRef, ChunkEntry, FormatError, ImageInfo, ImageKind, Manifest, PageRef};
+use crate::fsutil;
 use crate::origin::{self, Origin, OriginError, OriginOptions};
+use crate::sync::{lock, wait};
 use crate::Hash;
 
-/// Errors of an opened appliance.
+/// Errors of an opened appliance. Each names the location involved; [`is_transient`],
+/// [`is_corrupt`] and [`is_no_space`] say what kind of failure it is.
+///
+/// [`is_transient`]: ApplianceError::is_transient
+/// [`is_corrupt`]: ApplianceError::is_corrupt
+/// [`is_no_space`]: ApplianceError::is_no_space
 #[derive(Debug, thiserror::Error)]
 pub enum ApplianceError {
+    /// The origin failed (after its retries).
     #[error(transparent)]
     Origin(#[from] OriginError),
+    /// The origin has no manifest at the location.
     #[error("no manifest at {0} (is this a vastream bundle directory?)")]
     NoManifest(String),
+    /// The URL pins one manifest digest and the options another.
+    #[error("the URL pins digest {url} but --digest says {option}")]
+    DigestConflict {
+        /// The digest after `#` in the URL.
+        url: Hash,
+        /// The digest of [`OpenOptions::digest`].
+        option: Hash,
+    },
+    /// The manifest or an index page does not decode.
     #[error("{location}: {source}")]
     Format {
+        /// Where the bytes came from.
         location: String,
+        /// What is wrong with them.
+        #[source]
         source: FormatError,
     },
+    /// The manifest is not the one that was pinned.
     #[error("manifest at {location} has digest {got}, but {expected} was asked for: refusing it")]
     DigestMismatch {
+        /// Where the manifest came from.
         location: String,
+        /// The pinned digest.
         expected: Hash,
+        /// The digest of the manifest received.
         got: Hash,
     },
+    /// A blob (chunk or index page) failed verification, also when fetched a second time.
     #[error(
-        "{what} {hash} from {location} failed verification twice ({detail}): refusing to serve it"
+        "{what} {hash} from {location} failed verification twice ({source}): refusing to serve it"
     )]
     Verify {
+        /// `chunk` or `index page`.
         what: &'static str,
+        /// The hash the index names.
         hash: Hash,
+        /// `<pack location>+<offset>`.
         location: String,
-        detail: String,
+        /// How the second copy failed.
+        #[source]
+        source: VerifyError,
     },
+    /// The origin returned fewer bytes than asked for, without an error of its own.
+    #[error("{location}: asked for {asked} bytes at {offset}, got {got}")]
+    ShortRead {
+        /// The file at the origin.
+        location: String,
+        /// Where the range starts.
+        offset: u64,
+        /// Bytes asked for.
+        asked: u64,
+        /// Bytes received.
+        got: u64,
+    },
+    /// The local chunk cache failed.
     #[error("local cache: {0}")]
-    Cache(CacheError),
+    Cache(#[from] CacheError),
+    /// The appliance has no image of the kind asked for.
     #[error("the appliance at {location} has no {kind} image")]
-    NoImage { location: String, kind: ImageKind },
+    NoImage {
+        /// Where the manifest came from.
+        location: String,
+        /// The kind asked for.
+        kind: ImageKind,
+    },
+    /// A chunk number past the end of the image.
     #[error("{kind} chunk {chunk} is past the end of the image ({chunks} chunks)")]
     ChunkRange {
+        /// The image.
         kind: ImageKind,
+        /// The chunk asked for.
         chunk: u64,
+        /// Chunks in the image.
         chunks: u64,
     },
-    #[error("{0}")]
-    Other(String),
+    /// A bug: an invariant of this module does not hold.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
-impl From<CacheError> for ApplianceError {
-    fn from(e: CacheError) -> Self {
-        ApplianceError::Cache(e)
+impl ApplianceError {
+    /// True for failures that may go away by themselves: the origin unreachable, timing out,
+    /// answering 5xx (after the origin's retries), or sending less than asked for.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplianceError::Origin(e) => e.is_transient(),
+            ApplianceError::ShortRead { .. } => true,
+            _ => false,
+        }
     }
+
+    /// True when fetched data is wrong: a blob failing verification, a manifest that is not
+    /// the pinned one, a manifest or index page that does not decode.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            ApplianceError::Verify { .. }
+                | ApplianceError::DigestMismatch { .. }
+                | ApplianceError::Format { .. }
+        )
+    }
+
+    /// True when the local cache's disk is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, ApplianceError::Cache(e) if e.is_no_space())
+    }
+}
+
+/// Why a fetched blob was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The bytes are not a zstd frame (or no decompression context could be made).
+    #[error("zstd: {0}")]
+    Decompress(#[source] std::io::Error),
+    /// The frame holds another number of bytes than the index says.
+    #[error("{got} plain bytes, expected {expected}")]
+    Length {
+        /// Plain bytes in the frame.
+        got: usize,
+        /// Plain length the index gives.
+        expected: u32,
+    },
+    /// The plain bytes have another hash than the index names.
+    #[error("content hash {got}")]
+    Hash {
+        /// The hash of the plain bytes received.
+        got: Hash,
+    },
 }
 
 /// How to open an appliance.
@@ -150,15 +249,13 @@ impl Inserter {
             .name("va-cache-insert".into())
             .spawn(move || {
                 for h in rx {
-                    let data = p.lock().ok().and_then(|m| m.get(&h).cloned());
+                    let data = lock(&p).get(&h).cloned();
                     if let Some(data) = data {
                         if let Err(e) = c.insert(&h, &data) {
                             tracing::warn!("cache insert failed: {e}");
                         }
                     }
-                    if let Ok(mut m) = p.lock() {
-                        m.remove(&h);
-                    }
+                    lock(&p).remove(&h);
                 }
             })
             .ok();
@@ -172,23 +269,19 @@ impl Inserter {
 
     fn submit(&self, h: Hash, plain: Vec<u8>) {
         let queued = self.tx.as_ref().is_some_and(|tx| {
-            if let Ok(mut m) = self.pending.lock() {
-                m.insert(h, Arc::new(plain.clone()));
-            }
+            lock(&self.pending).insert(h, Arc::new(plain.clone()));
             tx.try_send(h).is_ok()
         });
         if !queued {
             if let Err(e) = self.cache.insert(&h, &plain) {
                 tracing::warn!("cache insert failed: {e}");
             }
-            if let Ok(mut m) = self.pending.lock() {
-                m.remove(&h);
-            }
+            lock(&self.pending).remove(&h);
         }
     }
 
     fn read(&self, h: &Hash, offset: usize, buf: &mut [u8]) -> Option<bool> {
-        let m = self.pending.lock().ok()?;
+        let m = lock(&self.pending);
         let d = m.get(h)?;
         Some(match d.get(offset..offset.checked_add(buf.len())?) {
             Some(src) => {
@@ -200,7 +293,7 @@ impl Inserter {
     }
 
     fn contains(&self, h: &Hash) -> bool {
-        self.pending.lock().is_ok_and(|m| m.contains_key(h)) || self.cache.contains(h)
+        lock(&self.pending).contains_key(h) || self.cache.contains(h)
     }
 }
 
@@ -237,10 +330,8 @@ impl Appliance {
     pub fn open(url: &str, opts: &OpenOptions) -> Result<Arc<Appliance>, ApplianceError> {
         let (base, url_digest) = origin::split_digest(url)?;
         let digest_pin = match (url_digest, opts.digest) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(ApplianceError::Other(format!(
-                    "the URL pins digest {a} but --digest says {b}"
-                )))
+            (Some(url), Some(option)) if url != option => {
+                return Err(ApplianceError::DigestConflict { url, option })
             }
             (a, b) => a.or(b),
         };
@@ -376,7 +467,9 @@ impl Appliance {
         let page = self.page(ii, chunk / pc)?;
         page.get((chunk % pc) as usize)
             .copied()
-            .ok_or_else(|| ApplianceError::Other("internal: short page".into()))
+            .ok_or(ApplianceError::Internal(
+                "index page shorter than its manifest entry",
+            ))
     }
 
     /// Whether the index page holding `chunk` is already loaded (no network needed for it).
@@ -405,8 +498,9 @@ impl Appliance {
                 self.fetch_blobs("index page", &[(blob, plen)], &mut |_, bytes| {
                     plain = Some(bytes.to_vec())
                 })?;
-                let plain = plain
-                    .ok_or_else(|| ApplianceError::Other("internal: page not delivered".into()))?;
+                let plain = plain.ok_or(ApplianceError::Internal(
+                    "index page fetched but not delivered",
+                ))?;
                 self.manifest
                     .decode_page(img, p, &plain)
                     .map_err(|source| ApplianceError::Format {
@@ -418,9 +512,9 @@ impl Appliance {
             }
         };
         let _ = slot.set(Arc::new(entries));
-        slot.get()
-            .cloned()
-            .ok_or_else(|| ApplianceError::Other("internal: page slot".into()))
+        slot.get().cloned().ok_or(ApplianceError::Internal(
+            "index page slot empty after it was set",
+        ))
     }
 
     /// Plain length of chunk `chunk` of image `kind`.
@@ -510,10 +604,7 @@ impl Appliance {
             let mut mine = Vec::new();
             let mut theirs = Vec::new();
             {
-                let mut inflight = self
-                    .inflight
-                    .lock()
-                    .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                let mut inflight = lock(&self.inflight);
                 for (b, plen) in todo.drain(..) {
                     match inflight.get(&b.hash) {
                         Some(f) if self.cache.is_some() => theirs.push((b, plen, f.clone())),
@@ -532,29 +623,19 @@ impl Appliance {
             }
             let r = self.fetch_from_origin(what, &mine, sink);
             {
-                let mut inflight = self
-                    .inflight
-                    .lock()
-                    .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                let mut inflight = lock(&self.inflight);
                 for (b, _) in &mine {
                     if let Some(f) = inflight.remove(&b.hash) {
-                        if let Ok(mut d) = f.done.lock() {
-                            *d = true;
-                        }
+                        *lock(&f.done) = true;
                         f.cv.notify_all();
                     }
                 }
             }
             r?;
             for (b, plen, f) in theirs {
-                let mut d = f
-                    .done
-                    .lock()
-                    .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                let mut d = lock(&f.done);
                 while !*d {
-                    d =
-                        f.cv.wait(d)
-                            .map_err(|_| ApplianceError::Other("poisoned".into()))?;
+                    d = wait(&f.cv, d);
                 }
                 drop(d);
                 if self.cached_blob(&b, plen, &mut buf)? {
@@ -623,11 +704,11 @@ impl Appliance {
                             b.offset
                         );
                         let again = self.get_range(path, b.offset, b.clen as u64)?;
-                        verify(&again, b, *plen).map_err(|detail| ApplianceError::Verify {
+                        verify(&again, b, *plen).map_err(|source| ApplianceError::Verify {
                             what,
                             hash: b.hash,
                             location: format!("{}+{}", self.origin.describe(path), b.offset),
-                            detail,
+                            source,
                         })?
                     }
                 };
@@ -647,18 +728,19 @@ impl Appliance {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
         if data.len() as u64 != len {
-            return Err(ApplianceError::Other(format!(
-                "{}: asked for {len} bytes at {off}, got {}",
-                self.origin.describe(path),
-                data.len()
-            )));
+            return Err(ApplianceError::ShortRead {
+                location: self.origin.describe(path),
+                offset: off,
+                asked: len,
+                got: data.len() as u64,
+            });
         }
         Ok(data)
     }
 }
 
 /// Decompresses and checks one blob.
-fn verify(z: &[u8], b: &BlobRef, plen: u32) -> Result<Vec<u8>, String> {
+fn verify(z: &[u8], b: &BlobRef, plen: u32) -> Result<Vec<u8>, VerifyError> {
     thread_local! {
         // One decompression context per thread, reused for every blob.
         static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
@@ -675,13 +757,16 @@ fn verify(z: &[u8], b: &BlobRef, plen: u32) -> Result<Vec<u8>, String> {
                 None => Err(std::io::Error::other("no zstd context")),
             }
         })
-        .map_err(|e| format!("zstd: {e}"))?;
+        .map_err(VerifyError::Decompress)?;
     if plain.len() != plen as usize {
-        return Err(format!("{} plain bytes, expected {plen}", plain.len()));
+        return Err(VerifyError::Length {
+            got: plain.len(),
+            expected: plen,
+        });
     }
-    let h = Hash::of(&plain);
-    if h != b.hash {
-        return Err(format!("content hash {h}"));
+    let got = Hash::of(&plain);
+    if got != b.hash {
+        return Err(VerifyError::Hash { got });
     }
     Ok(plain)
 }
@@ -690,13 +775,16 @@ fn save_manifest(path: &std::path::Path, bytes: &[u8]) {
     if std::fs::read(path).is_ok_and(|old| old == bytes) {
         return;
     }
-    let r = path
-        .parent()
-        .map(std::fs::create_dir_all)
-        .unwrap_or(Ok(()))
-        .map_err(|e| e.to_string())
-        .and_then(|_| crate::pack::write_atomic(path, bytes).map_err(|e| e.to_string()));
-    if let Err(e) = r {
+    if let Some(dir) = path.parent() {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            tracing::warn!(
+                "could not save the manifest in the local cache: {}: {e}",
+                dir.display()
+            );
+            return;
+        }
+    }
+    if let Err(e) = fsutil::write_atomic(path, bytes) {
         tracing::warn!("could not save the manifest in the local cache: {e}");
     }
 }
@@ -704,4 +792,100 @@ fn save_manifest(path: &std::path::Path, bytes: &[u8]) {
 /// Elapsed microseconds since `t`, saturating.
 pub(crate) fn micros_since(t: Instant) -> u64 {
     t.elapsed().as_micros().min(u64::MAX as u128) as u64
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_names_what_is_wrong() {
+        let plain = vec![7u8; 1000];
+        let z = zstd::bulk::compress(&plain, 1).unwrap();
+        let b = BlobRef {
+            pack: 0,
+            offset: 16,
+            clen: z.len() as u32,
+            hash: Hash::of(&plain),
+        };
+        assert_eq!(verify(&z, &b, 1000).unwrap(), plain);
+        assert!(matches!(
+            verify(&z, &b, 999),
+            Err(VerifyError::Decompress(_) | VerifyError::Length { .. })
+        ));
+        let other = BlobRef {
+            hash: Hash::of(b"other"),
+            ..b
+        };
+        assert!(matches!(
+            verify(&z, &other, 1000),
+            Err(VerifyError::Hash { got }) if got == b.hash
+        ));
+        assert!(matches!(
+            verify(b"not zstd", &b, 1000),
+            Err(VerifyError::Decompress(_))
+        ));
+    }
+
+    #[test]
+    fn error_kinds() {
+        let verify_failed = ApplianceError::Verify {
+            what: "chunk",
+            hash: Hash::of(b"x"),
+            location: "packs/a.pack+16".into(),
+            source: VerifyError::Hash {
+                got: Hash::of(b"y"),
+            },
+        };
+        assert!(verify_failed.is_corrupt() && !verify_failed.is_transient());
+        assert!(std::error::Error::source(&verify_failed).is_some());
+
+        let timeout = ApplianceError::from(OriginError::Timeout {
+            what: "GET u".into(),
+            timeout: std::time::Duration::from_secs(1),
+            after: origin::Retries(5),
+        });
+        assert!(timeout.is_transient() && !timeout.is_corrupt() && !timeout.is_no_space());
+        let not_found = ApplianceError::from(OriginError::NotFound {
+            what: "GET u".into(),
+            detail: "HTTP 404".into(),
+        });
+        assert!(!not_found.is_transient());
+
+        let full = ApplianceError::from(CacheError::Io {
+            path: "/cache".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        });
+        assert!(full.is_no_space() && !full.is_transient());
+
+        let short = ApplianceError::ShortRead {
+            location: "packs/a.pack".into(),
+            offset: 16,
+            asked: 100,
+            got: 10,
+        };
+        assert!(short.is_transient());
+        assert_eq!(
+            short.to_string(),
+            "packs/a.pack: asked for 100 bytes at 16, got 10"
+        );
+    }
+
+    #[test]
+    fn conflicting_digests_are_refused_before_any_request() {
+        let a = Hash::of(b"a");
+        let e = Appliance::open(
+            &format!("/definitely/not/here/#{a}"),
+            &OpenOptions {
+                digest: Some(Hash::of(b"b")),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ApplianceError::DigestConflict { url, .. } if url == a),
+            "{e}"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! The size-bounded, LRU, multi-process local chunk cache.
 //!
-//! Holds verified plain chunks (the bytes whose BLAKE3 is the chunk's [`Hash`]) as one file per
+//! Holds verified plain chunks (the bytes whose BLAKE3 is the chunk's [`Hash`](struct@Hash)) as one file per
 //! chunk, so that a chunk once fetched from the origin is read back at local-disk speed, also by
 //! the next daemon run and by other daemons sharing the directory. The caller verifies before
 //! [`ChunkCache::insert`]; the read path never hashes or decompresses.
@@ -74,6 +74,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lru::LruCache;
 
+use crate::sync::lock;
 use crate::Hash;
 
 /// Name of the layout marker file in the cache directory.
@@ -237,10 +238,6 @@ pub struct ChunkCache {
     /// Recency clock (µs since the Unix epoch, bumped to stay strictly increasing).
     clock: AtomicU64,
     touch_after_us: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn system_us(t: SystemTime) -> u64 {
@@ -878,7 +875,7 @@ impl ChunkCache {
             let files = match fs::read_dir(&dir) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotADirectory => continue,
                 Err(e) => return Err(io_err(&dir)(e)),
             };
             for f in files {

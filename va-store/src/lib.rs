@@ -3,7 +3,7 @@
 //! Everything the daemons (`vablk`, `vanbd`, `vamem`) and the `va` tool share, and nothing
 //! about their transports (virtio, NBD, FUSE):
 //!
-//! * [`format`] — the versioned bundle format: manifest, index pages, pack files.
+//! * [`format`](mod@format) — the versioned bundle format: manifest, index pages, pack files.
 //! * [`pack`] — building a bundle from raw images (dedup, zero elision, plan order).
 //! * [`origin`] — fetching byte ranges of bundle files from HTTP(S) servers or a local directory.
 //! * [`cache`] — the size-bounded, LRU, multi-process local chunk cache.
@@ -16,7 +16,10 @@
 //! * [`prefetch`] — background prefetch in pack (plan) order; demand misses go first.
 //! * [`trace`] — the working-set trace format (first access to each chunk).
 //! * [`testing`] — in-memory devices for transport tests.
-//! * [`sync`], [`ratelog`], [`counter`] — lock, log and counter helpers used everywhere.
+//!
+//! Shared helpers: [`fsutil`] (atomic file replacement, directory syncs), [`sync`] (taking
+//! locks, with the one policy for poisoned locks), [`ratelog`] (rate-limited warnings),
+//! [`counter`] (contention-free counters).
 
 pub mod appliance;
 pub mod cache;
@@ -24,6 +27,7 @@ pub mod counter;
 pub mod device;
 pub mod file;
 pub mod format;
+pub mod fsutil;
 pub mod layer;
 pub mod origin;
 pub mod overlay;
@@ -102,8 +106,34 @@ mod tests {
     }
 }
 
+/// Why [`parse_size`] refused a byte count.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// The suffix is not one of B, K, M, G, T (with optional `B`/`iB`).
+    #[error("{input:?}: unknown size unit (use K, M, G or T)")]
+    UnknownUnit {
+        /// The text given.
+        input: String,
+    },
+    /// The number part is not a number.
+    #[error("{input:?} is not a size")]
+    NotANumber {
+        /// The text given.
+        input: String,
+        /// Why the number part did not parse.
+        #[source]
+        source: std::num::ParseFloatError,
+    },
+    /// The size is negative or too large.
+    #[error("{input:?} is out of range")]
+    OutOfRange {
+        /// The text given.
+        input: String,
+    },
+}
+
 /// Parses a byte count: `123`, `64K`, `64KiB`, `10G`, `1.5G` (binary multiples).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -115,11 +145,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("{s:?}: unknown size unit (use K, M, G or T)")),
+        _ => return Err(SizeError::UnknownUnit { input: s.into() }),
     };
-    let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let v: f64 = num.parse().map_err(|source| SizeError::NotANumber {
+        input: s.into(),
+        source,
+    })?;
     if v.is_nan() || v < 0.0 || v * mult as f64 > u64::MAX as f64 / 2.0 {
-        return Err(format!("{s:?} is out of range"));
+        return Err(SizeError::OutOfRange { input: s.into() });
     }
     Ok((v * mult as f64) as u64)
 }
@@ -132,7 +165,21 @@ mod size_tests {
         assert_eq!(super::parse_size("10G"), Ok(10 << 30));
         assert_eq!(super::parse_size("1.5k"), Ok(1536));
         assert_eq!(super::parse_size("12"), Ok(12));
-        assert!(super::parse_size("12q").is_err());
-        assert!(super::parse_size("").is_err());
+        assert!(matches!(
+            super::parse_size("12q"),
+            Err(super::SizeError::UnknownUnit { .. })
+        ));
+        assert!(matches!(
+            super::parse_size(""),
+            Err(super::SizeError::NotANumber { .. })
+        ));
+        assert_eq!(
+            super::parse_size("1e30T").map_err(|e| e.to_string()),
+            Err("\"1e30T\": unknown size unit (use K, M, G or T)".to_string())
+        );
+        assert_eq!(
+            super::parse_size("99999999999T").map_err(|e| e.to_string()),
+            Err("\"99999999999T\" is out of range".to_string())
+        );
     }
 }

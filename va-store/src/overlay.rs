@@ -74,9 +74,11 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use crate::cache::sys;
+use crate::fsutil;
+use crate::sync::lock;
 
 /// Granularity of the overlay.
 pub const OVERLAY_BLOCK: u64 = 4096;
@@ -205,23 +207,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OverlayError + '_ {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// `path` with `suffix` appended to its file name.
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
-}
-
-fn sync_dir_of(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
 }
 
 /// Allocates `n` zeroed atomic words, failing (instead of aborting) if memory is short.
@@ -414,7 +404,7 @@ impl Overlay {
                 let header = encode_header(size, 0, 0, identity);
                 let f = write_map_file(&tmp_path, &header, &[], 0)?;
                 fs::rename(&tmp_path, &map_path).map_err(io_err(&map_path))?;
-                sync_dir_of(&map_path).map_err(io_err(&map_path))?;
+                fsutil::sync_parent_dir(&map_path).map_err(io_err(&map_path))?;
                 f
             }
         };
@@ -471,7 +461,7 @@ impl Overlay {
             }
             ov.data.set_len(data_len).map_err(io_err(path))?;
             ov.data.sync_all().map_err(io_err(path))?;
-            sync_dir_of(path).map_err(io_err(path))?;
+            fsutil::sync_parent_dir(path).map_err(io_err(path))?;
         }
         tracing::debug!(
             "overlay {}: {} data blocks, {} zero blocks",
@@ -828,7 +818,7 @@ impl Overlay {
         let tmp_path = sibling(&self.path, ".map.tmp");
         let file = write_map_file(&tmp_path, &header, &extents, generation)?;
         fs::rename(&tmp_path, &self.map_path).map_err(io_err(&self.map_path))?;
-        sync_dir_of(&self.map_path).map_err(io_err(&self.map_path))?;
+        fsutil::sync_parent_dir(&self.map_path).map_err(io_err(&self.map_path))?;
         let records = extents.len() as u64;
         *j = Journal {
             file,

@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -27,24 +26,71 @@ use crate::format::{
     self, BlobRef, ChunkEntry, ImageInfo, ImageKind, Manifest, PackEntry, PackInfo, PageRef,
     PACK_HEADER_LEN, PACK_TAIL_LEN,
 };
+use crate::fsutil::{self, FsError};
+use crate::sync::{self, lock};
 use crate::trace::PlanItem;
 use crate::Hash;
 
-/// Packing errors.
+/// Packing errors; each names the file, option or blob involved.
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
+    /// A file system operation on an input, a pack or the spool failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file involved.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// The options or inputs cannot be packed (the message says why).
     #[error("{0}")]
     Invalid(String),
+    /// A pack already in the store is damaged.
     #[error("existing pack {path}: {source}")]
     BadPack {
+        /// The pack file.
         path: PathBuf,
+        /// What is wrong with it.
         source: format::FormatError,
     },
+    /// zstd refused the compression level.
+    #[error("zstd level {level}: {source}")]
+    ZstdLevel {
+        /// The level asked for.
+        level: i32,
+        /// zstd's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Compressing a chunk or an index page failed.
+    #[error("compressing {what}: zstd: {source}")]
+    Compress {
+        /// `chunk` or `index page`.
+        what: &'static str,
+        /// zstd's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bug: a chunk of the index was neither written nor found in the store.
+    #[error("internal: chunk {hash} has no location")]
+    ChunkWithoutLocation {
+        /// The chunk.
+        hash: Hash,
+    },
+    /// Writing the manifest failed.
+    #[error(transparent)]
+    Fs(#[from] FsError),
+}
+
+impl PackError {
+    /// Whether the local disk is full.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            PackError::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            PackError::Fs(e) => e.is_no_space(),
+            _ => false,
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PackError + '_ {
@@ -57,7 +103,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PackError + '_ {
 /// One input image.
 #[derive(Debug, Clone)]
 pub struct PackInput {
+    /// Which image of the appliance it is.
     pub kind: ImageKind,
+    /// The raw image file (sparse files are read hole-aware).
     pub path: PathBuf,
 }
 
@@ -114,8 +162,9 @@ pub struct PackReport {
     pub reused_chunks: u64,
     /// Chunks written to new packs.
     pub stored_chunks: u64,
-    /// Plain and compressed bytes of the stored chunks.
+    /// Plain bytes of the stored chunks.
     pub stored_plain: u64,
+    /// Compressed bytes of the stored chunks.
     pub stored_compressed: u64,
     /// New pack files (data and index).
     pub new_packs: Vec<PathBuf>,
@@ -123,6 +172,7 @@ pub struct PackReport {
     pub manifest_len: u64,
     /// Chunks of the plan that exist in the images.
     pub planned_chunks: u64,
+    /// Wall time of the run.
     pub elapsed: Duration,
 }
 
@@ -137,12 +187,20 @@ pub enum Phase {
 
 /// Where a unique chunk's compressed bytes are during the run.
 #[derive(Clone, Copy)]
-enum Loc {
-    /// In the spool at (offset, clen, plen).
-    Spool(u64, u32, u32),
-    /// In an existing pack of the store: (store pack index, offset, clen).
-    Store(usize, u64, u32),
+enum BlobLocation {
+    /// In the spool file, written by the chunk scan.
+    Spool { offset: u64, clen: u32, plen: u32 },
+    /// In an existing pack of the store (an index into the store's packs).
+    Store { pack: usize, offset: u64, clen: u32 },
 }
+
+/// The location recorded for a chunk whose compression is still under way (its duplicates
+/// are counted as such meanwhile).
+const SPOOL_RESERVED: BlobLocation = BlobLocation::Spool {
+    offset: u64::MAX,
+    clen: 0,
+    plen: 0,
+};
 
 /// An existing pack in the store.
 struct StorePack {
@@ -227,7 +285,7 @@ pub fn pack(
         .iter()
         .map(|&n| (0..n).map(|_| AtomicHashSlot::default()).collect())
         .collect();
-    let shared = Pass1 {
+    let shared = ChunkScan {
         files: &files,
         inputs,
         sizes: &sizes,
@@ -252,18 +310,16 @@ pub fn pack(
         loop {
             let done = shared.done_bytes.load(Ordering::Relaxed);
             progress(Phase::Read, done, report.input_bytes);
-            if done >= report.input_bytes
-                || shared.error.lock().map(|e| e.is_some()).unwrap_or(true)
-            {
+            if done >= report.input_bytes || lock(&shared.error).is_some() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     });
-    if let Some(e) = shared.error.lock().ok().and_then(|mut e| e.take()) {
+    if let Some(e) = lock(&shared.error).take() {
         return Err(e);
     }
-    let spooled: HashMap<Hash, Loc> = shared.seen.into_inner().unwrap_or_default();
+    let unique_chunks: HashMap<Hash, BlobLocation> = sync::into_inner(shared.seen);
     report.zero_chunks = shared.counts.zero.load(Ordering::Relaxed);
     report.dup_chunks = shared.counts.dup.load(Ordering::Relaxed);
     report.reused_chunks = shared.counts.reused.load(Ordering::Relaxed);
@@ -272,7 +328,9 @@ pub fn pack(
     let mut order: Vec<Hash> = Vec::new();
     let mut placed: HashMap<Hash, ()> = HashMap::new();
     let mut push = |h: Hash, order: &mut Vec<Hash>| {
-        if matches!(spooled.get(&h), Some(Loc::Spool(..))) && placed.insert(h, ()).is_none() {
+        if matches!(unique_chunks.get(&h), Some(BlobLocation::Spool { .. }))
+            && placed.insert(h, ()).is_none()
+        {
             order.push(h);
         }
     };
@@ -295,22 +353,28 @@ pub fn pack(
     }
     let total_c: u64 = order
         .iter()
-        .map(|h| match spooled.get(h) {
-            Some(Loc::Spool(_, c, _)) => *c as u64,
+        .map(|h| match unique_chunks.get(h) {
+            Some(BlobLocation::Spool { clen, .. }) => *clen as u64,
             _ => 0,
         })
         .sum();
     // Manifest pack list: existing store packs first as referenced, then new ones.
     let mut manifest_packs: Vec<PackInfo> = Vec::new();
     let mut store_pack_index: HashMap<usize, u32> = HashMap::new();
-    let mut final_loc: HashMap<Hash, BlobRef> = HashMap::new();
+    let mut new_blob_refs: HashMap<Hash, BlobRef> = HashMap::new();
     let mut writer = PackWriter::new(&packs_dir)?;
     let mut written_c = 0u64;
     let mut last_progress = Instant::now();
     let mut buf = Vec::new();
-    let mut pending: Vec<(Hash, u64, u32)> = Vec::new(); // blobs of the pack being written
+    // Blobs of the pack being written: (hash, offset, clen).
+    let mut in_open_pack: Vec<(Hash, u64, u32)> = Vec::new();
     for h in &order {
-        let Some(Loc::Spool(off, clen, plen)) = spooled.get(h).copied() else {
+        let Some(BlobLocation::Spool {
+            offset: off,
+            clen,
+            plen,
+        }) = unique_chunks.get(h).copied()
+        else {
             continue;
         };
         buf.resize(clen as usize, 0);
@@ -321,47 +385,48 @@ pub fn pack(
                 source,
             })?;
         let at = writer.append(h, &buf, plen)?;
-        pending.push((*h, at, clen));
+        in_open_pack.push((*h, at, clen));
         report.stored_chunks += 1;
         report.stored_plain += plen as u64;
         report.stored_compressed += clen as u64;
         written_c += clen as u64;
         if writer.len() >= opts.max_pack_size {
             let full = std::mem::replace(&mut writer, PackWriter::new(&packs_dir)?);
-            let idx = seal(
+            let idx = finish_pack(
                 full,
                 &rel_packs,
                 &packs_dir,
                 &mut manifest_packs,
                 &mut report,
             )?;
-            place(&mut pending, idx, &mut final_loc);
+            record_blob_refs(&mut in_open_pack, idx, &mut new_blob_refs);
         }
         if last_progress.elapsed() > Duration::from_millis(100) {
             progress(Phase::Write, written_c, total_c);
             last_progress = Instant::now();
         }
     }
-    if !pending.is_empty() {
-        let idx = seal(
+    if !in_open_pack.is_empty() {
+        let idx = finish_pack(
             writer,
             &rel_packs,
             &packs_dir,
             &mut manifest_packs,
             &mut report,
         )?;
-        place(&mut pending, idx, &mut final_loc);
+        record_blob_refs(&mut in_open_pack, idx, &mut new_blob_refs);
     } else {
         writer.abandon();
     }
     progress(Phase::Write, total_c, total_c);
 
     let mut locate = |h: &Hash, manifest_packs: &mut Vec<PackInfo>| -> Option<BlobRef> {
-        if let Some(b) = final_loc.get(h) {
+        if let Some(b) = new_blob_refs.get(h) {
             return Some(*b);
         }
-        let (si, off, clen) = match spooled.get(h).copied().or_else(|| known.get(h).copied()) {
-            Some(Loc::Store(si, off, clen)) => (si, off, clen),
+        let located = unique_chunks.get(h).or_else(|| known.get(h)).copied();
+        let (si, off, clen) = match located {
+            Some(BlobLocation::Store { pack, offset, clen }) => (pack, offset, clen),
             _ => return None,
         };
         let idx = *store_pack_index.entry(si).or_insert_with(|| {
@@ -396,9 +461,8 @@ pub fn pack(
                 match table[i][c as usize].get() {
                     None => entries.push(ChunkEntry::Zero),
                     Some(h) => {
-                        let b = locate(&h, &mut manifest_packs).ok_or_else(|| {
-                            PackError::Invalid(format!("internal: chunk {h} has no location"))
-                        })?;
+                        let b = locate(&h, &mut manifest_packs)
+                            .ok_or(PackError::ChunkWithoutLocation { hash: h })?;
                         entries.push(ChunkEntry::Stored(b));
                     }
                 }
@@ -408,8 +472,12 @@ pub fn pack(
             } else {
                 let plain = format::encode_page(&entries);
                 let h = Hash::of(&plain);
-                let z = zstd::bulk::compress(&plain, opts.level)
-                    .map_err(|e| PackError::Invalid(format!("compressing index page: {e}")))?;
+                let z = zstd::bulk::compress(&plain, opts.level).map_err(|source| {
+                    PackError::Compress {
+                        what: "index page",
+                        source,
+                    }
+                })?;
                 page_blobs.push((h, z, plain.len() as u32, i, pages.len()));
                 pages.push(PageRef::Zero); // placeholder, filled below
             }
@@ -426,7 +494,7 @@ pub fn pack(
         for (h, z, plen, _, _) in &page_blobs {
             at.push(w.append(h, z, *plen)?);
         }
-        let idx = seal(w, &rel_packs, &packs_dir, &mut manifest_packs, &mut report)?;
+        let idx = finish_pack(w, &rel_packs, &packs_dir, &mut manifest_packs, &mut report)?;
         for ((h, z, plen, i, p), off) in page_blobs.iter().zip(at) {
             images[*i].pages[*p] = PageRef::Stored {
                 blob: BlobRef {
@@ -454,13 +522,13 @@ pub fn pack(
     let bytes = manifest.encode();
     report.manifest_len = bytes.len() as u64;
     report.digest = Hash::of(&bytes);
-    write_atomic(&out.join("manifest"), &bytes)?;
+    fsutil::write_atomic(&out.join("manifest"), &bytes)?;
     report.elapsed = started.elapsed();
     Ok(report)
 }
 
 /// Finishes a pack, names it in the manifest's pack list and the report; returns its index.
-fn seal(
+fn finish_pack(
     w: PackWriter,
     rel: &str,
     dir: &Path,
@@ -473,9 +541,14 @@ fn seal(
     Ok((packs.len() - 1) as u32)
 }
 
-/// Records the final location of the blobs just written to pack `idx`.
-fn place(pending: &mut Vec<(Hash, u64, u32)>, idx: u32, out: &mut HashMap<Hash, BlobRef>) {
-    for (hash, offset, clen) in pending.drain(..) {
+/// Records the final location of the blobs just written to pack `idx` (taking them out of
+/// `written`).
+fn record_blob_refs(
+    written: &mut Vec<(Hash, u64, u32)>,
+    idx: u32,
+    out: &mut HashMap<Hash, BlobRef>,
+) {
+    for (hash, offset, clen) in written.drain(..) {
         out.insert(
             hash,
             BlobRef {
@@ -490,26 +563,6 @@ fn place(pending: &mut Vec<(Hash, u64, u32)>, idx: u32, out: &mut HashMap<Hash, 
 
 fn file_name_of(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
-}
-
-/// Writes `data` to `path` via a temporary file, fsync and rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), PackError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        file_name_of(&path.to_string_lossy()),
-        std::process::id()
-    ));
-    {
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(data).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io(path))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// The path of `to` relative to `from` (both directories), ending in `/`.
@@ -539,7 +592,7 @@ fn relative_dir(from: &Path, to: &Path) -> Result<String, PackError> {
 }
 
 /// Reads the tables of every pack in `dir`.
-fn load_store(dir: &Path) -> Result<(Vec<StorePack>, HashMap<Hash, Loc>), PackError> {
+fn load_store(dir: &Path) -> Result<(Vec<StorePack>, HashMap<Hash, BlobLocation>), PackError> {
     let mut packs = Vec::new();
     let mut known = HashMap::new();
     let mut names: Vec<String> = Vec::new();
@@ -585,9 +638,11 @@ fn load_store(dir: &Path) -> Result<(Vec<StorePack>, HashMap<Hash, Loc>), PackEr
             hash,
         });
         for e in entries {
-            known
-                .entry(e.hash)
-                .or_insert(Loc::Store(si, e.offset, e.clen));
+            known.entry(e.hash).or_insert(BlobLocation::Store {
+                pack: si,
+                offset: e.offset,
+                clen: e.clen,
+            });
         }
     }
     Ok((packs, known))
@@ -603,14 +658,17 @@ impl AtomicHashSlot {
     }
 }
 
+/// What the chunk scan found, besides new unique chunks.
 #[derive(Default)]
-struct Counts {
+struct ScanCounts {
     zero: AtomicU64,
     dup: AtomicU64,
     reused: AtomicU64,
 }
 
-struct Pass1<'a> {
+/// Pass 1, shared by its worker threads: read each chunk of every image once, hash it, and
+/// compress each chunk not seen before (in this run or in the store) into the spool file.
+struct ChunkScan<'a> {
     files: &'a [File],
     inputs: &'a [PackInput],
     sizes: &'a [u64],
@@ -620,44 +678,44 @@ struct Pass1<'a> {
     next: AtomicU64,
     done_bytes: AtomicU64,
     table: &'a [Vec<AtomicHashSlot>],
-    seen: Mutex<HashMap<Hash, Loc>>,
-    known: &'a HashMap<Hash, Loc>,
+    seen: Mutex<HashMap<Hash, BlobLocation>>,
+    known: &'a HashMap<Hash, BlobLocation>,
     spool: &'a File,
     spool_end: AtomicU64,
     error: Mutex<Option<PackError>>,
-    counts: Counts,
+    counts: ScanCounts,
 }
 
-const BATCH: u64 = 16;
+/// Chunks a worker claims at a time.
+const CHUNKS_PER_CLAIM: u64 = 16;
 
-impl Pass1<'_> {
+impl ChunkScan<'_> {
+    /// Records the first error; every worker then stops.
     fn fail(&self, e: PackError) {
-        if let Ok(mut g) = self.error.lock() {
-            g.get_or_insert(e);
-        }
+        lock(&self.error).get_or_insert(e);
     }
 
     fn worker(&self) {
         let mut comp = match zstd::bulk::Compressor::new(self.level) {
             Ok(c) => c,
             Err(e) => {
-                return self.fail(PackError::Invalid(format!(
-                    "zstd level {}: {e}",
-                    self.level
-                )))
+                return self.fail(PackError::ZstdLevel {
+                    level: self.level,
+                    source: e,
+                })
             }
         };
         let mut buf = vec![0u8; self.cs as usize];
         let total: u64 = self.chunk_counts.iter().sum();
         loop {
-            if self.error.lock().map(|e| e.is_some()).unwrap_or(true) {
+            if lock(&self.error).is_some() {
                 return;
             }
-            let first = self.next.fetch_add(BATCH, Ordering::Relaxed);
+            let first = self.next.fetch_add(CHUNKS_PER_CLAIM, Ordering::Relaxed);
             if first >= total {
                 return;
             }
-            for g in first..(first + BATCH).min(total) {
+            for g in first..(first + CHUNKS_PER_CLAIM).min(total) {
                 // Map the global chunk number to (image, chunk).
                 let mut img = 0;
                 let mut c = g;
@@ -665,14 +723,15 @@ impl Pass1<'_> {
                     c -= self.chunk_counts[img];
                     img += 1;
                 }
-                if let Err(e) = self.one(img, c, &mut buf, &mut comp) {
+                if let Err(e) = self.scan_chunk(img, c, &mut buf, &mut comp) {
                     return self.fail(e);
                 }
             }
         }
     }
 
-    fn one(
+    /// Reads, hashes and (if new) compresses chunk `c` of image `img` into the spool.
+    fn scan_chunk(
         &self,
         img: usize,
         c: u64,
@@ -702,28 +761,22 @@ impl Pass1<'_> {
         };
         if let Some(loc) = self.known.get(&h) {
             self.counts.reused.fetch_add(1, Ordering::Relaxed);
-            let mut seen = self
-                .seen
-                .lock()
-                .map_err(|_| PackError::Invalid("poisoned".into()))?;
-            seen.entry(h).or_insert(*loc);
+            lock(&self.seen).entry(h).or_insert(*loc);
             return Ok(());
         }
         {
-            let mut seen = self
-                .seen
-                .lock()
-                .map_err(|_| PackError::Invalid("poisoned".into()))?;
+            let mut seen = lock(&self.seen);
             if seen.contains_key(&h) {
                 self.counts.dup.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             // Reserve the hash so that concurrent duplicates are counted as such.
-            seen.insert(h, Loc::Spool(u64::MAX, 0, 0));
+            seen.insert(h, SPOOL_RESERVED);
         }
-        let z = comp
-            .compress(data)
-            .map_err(|e| PackError::Invalid(format!("zstd: {e}")))?;
+        let z = comp.compress(data).map_err(|source| PackError::Compress {
+            what: "chunk",
+            source,
+        })?;
         let at = self.spool_end.fetch_add(z.len() as u64, Ordering::Relaxed);
         self.spool
             .write_all_at(&z, at)
@@ -731,25 +784,26 @@ impl Pass1<'_> {
                 path: "(spool)".into(),
                 source,
             })?;
-        let mut seen = self
-            .seen
-            .lock()
-            .map_err(|_| PackError::Invalid("poisoned".into()))?;
-        seen.insert(h, Loc::Spool(at, z.len() as u32, len as u32));
+        lock(&self.seen).insert(
+            h,
+            BlobLocation::Spool {
+                offset: at,
+                clen: z.len() as u32,
+                plen: len as u32,
+            },
+        );
         Ok(())
     }
 }
 
 /// True when `[off, off+len)` of `f` is entirely a hole (reads as zeros without being read).
 fn is_hole(f: &File, off: u64, len: u64) -> bool {
-    // SAFETY: lseek on a valid, open descriptor owned by `f`; no memory is touched.
-    let next = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-    if next < 0 {
+    match rustix::fs::seek(f, rustix::fs::SeekFrom::Data(off)) {
+        Ok(next) => next >= off + len,
         // ENXIO: no data at or after `off`. Anything else (EINVAL on a filesystem without
         // SEEK_DATA): assume data.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        Err(e) => e == rustix::io::Errno::NXIO,
     }
-    next as u64 >= off + len
 }
 
 /// Writes one pack file: header, blobs, table, tail; named by its hash when finished.
@@ -820,9 +874,8 @@ impl PackWriter {
         let name = format!("{}.pack", hash.to_hex());
         let dest = self.dir.join(&name);
         fs::rename(&self.tmp, &dest).map_err(io(&dest))?;
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
+        // Best effort: the manifest that names this pack is written (and synced) later.
+        let _ = fsutil::sync_dir(&self.dir);
         Ok(PackInfo {
             path: format!("{rel}{name}"),
             size: self.len,

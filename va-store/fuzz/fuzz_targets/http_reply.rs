@@ -96,6 +96,7 @@ fuzz_target!(|data: &[u8]| {
         retries: 0,
         backoff: Duration::ZERO,
         max_connections: 1,
+        ..OriginOptions::default()
     };
     let origin =
         HttpOrigin::new(&format!("http://{}/app/", srv.addr), &opts).expect("valid base URL");

@@ -1,9 +1,17 @@
-//! The few system calls `std` does not wrap (advisory whole-file locks, hole punching, the
-//! descriptor limit), behind safe functions. Shared by [`crate::cache`] and [`crate::overlay`].
+//! The system calls `std` does not wrap (advisory whole-file locks, hole punching, the
+//! descriptor limit, read-only mappings), behind safe functions. Shared by [`crate::cache`] and
+//! [`crate::overlay`].
+//!
+//! The calls go through `rustix`; the only `unsafe` left is the mapping ([`Mapping`]), whose
+//! validity rests on the cache's protocol (chunk files are never modified in place).
 
 use std::fs::File;
 use std::io;
-use std::os::unix::io::AsRawFd;
+
+use rustix::fs::{FallocateFlags, FlockOperation};
+use rustix::io::Errno;
+use rustix::mm::{MapFlags, ProtFlags};
+use rustix::process::{Resource, Rlimit};
 
 /// Outcome of a non-blocking lock attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,16 +20,12 @@ pub(crate) enum TryLock {
     WouldBlock,
 }
 
-fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
+/// `flock(file, op)`, repeated when interrupted by a signal.
+fn flock(file: &File, op: FlockOperation) -> Result<(), Errno> {
     loop {
-        // SAFETY: flock only reads its integer arguments; the descriptor is owned by `file`, which outlives the call.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
+        match rustix::fs::flock(file, op) {
+            Err(Errno::INTR) => continue,
+            r => return r,
         }
     }
 }
@@ -31,78 +35,60 @@ fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
 /// `flock` locks belong to the open file description: two `File`s opened separately conflict
 /// (also within one process), but threads sharing one `File` do not exclude each other.
 pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
-    flock(file, libc::LOCK_EX)
+    Ok(flock(file, FlockOperation::LockExclusive)?)
 }
 
 /// Tries to take an exclusive `flock` on `file` without waiting.
 pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<TryLock> {
-    match flock(file, libc::LOCK_EX | libc::LOCK_NB) {
+    match flock(file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(TryLock::Acquired),
-        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(TryLock::WouldBlock),
-        Err(e) => Err(e),
+        Err(Errno::WOULDBLOCK) => Ok(TryLock::WouldBlock),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Releases a `flock` taken on `file`.
 pub(crate) fn unlock(file: &File) -> io::Result<()> {
-    flock(file, libc::LOCK_UN)
+    Ok(flock(file, FlockOperation::Unlock)?)
 }
 
 /// Deallocates `[offset, offset+len)` of `file` (it then reads as zeros) without changing its
 /// size. Returns `Ok(false)` when the file system cannot punch holes.
 pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
-    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+    if i64::try_from(offset).is_err() || i64::try_from(len).is_err() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "range too large",
         ));
-    };
+    }
     loop {
-        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`, which outlives the call.
-        let rc = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
-        };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => return Ok(false),
-            _ => return Err(err),
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(file, flags, offset, len) {
+            Ok(()) => return Ok(true),
+            Err(Errno::INTR) => continue,
+            Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => return Ok(false),
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// The soft limit on open file descriptors of this process, if it can be read. The soft limit
-/// is first raised to the hard limit (as most servers do), so that the descriptor cache can
-/// cover a large working set.
+/// The soft limit on open file descriptors of this process, if it can be read (`u64::MAX`
+/// for no limit). The soft limit is first raised to the hard limit (as most servers do), so
+/// that the descriptor cache can cover a large working set.
 pub(crate) fn nofile_soft_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one `rlimit` through the pointer, which points to a live, properly aligned local.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    if rc != 0 {
-        return None;
-    }
-    if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
+    let lim = rustix::process::getrlimit(Resource::Nofile);
+    let current = lim.current.unwrap_or(u64::MAX);
+    let maximum = lim.maximum.unwrap_or(u64::MAX);
+    if current < maximum {
+        let raised = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
         };
-        // SAFETY: setrlimit reads one `rlimit` from a live, properly aligned local.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            return Some(lim.rlim_max);
+        if rustix::process::setrlimit(Resource::Nofile, raised).is_ok() {
+            return Some(maximum);
         }
     }
-    Some(lim.rlim_cur)
+    Some(current)
 }
 
 /// A read-only shared mapping of a whole chunk file.
@@ -127,20 +113,18 @@ impl Mapping {
     /// empty length or when mmap fails (the caller then reads with pread).
     pub(crate) fn new(file: &File, len: u64) -> Option<Mapping> {
         let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
-        // SAFETY: a fresh read-only shared mapping of a descriptor we own; the kernel picks the address, so no existing memory is affected. Failure is reported as MAP_FAILED.
+        // SAFETY: a fresh read-only shared mapping of a descriptor we own; with a null hint the kernel picks the address, so no existing memory is affected.
         let p = unsafe {
-            libc::mmap(
+            rustix::mm::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
+                ProtFlags::READ,
+                MapFlags::SHARED,
+                file,
                 0,
             )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
         }
+        .ok()?;
         std::ptr::NonNull::new(p.cast::<u8>()).map(|ptr| Mapping { ptr, len })
     }
 
@@ -154,8 +138,9 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the region mapped in `new`; no reference from `bytes` can outlive `self`.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        let r = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if let Err(e) = r {
+            tracing::debug!("munmap of a chunk mapping: {e}");
         }
     }
 }

@@ -5,11 +5,15 @@ use std::io::{ErrorKind, Read};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
-use super::{parse_rel_path, range_desc, Counters, FileSize, Origin, OriginError, OriginStats};
+use crate::sync::lock;
+
+use super::{
+    parse_rel_path, range_desc, FileSize, Origin, OriginCounters, OriginError, OriginStats,
+};
 
 /// Open files kept for range reads.
 const OPEN_FILES: usize = 256;
@@ -22,7 +26,7 @@ const OPEN_FILES: usize = 256;
 pub struct LocalOrigin {
     root: PathBuf,
     files: Mutex<LruCache<PathBuf, Arc<File>>>,
-    stats: Counters,
+    stats: OriginCounters,
 }
 
 impl LocalOrigin {
@@ -42,7 +46,7 @@ impl LocalOrigin {
         Ok(LocalOrigin {
             root,
             files: Mutex::new(LruCache::new(cap)),
-            stats: Counters::default(),
+            stats: OriginCounters::default(),
         })
     }
 
@@ -73,7 +77,7 @@ impl LocalOrigin {
                 what,
                 detail: "no such file".into(),
             },
-            _ if e.raw_os_error() == Some(libc::ENOTDIR) => OriginError::NotFound {
+            ErrorKind::NotADirectory => OriginError::NotFound {
                 what,
                 detail: "no such file".into(),
             },
@@ -87,7 +91,7 @@ impl LocalOrigin {
 
     fn open_file(&self, full: &Path, what: &str) -> Result<File, OriginError> {
         let f = File::open(full).map_err(|e| Self::open_error(what.to_string(), e))?;
-        Counters::add(&self.stats.connections, 1);
+        self.stats.connection();
         let meta = f
             .metadata()
             .map_err(|e| Self::open_error(what.to_string(), e))?;
@@ -101,17 +105,11 @@ impl LocalOrigin {
     }
 
     fn cached_file(&self, full: &Path, what: &str) -> Result<Arc<File>, OriginError> {
-        if let Some(f) = self
-            .files
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(full)
-        {
+        if let Some(f) = lock(&self.files).get(full) {
             return Ok(f.clone());
         }
         let f = Arc::new(self.open_file(full, what)?);
-        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
-        files.put(full.to_path_buf(), f.clone());
+        lock(&self.files).put(full.to_path_buf(), f.clone());
         Ok(f)
     }
 
@@ -203,21 +201,21 @@ impl LocalOrigin {
 
 impl Origin for LocalOrigin {
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>, OriginError> {
-        Counters::add(&self.stats.requests, 1);
+        self.stats.request();
         let r = self.range(path, offset, len);
         match &r {
-            Ok(v) => Counters::add(&self.stats.bytes, v.len() as u64),
-            Err(_) => Counters::add(&self.stats.errors, 1),
+            Ok(v) => self.stats.bytes(v.len() as u64),
+            Err(_) => self.stats.error(),
         }
         r
     }
 
     fn get_file(&self, path: &str, max_len: u64) -> Result<Vec<u8>, OriginError> {
-        Counters::add(&self.stats.requests, 1);
+        self.stats.request();
         let r = self.file(path, max_len);
         match &r {
-            Ok(v) => Counters::add(&self.stats.bytes, v.len() as u64),
-            Err(_) => Counters::add(&self.stats.errors, 1),
+            Ok(v) => self.stats.bytes(v.len() as u64),
+            Err(_) => self.stats.error(),
         }
         r
     }

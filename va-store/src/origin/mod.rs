@@ -13,6 +13,8 @@
 //!   for (or `200` with a small whole file that is then sliced); any length mismatch is an error.
 //!   HTTPS uses rustls with the Mozilla root store (plus the PEM certificates named by
 //!   `SSL_CERT_FILE`, if set).
+//!   Each request is a [`Request`] value first, which the [`RequestHooks`] of
+//!   [`OriginOptions::request_hooks`] may change (sign, add headers) before it is sent.
 //! * [`LocalOrigin`] reads a directory with `pread` on cached open files.
 //!
 //! Both count requests and bytes in [`OriginStats`].
@@ -20,7 +22,9 @@
 mod http;
 mod local;
 
-pub use http::HttpOrigin;
+pub use http::{
+    ByteRange, HttpOrigin, Request, RequestError, RequestHook, RequestHooks, TlsConfigError,
+};
 pub use local::LocalOrigin;
 
 use std::fmt;
@@ -44,6 +48,9 @@ pub struct OriginOptions {
     pub backoff: Duration,
     /// Most connections open to an HTTP origin at once (requests beyond it wait).
     pub max_connections: usize,
+    /// Run on every HTTP request before it is sent, in order (signing, custom headers,
+    /// authentication). Local origins ignore them.
+    pub request_hooks: RequestHooks,
 }
 
 impl Default for OriginOptions {
@@ -54,6 +61,7 @@ impl Default for OriginOptions {
             retries: 5,
             backoff: Duration::from_millis(200),
             max_connections: 16,
+            request_hooks: RequestHooks::default(),
         }
     }
 }
@@ -201,23 +209,43 @@ pub enum OriginError {
         /// Retries made before giving up.
         after: Retries,
     },
+    /// The TLS client configuration could not be built (bad `SSL_CERT_FILE`, ...).
+    #[error("invalid origin {url:?}: {source}")]
+    TlsSetup {
+        /// The location as given.
+        url: String,
+        /// What failed (shared: the process-wide configuration is built once).
+        #[source]
+        source: Arc<TlsConfigError>,
+    },
     /// The TLS handshake failed (certificate, protocol); not retried.
-    #[error("TLS handshake with {addr}: {msg}")]
+    #[error("TLS handshake with {addr}: {source}")]
     Tls {
         /// `host:port`.
         addr: String,
         /// What rustls reported.
-        msg: String,
+        #[source]
+        source: std::io::Error,
     },
     /// The reply does not match the request (wrong Content-Range, bad framing, ...).
-    #[error("{what}: invalid reply: {msg}{after}")]
+    #[error("{what}: invalid reply: {source}{after}")]
     Protocol {
         /// The request.
         what: String,
         /// What is wrong with the reply.
-        msg: String,
+        #[source]
+        source: ReplyError,
         /// Retries made before giving up.
         after: Retries,
+    },
+    /// A request hook left the request in a state that cannot be sent; not retried.
+    #[error("{what}: cannot send the request: {source}")]
+    BadRequest {
+        /// The request.
+        what: String,
+        /// What is wrong with it.
+        #[source]
+        source: RequestError,
     },
     /// Any other I/O failure.
     #[error("{what}: {source}{after}")]
@@ -253,8 +281,10 @@ impl OriginError {
             | OriginError::NotFound { .. }
             | OriginError::OutOfRange { .. }
             | OriginError::TooLarge { .. }
+            | OriginError::TlsSetup { .. }
             | OriginError::Tls { .. }
-            | OriginError::Protocol { .. } => false,
+            | OriginError::Protocol { .. }
+            | OriginError::BadRequest { .. } => false,
         }
     }
 
@@ -272,16 +302,127 @@ impl OriginError {
             | OriginError::NotFound { .. }
             | OriginError::OutOfRange { .. }
             | OriginError::TooLarge { .. }
-            | OriginError::Tls { .. } => {}
+            | OriginError::TlsSetup { .. }
+            | OriginError::Tls { .. }
+            | OriginError::BadRequest { .. } => {}
         }
         self
     }
 }
 
+/// What is wrong with an HTTP reply (the detail of [`OriginError::Protocol`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    /// The status line or a header line does not parse.
+    #[error("malformed response head: {0}")]
+    MalformedHead(#[source] httparse::Error),
+    /// A header this client reads is not UTF-8.
+    #[error("{header} header is not text")]
+    HeaderNotText {
+        /// The header name.
+        header: &'static str,
+    },
+    /// `Content-Length` is not a decimal number of at most 19 digits.
+    #[error("invalid Content-Length {value:?}")]
+    InvalidContentLength {
+        /// The header value.
+        value: String,
+    },
+    /// Several `Content-Length` headers with different values.
+    #[error("conflicting Content-Length headers")]
+    ConflictingContentLength,
+    /// A transfer coding other than `chunked` (once).
+    #[error("unsupported Transfer-Encoding {coding:?}")]
+    UnsupportedTransferEncoding {
+        /// The coding.
+        coding: String,
+    },
+    /// More than one `Content-Range` header.
+    #[error("several Content-Range headers")]
+    SeveralContentRanges,
+    /// A compressed body although `identity` was asked for.
+    #[error("unsupported Content-Encoding {value:?} (identity was asked for)")]
+    UnsupportedContentEncoding {
+        /// The header value.
+        value: String,
+    },
+    /// Both `Content-Length` and `Transfer-Encoding`: ambiguous framing.
+    #[error("both Content-Length and Transfer-Encoding")]
+    LengthAndChunked,
+    /// A `101 Switching Protocols` reply.
+    #[error("unexpected 101 Switching Protocols")]
+    SwitchingProtocols,
+    /// The response head does not fit the connection's buffer.
+    #[error("response head larger than {limit} bytes")]
+    HeadTooLarge {
+        /// The buffer size.
+        limit: usize,
+    },
+    /// A chunk-size line of a chunked body is not a hexadecimal number.
+    #[error("chunked body: bad chunk size")]
+    BadChunkSize,
+    /// A chunked body's trailer section does not end.
+    #[error("chunked body: too many trailer lines")]
+    TooManyTrailerLines,
+    /// Chunk data not followed by CRLF.
+    #[error("chunked body: chunk data not followed by CRLF")]
+    UnterminatedChunk,
+    /// `206` without `Content-Range`.
+    #[error("206 reply without Content-Range")]
+    MissingContentRange,
+    /// A `Content-Range` whose total is not past its last byte.
+    #[error("Content-Range {value:?} is inconsistent")]
+    InconsistentContentRange {
+        /// The header value.
+        value: String,
+    },
+    /// A `Content-Range` for other bytes than those asked for.
+    #[error("Content-Range {value:?} does not match the requested bytes {first}-{last}")]
+    ContentRangeMismatch {
+        /// The header value.
+        value: String,
+        /// First byte asked for.
+        first: u64,
+        /// Last byte asked for.
+        last: u64,
+    },
+    /// A `206` whose `Content-Length` is not the length asked for.
+    #[error("Content-Length {got} does not match the requested {asked} bytes")]
+    ContentLengthMismatch {
+        /// The `Content-Length`.
+        got: u64,
+        /// Bytes asked for.
+        asked: u64,
+    },
+    /// A `206` body longer than the range asked for.
+    #[error("body of at least {at_least} bytes, {asked} asked for")]
+    BodyTooLong {
+        /// Bytes seen (or announced) so far.
+        at_least: u64,
+        /// Bytes asked for.
+        asked: u64,
+    },
+    /// `206` to a request without `Range`.
+    #[error("206 Partial Content to a request without Range")]
+    PartialWithoutRange,
+    /// A `200` with a whole file too large to slice the range from.
+    #[error(
+        "the server ignored the Range header and sent the whole file ({at_least} bytes or \
+         more); it must support range requests"
+    )]
+    RangeIgnored {
+        /// Bytes seen (or announced) so far.
+        at_least: u64,
+    },
+    /// The byte stream itself is invalid (a line too long, a TLS record error).
+    #[error("{0}")]
+    Stream(#[source] std::io::Error),
+}
+
 /// A place bundle files are read from.
 pub trait Origin: Send + Sync + fmt::Debug {
-    /// Exactly `len` bytes of bundle file `path` (relative to the bundle base, e.g. "manifest",
-    /// "packs/<hex>.pack", "../shared/packs/<hex>.pack") starting at `offset`.
+    /// Exactly `len` bytes of bundle file `path` (relative to the bundle base, e.g. `manifest`,
+    /// `packs/<hex>.pack`, `../shared/packs/<hex>.pack`) starting at `offset`.
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>, OriginError>;
     /// A whole file, refusing (with an error, before reading it all) one larger than `max_len`.
     fn get_file(&self, path: &str, max_len: u64) -> Result<Vec<u8>, OriginError>;
@@ -430,21 +571,43 @@ pub(crate) fn parse_rel_path(path: &str) -> Result<RelPath<'_>, OriginError> {
     Ok(RelPath { ups, segments })
 }
 
-/// Atomic counters behind [`OriginStats`].
+/// The live, atomic counters of an origin, read out as [`OriginStats`].
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub requests: AtomicU64,
-    pub bytes: AtomicU64,
-    pub retries: AtomicU64,
-    pub errors: AtomicU64,
-    pub connections: AtomicU64,
+pub(crate) struct OriginCounters {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    retries: AtomicU64,
+    errors: AtomicU64,
+    connections: AtomicU64,
 }
 
-impl Counters {
-    pub fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
+impl OriginCounters {
+    /// One request sent (or local read made), whatever its outcome.
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// `n` payload bytes returned to a caller.
+    pub fn bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One attempt repeated after a transient failure.
+    pub fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One attempt failed.
+    pub fn error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One connection (or file) opened.
+    pub fn connection(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters now.
     pub fn snapshot(&self) -> OriginStats {
         OriginStats {
             requests: self.requests.load(Ordering::Relaxed),

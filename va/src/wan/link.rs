@@ -101,7 +101,7 @@ impl Link {
                 }
                 return Some(t);
             }
-            st = wait_timeout(&self.cv, st, CANCEL_POLL);
+            st = wait_timeout(&self.cv, st, CANCEL_POLL).0;
         }
     }
 

@@ -764,7 +764,7 @@ impl Conn {
             };
             st = match due_in {
                 None => wait(&q.cv, st),
-                Some(d) => wait_timeout(&q.cv, st, d),
+                Some(d) => wait_timeout(&q.cv, st, d).0,
             };
         }
     }

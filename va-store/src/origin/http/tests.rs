@@ -1,10 +1,14 @@
 //! Tests of the HTTP origin against a scripted in-test server.
 
+use super::conn::build_tls_config;
 use super::*;
+use crate::origin::ReplyError;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
 
 /// What the test server does with the next request.
 #[derive(Debug, Clone, Copy)]
@@ -35,12 +39,15 @@ enum Act {
 
 /// Request targets and Range headers seen by the test server.
 type Seen = Vec<(String, Option<String>)>;
+/// Every header line (name, value) of every request seen by the test server.
+type SeenHeaders = Vec<Vec<(String, String)>>;
 
 struct TestServer {
     addr: SocketAddr,
     script: Arc<Mutex<VecDeque<Act>>>,
     conns: Arc<AtomicUsize>,
     requests: Arc<Mutex<Seen>>,
+    headers: Arc<Mutex<SeenHeaders>>,
     data: Arc<Vec<u8>>,
 }
 
@@ -64,27 +71,33 @@ impl TestServer {
             script: Arc::new(Mutex::new(script.iter().copied().collect())),
             conns: Arc::new(AtomicUsize::new(0)),
             requests: Arc::new(Mutex::new(Vec::new())),
+            headers: Arc::new(Mutex::new(Vec::new())),
             data: Arc::new(test_data()),
         };
-        let (script, conns, requests, data) = (
+        let (script, conns, requests, headers, data) = (
             s.script.clone(),
             s.conns.clone(),
             s.requests.clone(),
+            s.headers.clone(),
             s.data.clone(),
         );
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 conns.fetch_add(1, Ordering::SeqCst);
-                let (script, requests, data) = (script.clone(), requests.clone(), data.clone());
+                let seen = Recorder {
+                    requests: requests.clone(),
+                    headers: headers.clone(),
+                };
+                let (script, data) = (script.clone(), data.clone());
                 stream.set_nodelay(true).unwrap();
                 let tls = tls.clone();
                 std::thread::spawn(move || match tls {
-                    None => serve_conn(stream, &script, &requests, &data),
+                    None => serve_conn(stream, &script, &seen, &data),
                     Some(cfg) => {
                         let conn = rustls::ServerConnection::new(cfg).unwrap();
                         let tls = rustls::StreamOwned::new(conn, stream);
-                        serve_conn(tls, &script, &requests, &data)
+                        serve_conn(tls, &script, &seen, &data)
                     }
                 });
             }
@@ -103,12 +116,23 @@ impl TestServer {
     fn requests(&self) -> Vec<(String, Option<String>)> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// The header lines of every request so far.
+    fn headers(&self) -> SeenHeaders {
+        self.headers.lock().unwrap().clone()
+    }
+}
+
+/// Where a connection thread of the test server records what it saw.
+struct Recorder {
+    requests: Arc<Mutex<Seen>>,
+    headers: Arc<Mutex<SeenHeaders>>,
 }
 
 fn serve_conn<S: Read + Write>(
     stream: S,
     script: &Mutex<VecDeque<Act>>,
-    requests: &Mutex<Seen>,
+    seen: &Recorder,
     data: &[u8],
 ) {
     let mut reader = BufReader::new(stream);
@@ -119,6 +143,7 @@ fn serve_conn<S: Read + Write>(
         }
         let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
         let mut range = None;
+        let mut header_lines = Vec::new();
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 {
@@ -131,9 +156,11 @@ fn serve_conn<S: Read + Write>(
                 if n.eq_ignore_ascii_case("range") {
                     range = Some(v.trim().to_string());
                 }
+                header_lines.push((n.to_string(), v.trim().to_string()));
             }
         }
-        requests
+        seen.headers.lock().unwrap().push(header_lines);
+        seen.requests
             .lock()
             .unwrap()
             .push((target.clone(), range.clone()));
@@ -270,6 +297,7 @@ fn quick() -> OriginOptions {
         retries: 3,
         backoff: Duration::from_millis(1),
         max_connections: 4,
+        ..OriginOptions::default()
     }
 }
 
@@ -609,84 +637,6 @@ fn parallel_requests_share_a_bounded_pool() {
     assert_eq!(o.stats().bytes, 200 * 4096);
 }
 
-#[test]
-fn head_parsing() {
-    let (n, h) = parse_head(b"HTTP/1.1 206 Partial\r\nContent-Length: 5\r\n\r\nabc")
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (n, h.status, h.framing, h.keep_alive),
-        (43, 206, Framing::Length(5), true)
-    );
-    let (_, h) = parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n")
-        .unwrap()
-        .unwrap();
-    assert!(!h.keep_alive);
-    let (_, h) = parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-        .unwrap()
-        .unwrap();
-    assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
-    assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le")
-        .unwrap()
-        .is_none());
-    for bad in [
-        &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..],
-        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n",
-        b"HTTP/1.1 2000 OK\r\n\r\n",
-        b"garbage\r\n\r\n",
-    ] {
-        assert!(parse_head(bad).is_err(), "{}", String::from_utf8_lossy(bad));
-    }
-}
-
-#[test]
-fn content_range_parsing() {
-    assert_eq!(
-        parse_content_range("bytes 0-9/100"),
-        Some((0, 9, Some(100)))
-    );
-    assert_eq!(parse_content_range("Bytes 5-5/*"), Some((5, 5, None)));
-    assert_eq!(parse_content_range("bytes 0-9"), None);
-    assert_eq!(parse_content_range("bytes -9/100"), None);
-    assert_eq!(parse_content_range("items 0-9/100"), None);
-    assert_eq!(parse_content_range("bytes 0-99999999999999999999/1"), None);
-    assert_eq!(parse_unsatisfied_size("bytes */1234"), Some(1234));
-    assert_eq!(parse_unsatisfied_size("bytes 0-1/1234"), None);
-}
-
-#[test]
-fn base_urls() {
-    let b = Base::parse("http://Example.com:8080/a/b").unwrap();
-    assert_eq!(
-        (b.host.as_str(), b.port, b.host_header.as_str()),
-        ("example.com", 8080, "example.com:8080")
-    );
-    assert_eq!(b.target("../c/x").unwrap(), "/a/c/x");
-    let b = Base::parse("https://h").unwrap();
-    assert_eq!((b.port, b.host_header.as_str(), b.https), (443, "h", true));
-    assert_eq!(b.target("manifest").unwrap(), "/manifest");
-    let b = Base::parse("http://[::1]:81/x/").unwrap();
-    assert_eq!((b.host.as_str(), b.addr()), ("::1", "[::1]:81".to_string()));
-    for bad in [
-        "http://",
-        "http://h:0/",
-        "http://h:99999/",
-        "http://u@h/",
-        "http://h/a?b",
-        "http://h/a b",
-        "http://h/../x",
-        "http://h:8x/",
-        "http://[::1/",
-        "ftp://h/",
-    ] {
-        assert!(Base::parse(bad).is_err(), "{bad}");
-    }
-}
-
 /// TLS material of `origin/testdata` (see its README).
 fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     use rustls::pki_types::pem::PemObject;
@@ -745,4 +695,93 @@ fn https_rejects_an_unknown_certificate() {
         "{e}"
     );
     assert_eq!(o.stats().retries, 0);
+}
+
+#[test]
+fn request_hooks_reach_the_wire_on_every_attempt() {
+    let s = TestServer::start(&[Act::Status(503)]);
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let mut opts = quick();
+    let counter = attempts.clone();
+    opts.request_hooks.push(move |r: &mut Request| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        r.set_header("X-Amz-Date", &format!("attempt-{n}"));
+        r.set_header("Authorization", "Bearer t0ken");
+    });
+    opts.request_hooks.push(|r: &mut Request| {
+        assert_eq!(r.range_header().as_deref(), Some("bytes=10-19"));
+        r.remove_header("user-agent");
+    });
+    let o = origin(&s, &opts);
+    assert_eq!(
+        o.get_range("packs/a.pack", 10, 10).unwrap(),
+        &s.data[10..20]
+    );
+    let headers = s.headers();
+    assert_eq!(headers.len(), 2, "one 503, then the retry");
+    for (i, h) in headers.iter().enumerate() {
+        let names: Vec<&str> = h.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "Host",
+                "Accept-Encoding",
+                "X-Amz-Date",
+                "Authorization",
+                "Range"
+            ]
+        );
+        assert_eq!(
+            h[2].1,
+            format!("attempt-{}", i + 1),
+            "hooks run per attempt"
+        );
+        assert_eq!(h[3].1, "Bearer t0ken");
+    }
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_hook_cannot_smuggle_a_header() {
+    let s = TestServer::start(&[]);
+    let mut opts = quick();
+    opts.request_hooks.push(|r: &mut Request| {
+        r.set_header("X-Custom", "v\r\nX-Injected: 1");
+    });
+    let o = origin(&s, &opts);
+    let e = o.get_file("manifest", 1 << 20).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            OriginError::BadRequest {
+                source: RequestError::HeaderValue { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!e.is_transient());
+    assert_eq!(s.requests().len(), 0, "nothing was sent");
+    assert_eq!(o.stats().retries, 0);
+}
+
+#[test]
+fn protocol_errors_keep_their_kind() {
+    let s = TestServer::start(&[Act::WrongLength]);
+    let o = origin(&s, &quick());
+    let e = o.get_range("packs/a.pack", 1000, 500).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            OriginError::Protocol {
+                source: ReplyError::ContentLengthMismatch {
+                    got: 499,
+                    asked: 500
+                },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(std::error::Error::source(&e).is_some());
 }

@@ -1,0 +1,556 @@
+//! The manifest: the one small file a client reads first. Its BLAKE3 digest is the appliance
+//! identity; it names the pack files and, per image, the index pages.
+//!
+//! # Layout (little-endian)
+//!
+//! ```text
+//! off  size  field
+//!   0     8  magic "VASTMANI"
+//!   8     4  version = 1
+//!  12     4  flags = 0
+//!  16     4  chunk_size
+//!  20     4  page_chunks (entries per index page, 1..=65536)
+//!  24     8  created (unix seconds)
+//!  32     4  n_packs   (<= 65536)
+//!  36     4  n_images  (1..=4, each kind at most once)
+//!  40        packs:  n_packs × { path_len u16, path [path_len], size u64, hash [32] }
+//!            images: n_images × { kind u8, 0u8 ×3, size u64, n_pages u32,
+//!                                 n_pages × PageRef (56 bytes) }
+//!  end-32 32 BLAKE3 of every byte before it (detects truncation and corruption)
+//! PageRef: kind u8 (0 = all-zero page, 1 = stored), 0u8 ×3, pack u32, offset u64,
+//!          clen u32, plen u32, hash [32]
+//! ```
+//!
+//! A zero `PageRef` has every other field zero. A stored page's `plen` lies between the
+//! smallest and the largest encoding of its entries (see [`super::page`]), and its blob lies
+//! inside the blob area of its pack (see [`super::pack`]).
+
+use crate::Hash;
+
+use super::pack::PACK_HEADER_LEN;
+use super::page::STORED_ENTRY_LEN;
+use super::{
+    invalid, zstd_bound, BlobRef, FormatError, ImageKind, Reader, MAX_CHUNK, MAX_IMAGE,
+    MAX_PAGE_CHUNKS, MIN_CHUNK, VERSION,
+};
+
+/// Manifest magic.
+pub const MANIFEST_MAGIC: &[u8; 8] = b"VASTMANI";
+/// Largest manifest a client accepts.
+pub const MAX_MANIFEST: u64 = 16 << 20;
+/// Largest number of pack files a manifest may name.
+pub const MAX_PACKS: u32 = 65536;
+
+/// One pack file named by a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackInfo {
+    /// Path relative to the bundle directory (`packs/<hex>.pack`, `../store/packs/<hex>.pack`).
+    pub path: String,
+    /// File size in bytes.
+    pub size: u64,
+    /// BLAKE3 of the whole file.
+    pub hash: Hash,
+}
+
+/// Reference to one index page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageRef {
+    /// Every chunk of the page is zero; nothing is stored.
+    Zero,
+    /// The page is a blob of `plen` plain bytes.
+    Stored { blob: BlobRef, plen: u32 },
+}
+
+/// One image of the appliance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub kind: ImageKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// One ref per `page_chunks` chunks.
+    pub pages: Vec<PageRef>,
+}
+
+/// The decoded manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub chunk_size: u32,
+    pub page_chunks: u32,
+    pub created: u64,
+    pub packs: Vec<PackInfo>,
+    pub images: Vec<ImageInfo>,
+}
+
+/// Checks a pack path: relative, `/`-separated, optional leading `../` segments, then plain
+/// segments of `[A-Za-z0-9._-]` that are not `.` or `..`.
+pub fn valid_pack_path(p: &str) -> bool {
+    if p.is_empty() || p.len() > 1024 || p.starts_with('/') {
+        return false;
+    }
+    let mut leading = true;
+    let mut plain = 0;
+    for seg in p.split('/') {
+        if seg == ".." && leading {
+            continue;
+        }
+        leading = false;
+        if seg.is_empty() || seg == "." || seg == ".." {
+            return false;
+        }
+        if !seg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        {
+            return false;
+        }
+        plain += 1;
+    }
+    plain > 0
+}
+
+impl Manifest {
+    /// Chunks in an image of `size` bytes.
+    pub fn chunks_of(&self, size: u64) -> u64 {
+        size.div_ceil(self.chunk_size as u64)
+    }
+
+    /// The image of `kind`, if present.
+    pub fn image(&self, kind: ImageKind) -> Option<&ImageInfo> {
+        self.images.iter().find(|i| i.kind == kind)
+    }
+
+    /// Plain length of chunk `idx` of an image of `size` bytes.
+    pub fn chunk_len(&self, size: u64, idx: u64) -> u32 {
+        let cs = self.chunk_size as u64;
+        let start = idx * cs;
+        (size.saturating_sub(start)).min(cs) as u32
+    }
+
+    /// Entries in page `p` of an image of `size` bytes.
+    pub fn page_len(&self, size: u64, p: u64) -> u32 {
+        let n = self.chunks_of(size);
+        let start = p * self.page_chunks as u64;
+        n.saturating_sub(start).min(self.page_chunks as u64) as u32
+    }
+
+    /// Encodes the manifest (including its checksum trailer).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(64 + self.packs.len() * 80 + self.images.len() * 1024);
+        b.extend_from_slice(MANIFEST_MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&self.chunk_size.to_le_bytes());
+        b.extend_from_slice(&self.page_chunks.to_le_bytes());
+        b.extend_from_slice(&self.created.to_le_bytes());
+        b.extend_from_slice(&(self.packs.len() as u32).to_le_bytes());
+        b.extend_from_slice(&(self.images.len() as u32).to_le_bytes());
+        for p in &self.packs {
+            b.extend_from_slice(&(p.path.len() as u16).to_le_bytes());
+            b.extend_from_slice(p.path.as_bytes());
+            b.extend_from_slice(&p.size.to_le_bytes());
+            b.extend_from_slice(&p.hash.0);
+        }
+        for i in &self.images {
+            b.push(i.kind.code());
+            b.extend_from_slice(&[0, 0, 0]);
+            b.extend_from_slice(&i.size.to_le_bytes());
+            b.extend_from_slice(&(i.pages.len() as u32).to_le_bytes());
+            for p in &i.pages {
+                match p {
+                    PageRef::Zero => b.extend_from_slice(&[0u8; 56]),
+                    PageRef::Stored { blob, plen } => {
+                        b.extend_from_slice(&[1, 0, 0, 0]);
+                        b.extend_from_slice(&blob.pack.to_le_bytes());
+                        b.extend_from_slice(&blob.offset.to_le_bytes());
+                        b.extend_from_slice(&blob.clen.to_le_bytes());
+                        b.extend_from_slice(&plen.to_le_bytes());
+                        b.extend_from_slice(&blob.hash.0);
+                    }
+                }
+            }
+        }
+        let sum = Hash::of(&b);
+        b.extend_from_slice(&sum.0);
+        b
+    }
+
+    /// Decodes and validates a manifest.
+    pub fn decode(buf: &[u8]) -> Result<Manifest, FormatError> {
+        const W: &str = "manifest";
+        if buf.len() as u64 > MAX_MANIFEST {
+            return Err(invalid(
+                W,
+                "size",
+                format!("{} bytes is over the {MAX_MANIFEST} limit", buf.len()),
+            ));
+        }
+        if buf.len() < 8 || &buf[..8] != MANIFEST_MAGIC {
+            return Err(FormatError::BadMagic { what: W });
+        }
+        if buf.len() < 40 + 32 {
+            return Err(FormatError::Truncated {
+                what: W,
+                at: 0,
+                need: 72,
+                have: buf.len(),
+            });
+        }
+        let mut r = Reader::new(&buf[8..], W);
+        let version = r.u32()?;
+        if version != VERSION {
+            return Err(FormatError::Version { what: W, version });
+        }
+        let (body, sum) = buf.split_at(buf.len() - 32);
+        if Hash::of(body).0 != sum {
+            return Err(FormatError::Checksum { what: W });
+        }
+        let mut r = Reader::new(&body[12..], W);
+        let flags = r.u32()?;
+        if flags != 0 {
+            return Err(invalid(W, "flags", format!("{flags:#x}")));
+        }
+        let chunk_size = r.u32()?;
+        if !chunk_size.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
+            return Err(invalid(
+                W,
+                "chunk_size",
+                format!("{chunk_size} (must be a power of two in 4 KiB..4 MiB)"),
+            ));
+        }
+        let page_chunks = r.u32()?;
+        if page_chunks == 0 || page_chunks > MAX_PAGE_CHUNKS {
+            return Err(invalid(W, "page_chunks", page_chunks.to_string()));
+        }
+        let created = r.u64()?;
+        let n_packs = r.u32()?;
+        if n_packs > MAX_PACKS {
+            return Err(invalid(W, "n_packs", n_packs.to_string()));
+        }
+        let n_images = r.u32()?;
+        if n_images == 0 || n_images > 4 {
+            return Err(invalid(W, "n_images", n_images.to_string()));
+        }
+        // Each pack entry takes at least 43 bytes: check before allocating.
+        if (n_packs as usize) * 43 > r.remaining() {
+            return Err(FormatError::Truncated {
+                what: W,
+                at: r.pos,
+                need: n_packs as usize * 43,
+                have: r.remaining(),
+            });
+        }
+        let mut packs = Vec::with_capacity(n_packs as usize);
+        for i in 0..n_packs {
+            let len = r.u16()? as usize;
+            let path = std::str::from_utf8(r.take(len)?)
+                .map_err(|_| invalid(W, "pack path", format!("pack {i}: not UTF-8")))?
+                .to_string();
+            if !valid_pack_path(&path) {
+                return Err(invalid(W, "pack path", format!("pack {i}: {path:?}")));
+            }
+            let size = r.u64()?;
+            let hash = r.hash()?;
+            packs.push(PackInfo { path, size, hash });
+        }
+        let mut images: Vec<ImageInfo> = Vec::with_capacity(n_images as usize);
+        let mut m = Manifest {
+            chunk_size,
+            page_chunks,
+            created,
+            packs,
+            images: Vec::new(),
+        };
+        for _ in 0..n_images {
+            let code = r.u8()?;
+            let kind = ImageKind::from_code(code)
+                .ok_or_else(|| invalid(W, "image kind", code.to_string()))?;
+            if images.iter().any(|i| i.kind == kind) {
+                return Err(invalid(W, "image kind", format!("{kind} appears twice")));
+            }
+            if r.take(3)? != [0, 0, 0] {
+                return Err(invalid(W, "reserved", format!("{kind}: non-zero padding")));
+            }
+            let size = r.u64()?;
+            if size > MAX_IMAGE {
+                return Err(invalid(W, "image size", format!("{kind}: {size}")));
+            }
+            let n_pages = r.u32()? as u64;
+            let want = m.chunks_of(size).div_ceil(page_chunks as u64);
+            if n_pages != want {
+                return Err(invalid(
+                    W,
+                    "n_pages",
+                    format!("{kind}: {n_pages}, expected {want} for {size} bytes"),
+                ));
+            }
+            if n_pages as usize * 56 > r.remaining() {
+                return Err(FormatError::Truncated {
+                    what: W,
+                    at: r.pos,
+                    need: n_pages as usize * 56,
+                    have: r.remaining(),
+                });
+            }
+            let mut pages = Vec::with_capacity(n_pages as usize);
+            for p in 0..n_pages {
+                let k = r.u8()?;
+                if r.take(3)? != [0, 0, 0] {
+                    return Err(invalid(
+                        W,
+                        "reserved",
+                        format!("{kind} page {p}: non-zero padding"),
+                    ));
+                }
+                let pack = r.u32()?;
+                let offset = r.u64()?;
+                let clen = r.u32()?;
+                let plen = r.u32()?;
+                let hash = r.hash()?;
+                match k {
+                    0 if pack == 0
+                        && offset == 0
+                        && clen == 0
+                        && plen == 0
+                        && hash == Hash::default() =>
+                    {
+                        pages.push(PageRef::Zero)
+                    }
+                    0 => {
+                        return Err(invalid(
+                            W,
+                            "page ref",
+                            format!("{kind} page {p}: zero page with fields set"),
+                        ))
+                    }
+                    1 => {
+                        let entries = m.page_len(size, p) as usize;
+                        let max_plen = 8 + entries * STORED_ENTRY_LEN;
+                        if (plen as usize) < 8 + entries || plen as usize > max_plen {
+                            return Err(invalid(
+                                W,
+                                "page plen",
+                                format!("{kind} page {p}: {plen}"),
+                            ));
+                        }
+                        let blob = BlobRef {
+                            pack,
+                            offset,
+                            clen,
+                            hash,
+                        };
+                        m.check_blob(&blob, W)?;
+                        pages.push(PageRef::Stored { blob, plen });
+                    }
+                    _ => return Err(invalid(W, "page kind", format!("{kind} page {p}: {k}"))),
+                }
+            }
+            images.push(ImageInfo { kind, size, pages });
+        }
+        r.end()?;
+        m.images = images;
+        Ok(m)
+    }
+
+    /// Checks that a blob lies inside its pack's blob area.
+    pub(super) fn check_blob(&self, b: &BlobRef, what: &'static str) -> Result<(), FormatError> {
+        let pack = self.packs.get(b.pack as usize).ok_or_else(|| {
+            invalid(
+                what,
+                "pack index",
+                format!("{} of {}", b.pack, self.packs.len()),
+            )
+        })?;
+        let end = b.offset.checked_add(b.clen as u64);
+        if b.clen == 0 || b.offset < PACK_HEADER_LEN || end.is_none_or(|e| e > pack.size) {
+            return Err(invalid(
+                what,
+                "blob range",
+                format!(
+                    "{}+{} outside {} ({} bytes)",
+                    b.offset, b.clen, pack.path, pack.size
+                ),
+            ));
+        }
+        // A zstd frame of at most MAX_CHUNK plain bytes never needs more than this.
+        if b.clen > zstd_bound(MAX_CHUNK) {
+            return Err(invalid(what, "blob length", b.clen.to_string()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(super) mod tests {
+    use super::super::tests::flips;
+    use super::*;
+
+    pub(crate) fn sample() -> Manifest {
+        let blob = BlobRef {
+            pack: 0,
+            offset: 16,
+            clen: 100,
+            hash: Hash::of(b"x"),
+        };
+        Manifest {
+            chunk_size: 65536,
+            page_chunks: 4,
+            created: 7,
+            packs: vec![PackInfo {
+                path: "packs/ab.pack".into(),
+                size: 1000,
+                hash: Hash::of(b"p"),
+            }],
+            images: vec![
+                ImageInfo {
+                    kind: ImageKind::Disk,
+                    size: 65536 * 5 + 10,
+                    pages: vec![
+                        PageRef::Stored {
+                            blob,
+                            plen: 8 + 4 * 49,
+                        },
+                        PageRef::Zero,
+                    ],
+                },
+                ImageInfo {
+                    kind: ImageKind::State,
+                    size: 0,
+                    pages: vec![],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn manifest_round_trip() {
+        let m = sample();
+        let b = m.encode();
+        assert_eq!(Manifest::decode(&b).unwrap(), m);
+    }
+
+    #[test]
+    fn manifest_rejects_every_truncation_and_flip() {
+        let b = sample().encode();
+        for n in 0..b.len() {
+            assert!(
+                Manifest::decode(&b[..n]).is_err(),
+                "truncated to {n} accepted"
+            );
+        }
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x40;
+            assert!(Manifest::decode(&c).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn manifest_rejects_bad_fields_even_with_valid_checksum() {
+        let reseal = |mut b: Vec<u8>| {
+            let n = b.len() - 32;
+            let s = Hash::of(&b[..n]);
+            b[n..].copy_from_slice(&s.0);
+            b
+        };
+        let mut b = sample().encode();
+        b[16..20].copy_from_slice(&3000u32.to_le_bytes()); // chunk size not a power of two
+        assert!(matches!(
+            Manifest::decode(&reseal(b)),
+            Err(FormatError::Invalid {
+                field: "chunk_size",
+                ..
+            })
+        ));
+        let mut b = sample().encode();
+        b[32..36].copy_from_slice(&u32::MAX.to_le_bytes()); // absurd pack count
+        assert!(Manifest::decode(&reseal(b)).is_err());
+        let mut b = sample().encode();
+        b[8..12].copy_from_slice(&9u32.to_le_bytes());
+        assert!(matches!(
+            Manifest::decode(&b),
+            Err(FormatError::Version { .. })
+        ));
+    }
+
+    #[test]
+    fn pack_paths() {
+        assert!(valid_pack_path("packs/a.pack"));
+        assert!(valid_pack_path("../../store/packs/a.pack"));
+        assert!(!valid_pack_path("/etc/passwd"));
+        assert!(!valid_pack_path("packs/../../x"));
+        assert!(!valid_pack_path("packs//x"));
+        assert!(!valid_pack_path(".."));
+        assert!(!valid_pack_path("a b"));
+        assert!(!valid_pack_path(""));
+    }
+
+    /// Replaces the checksum trailer of an encoded manifest with a correct one.
+    fn reseal(mut b: Vec<u8>) -> Vec<u8> {
+        let n = b.len() - 32;
+        let s = Hash::of(&b[..n]);
+        b[n..].copy_from_slice(&s.0);
+        b
+    }
+
+    #[test]
+    fn manifest_mutations_fail_naming_the_manifest() {
+        let b = sample().encode();
+        let named = |r: Result<Manifest, FormatError>, how: &str| {
+            let e = r.expect_err(how);
+            assert!(e.to_string().starts_with("manifest: "), "{how}: {e}");
+        };
+        for n in 0..b.len() {
+            named(Manifest::decode(&b[..n]), &format!("truncated to {n}"));
+        }
+        for (i, c) in flips(&b).enumerate() {
+            named(Manifest::decode(&c), &format!("bit {i} flipped"));
+        }
+        for extra in [1, 31, 32, 33, 100] {
+            for fill in [0u8, 0xff] {
+                let mut c = b.clone();
+                c.resize(b.len() + extra, fill);
+                named(
+                    Manifest::decode(&c),
+                    &format!("{extra} bytes of {fill:#x} added"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn manifest_mutations_behind_a_valid_checksum() {
+        let b = sample().encode();
+        let body = &b[..b.len() - 32];
+        // Bytes appended to the body are named as trailing bytes.
+        for extra in 1..=60 {
+            let mut c = body.to_vec();
+            c.resize(body.len() + extra, 0);
+            c.extend_from_slice(&[0; 32]);
+            assert_eq!(
+                Manifest::decode(&reseal(c)),
+                Err(FormatError::Trailing {
+                    what: "manifest",
+                    n: extra
+                })
+            );
+        }
+        // A shortened body is always refused.
+        for n in 0..body.len() {
+            let mut c = body[..n].to_vec();
+            c.extend_from_slice(&[0; 32]);
+            let e = Manifest::decode(&reseal(c)).expect_err("shortened body");
+            assert!(e.to_string().starts_with("manifest: "), "{n}: {e}");
+        }
+        // A flipped bit is refused with a message naming the manifest, or gives a manifest
+        // that survives its own round trip.
+        for (i, c) in flips(body).enumerate() {
+            let mut c = c;
+            c.extend_from_slice(&[0; 32]);
+            match Manifest::decode(&reseal(c)) {
+                Err(e) => assert!(e.to_string().starts_with("manifest: "), "bit {i}: {e}"),
+                Ok(m) => assert_eq!(Manifest::decode(&m.encode()), Ok(m), "bit {i}"),
+            }
+        }
+    }
+}
