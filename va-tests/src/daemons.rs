@@ -76,6 +76,20 @@ impl Daemon {
         self.proc.out.text()
     }
 
+    /// The stats report the daemon printed on stdout when it exited (the last line: one JSON
+    /// object of the `vastream-stats-v1` schema).
+    pub fn final_stats(&self) -> serde_json::Value {
+        let out = self.stdout();
+        let line = out
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("no stats on stdout; log:\n{}", self.log()));
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("stdout's last line is not JSON ({e}): {line}"));
+        assert_eq!(v["schema"], "vastream-stats-v1", "{v}");
+        v
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.proc.pid()
@@ -189,10 +203,11 @@ impl Vablk {
         }
     }
 
-    /// SIGTERM; returns what vablk printed on stdout (the final counters, as JSON).
-    pub fn terminate(mut self) -> String {
-        self.daemon.terminate();
-        self.stdout()
+    /// SIGTERM; returns the final stats vablk printed on stdout.
+    pub fn terminate(mut self) -> serde_json::Value {
+        let st = self.daemon.terminate();
+        assert!(st.success(), "vablk exited with {st}:\n{}", self.log());
+        self.final_stats()
     }
 }
 
@@ -237,11 +252,11 @@ impl Vanbd {
         format!("nbd://127.0.0.1:{}/{name}", self.port)
     }
 
-    /// SIGTERM; waits for a successful exit and returns the whole log (with the counters).
-    pub fn terminate(mut self) -> String {
+    /// SIGTERM; waits for a successful exit and returns the final stats it printed.
+    pub fn terminate(mut self) -> serde_json::Value {
         let st = self.daemon.terminate();
         assert!(st.success(), "vanbd exited with {st}:\n{}", self.log());
-        self.log()
+        self.final_stats()
     }
 }
 
@@ -276,9 +291,10 @@ impl Vamem {
     }
 
     /// SIGTERM; returns the summary vamem printed on stdout, after it exited.
-    pub fn terminate(mut self) -> String {
-        self.daemon.terminate();
-        self.stdout()
+    pub fn terminate(mut self) -> serde_json::Value {
+        let st = self.daemon.terminate();
+        assert!(st.success(), "vamem exited with {st}:\n{}", self.log());
+        self.final_stats()
     }
 }
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, FromArgMatches, Parser};
-use va_daemon::{open_device, Config, Daemon, DaemonArgs, Defaults, Offload};
-use va_store::appliance::Appliance;
+use va_daemon::{open_device, Config, Daemon, DaemonArgs, Defaults, Offload, OpenError};
+use va_store::appliance::{Appliance, ApplianceError};
 use va_store::format::ImageKind;
 use va_store::sync::lock;
-use va_store::volume::{Volume, VolumeOptions};
+use va_store::volume::{Volume, VolumeError, VolumeOptions};
 use va_store::BlockDevice;
 use vamem::pull::{PullOptions, Puller};
 use vamem::ServeOptions;
@@ -106,7 +106,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     if matches!(config.source, va_daemon::Source::File(_)) {
         bail!("vamem serves the RAM image of an appliance: give --appliance URL");
     }
-    let served = open_device(&config)?;
+    let served = open_device(&config).map_err(|e| match &e {
+        OpenError::Volume {
+            url,
+            source: VolumeError::Appliance(ApplianceError::NoImage { .. }),
+            ..
+        } => anyhow::anyhow!(
+            "the appliance at {url} has no memory image (mem): it is not a VM snapshot; pack \
+             one with `va pack --mem --state --machine` from `va snapshot`"
+        ),
+        _ => anyhow::Error::new(e),
+    })?;
     let (Some(app), Some(volume)) = (&served.appliance, &served.volume) else {
         bail!("vamem serves the RAM image of an appliance: give --appliance URL");
     };

@@ -259,8 +259,11 @@ fn mmap_reads_writes_eviction_and_a_stale_mount() {
         assert!(m.bytes() == &expect[..], "guest writes lost after eviction");
     }
     let s = v.fresh_stats();
-    assert!(s["write_bytes"].as_u64().unwrap() >= SIZE / 2, "{s}");
-    assert!(s["flushes"].as_u64().unwrap() > 0, "{s}");
+    assert!(
+        s["device"]["write_bytes"].as_u64().unwrap() >= SIZE / 2,
+        "{s}"
+    );
+    assert!(s["device"]["flushes"].as_u64().unwrap() > 0, "{s}");
     // A crash leaves a stale mount; the next vamem clears it and serves the same overlay.
     v.kill9();
     let e = std::fs::metadata(mnt.join("mem")).unwrap_err();

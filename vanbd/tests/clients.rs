@@ -162,11 +162,14 @@ fn qemu_io_write_read_discard_patterns() {
         !bad.status.success() && text.contains("Pattern verification failed"),
         "{text}"
     );
-    let log = v.terminate();
-    assert!(log.contains("vanbd: nbd: connections 2"), "{log}");
-    assert!(
-        log.contains("write 3") && log.contains("trim 1") && log.contains("write_zeroes 3"),
-        "{log}"
+    let st = v.terminate();
+    let nbd = &st["transport"];
+    assert_eq!(nbd["connections"], 2, "{st}");
+    let r = &nbd["requests"];
+    assert_eq!(
+        (&r["write"], &r["trim"], &r["write_zeroes"]),
+        (&3.into(), &1.into(), &3.into()),
+        "{st}"
     );
     // Allocated zeroes (NO_HOLE) without fallback (FAST_ZERO) are not faster than a write:
     // refused with ENOTSUP, and nothing changes; without -n they are written.
@@ -244,8 +247,9 @@ fn fio_nbd_engine_random_read_write_with_verify() {
             "--verify=md5",
         ],
     );
-    let log = v.terminate();
-    assert!(log.contains("errors 0"), "{log}");
+    let st = v.terminate();
+    assert_eq!(st["transport"]["errors"], 0, "{st}");
+    assert_eq!(st["device"]["failed"], 0, "{st}");
 }
 
 #[test]
@@ -276,17 +280,11 @@ fn unix_socket_and_nbdcopy_multi_conn() {
         std::fs::read(&out).unwrap() == std::fs::read(&img.path).unwrap(),
         "copy differs"
     );
-    let log = v.terminate();
-    assert!(log.contains("vanbd: nbd: connections"), "{log}");
-    let conns: u64 = log
-        .split("vanbd: nbd: connections ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap();
+    let st = v.terminate();
+    let conns = st["transport"]["connections"].as_u64().unwrap();
     assert!(
         conns >= 5,
-        "nbdinfo + 4 nbdcopy connections, got {conns}: {log}"
+        "nbdinfo + 4 nbdcopy connections, got {conns}: {st}"
     );
     assert!(!sock.exists(), "the socket is removed on exit");
 }
