@@ -20,14 +20,14 @@ pub enum OpenError {
     Appliance {
         url: String,
         #[source]
-        source: ApplianceError,
+        source: Box<ApplianceError>,
     },
     #[error("opening the {image} image of {url}")]
     Volume {
         url: String,
         image: ImageKind,
         #[source]
-        source: VolumeError,
+        source: Box<VolumeError>,
     },
     #[error(transparent)]
     File(#[from] FileDeviceError),
@@ -110,7 +110,7 @@ pub fn open_device(config: &Config) -> Result<Served, OpenError> {
             )
             .map_err(|source| OpenError::Appliance {
                 url: url.clone(),
-                source,
+                source: Box::new(source),
             })?;
             let opts = VolumeOptions {
                 overlay: config.overlay.clone(),
@@ -122,7 +122,7 @@ pub fn open_device(config: &Config) -> Result<Served, OpenError> {
                     OpenError::Volume {
                         url: url.clone(),
                         image: config.image,
-                        source,
+                        source: Box::new(source),
                     }
                 })?,
             );

@@ -370,7 +370,7 @@ impl Filesystem for MemFs {
         if mode == 0 || len == 0 {
             return reply.ok();
         }
-        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+        if mode & crate::sys::PUNCH_HOLE != 0 {
             return match self.dev.discard(offset, len) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(self.failed("punch hole", offset, len, &e)),

@@ -160,7 +160,7 @@ impl Mounted {
         if let Err(e) = u.unmount() {
             if self.ended() {
                 // Already gone (unmounted from outside).
-            } else if e.raw_os_error() == Some(libc::EBUSY) {
+            } else if sys::is_busy(&e) {
                 tracing::warn!(
                     "{} is still in use (is QEMU running on it?): detaching it lazily",
                     self.mountpoint.display()

@@ -107,16 +107,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("vamem serves the RAM image of an appliance: give --appliance URL");
     }
     let served = open_device(&config).map_err(|e| match &e {
-        OpenError::Volume {
-            url,
-            source: VolumeError::Appliance(ApplianceError::NoImage { .. }),
-            ..
-        } => anyhow::anyhow!(
-            "the appliance at {url} has no memory image (mem): it is not a VM snapshot; pack \
-             one with `va pack --mem --state --machine` from `va snapshot`"
-        ),
+        OpenError::Volume { url, source, .. }
+            if matches!(
+                **source,
+                VolumeError::Appliance(ApplianceError::NoImage { .. })
+            ) =>
+        {
+            anyhow::anyhow!(
+                "the appliance at {url} has no memory image (mem): it is not a VM snapshot; \
+                 pack one with `va pack --mem --state --machine` from `va snapshot`"
+            )
+        }
         _ => anyhow::Error::new(e),
     })?;
+
     let (Some(app), Some(volume)) = (&served.appliance, &served.volume) else {
         bail!("vamem serves the RAM image of an appliance: give --appliance URL");
     };

@@ -100,7 +100,7 @@ fn absolute(path: &Path) -> Result<PathBuf, MountError> {
 pub fn prepare(path: &Path) -> Result<PathBuf, MountError> {
     let abs = absolute(path)?;
     match std::fs::metadata(&abs) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if crate::sys::is_not_connected(&e) => {
             tracing::warn!(
                 "{} is a stale FUSE mount (a previous vamem died): detaching it",
                 abs.display()
@@ -127,7 +127,7 @@ pub fn prepare(path: &Path) -> Result<PathBuf, MountError> {
             if is_mount_point(&abs) {
                 // Attributes of a dead FUSE mount's root may still be cached: ask for more.
                 match std::fs::read_dir(&abs) {
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                    Err(e) if crate::sys::is_not_connected(&e) => {
                         tracing::warn!(
                             "{} is a stale FUSE mount (a previous vamem died): detaching it",
                             abs.display()
@@ -157,11 +157,8 @@ pub struct BdiSetting {
 /// file system): `strict_limit` 0, `max_ratio` 100, `read_ahead_kb` as given. Settings the
 /// kernel lacks or refuses are reported as `after = "error: …"`.
 pub fn tune_bdi(dev: u64, read_ahead_kb: u32) -> (PathBuf, Vec<BdiSetting>) {
-    let dir = PathBuf::from(format!(
-        "/sys/class/bdi/{}:{}",
-        libc::major(dev),
-        libc::minor(dev)
-    ));
+    let (major, minor) = crate::sys::major_minor(dev);
+    let dir = PathBuf::from(format!("/sys/class/bdi/{major}:{minor}"));
     let mut out = Vec::new();
     for (name, value) in [
         ("strict_limit", "0".to_string()),

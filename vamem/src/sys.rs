@@ -68,6 +68,24 @@ pub fn umount_detach(path: &Path) -> io::Result<()> {
     umount2(path, libc::MNT_DETACH)
 }
 
+/// `FALLOC_FL_PUNCH_HOLE`, as FUSE passes it in a FALLOCATE's mode.
+pub const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+
+/// Whether `e` is "transport endpoint is not connected" (a FUSE mount whose server died).
+pub fn is_not_connected(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOTCONN)
+}
+
+/// Whether `e` is "device or resource busy".
+pub fn is_busy(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EBUSY)
+}
+
+/// The major and minor numbers of a device number.
+pub fn major_minor(dev: u64) -> (u32, u32) {
+    (libc::major(dev), libc::minor(dev))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
