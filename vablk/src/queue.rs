@@ -59,34 +59,45 @@ pub enum QueueError {
 /// Per-queue count of popped, not yet completed chains.
 #[derive(Default)]
 struct PoppedCount {
-    count: Mutex<usize>,
+    state: Mutex<Popped>,
     idle: Condvar,
+}
+
+#[derive(Default)]
+struct Popped {
+    count: usize,
+    /// A drain is waiting: only then does a completion pay for a wake-up (a futex call per
+    /// request otherwise).
+    draining: bool,
 }
 
 impl PoppedCount {
     fn add(&self, n: usize) {
-        *lock(&self.count) += n;
+        lock(&self.state).count += n;
     }
 
     fn done(&self) {
-        let mut c = lock(&self.count);
-        *c = c.saturating_sub(1);
-        if *c == 0 {
+        let mut st = lock(&self.state);
+        st.count = st.count.saturating_sub(1);
+        if st.count == 0 && st.draining {
             self.idle.notify_all();
         }
     }
 
     /// Waits until nothing is in flight; false on timeout.
     fn wait_idle(&self, timeout: Duration) -> bool {
-        let c = lock(&self.count);
-        match self.idle.wait_timeout_while(c, timeout, |c| *c > 0) {
-            Ok((c, _)) => *c == 0,
-            Err(p) => *p.into_inner().0 == 0,
-        }
+        let mut st = lock(&self.state);
+        st.draining = true;
+        let mut st = match self.idle.wait_timeout_while(st, timeout, |st| st.count > 0) {
+            Ok((st, _)) => st,
+            Err(p) => p.into_inner().0,
+        };
+        st.draining = false;
+        st.count == 0
     }
 
     fn get(&self) -> usize {
-        *lock(&self.count)
+        lock(&self.state).count
     }
 }
 
