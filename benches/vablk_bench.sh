@@ -6,7 +6,10 @@
 # All back-ends serve the same raw file read-only, one queue: vablk --file RAW; vablk
 # --appliance (the raw file packed with `va pack`, served by `va serve`, local cache warmed
 # first: the product's path through overlay/index/cache); qsd --blockdev driver=file (page
-# cache, aio=threads). Then a cold run: vablk --appliance through `va wan` (COLD_RATE, COLD_RTT;
+# cache, aio=threads); and, as the ceiling of the vhost-user transport with this client, qsd
+# --blockdev driver=null-co (no data at all). The raw file is kept resident in the page cache
+# for the whole run (benches/lockmem.py), and the load average is recorded with each sample.
+# Then a cold run: vablk --appliance through `va wan` (COLD_RATE, COLD_RTT;
 # default 100mbit, 40ms) with an empty cache. The client is vablk/examples/blkio_bench.rs
 # (the `blkio` crate's virtio-blk-vhost-user driver: libblkio's Rust implementation, no C
 # library needed). Workloads: 4 KiB random read at QD1 and QD32, 1 MiB sequential read (QD4).
@@ -34,7 +37,10 @@ trap cleanup EXIT
 raw="$work/disk.raw"
 echo "[bench] creating a ${SIZE_MIB} MiB raw file" >&2
 head -c "$((SIZE_MIB << 20))" /dev/urandom >"$raw"
-cat "$raw" >/dev/null # warm the page cache
+python3 "$root/benches/lockmem.py" "$raw" >"$work/lockmem.log" &
+pids+=("$!")
+for _ in $(seq 600); do [ -s "$work/lockmem.log" ] && break; sleep 0.1; done
+echo "[bench] $(cat "$work/lockmem.log")" >&2
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
 "$va" pack --quiet --disk "$raw" --out "$work/site/app" >/dev/null
@@ -59,6 +65,12 @@ start_backend() { # name sock -> pid in $bpid
   cold)
     "$vablk" --appliance "$cold_url" --cache-dir "$work/cold-cache-$round" --cache-size 4G --read-only --socket "$2" >/dev/null 2>"$work/cold.log" &
     ;;
+  qsd-null)
+    qemu-storage-daemon \
+      --blockdev driver=null-co,node-name=n0,size=$((SIZE_MIB << 20)),read-zeroes=off \
+      --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="$2",writable=off,num-queues=1 \
+      >/dev/null 2>"$work/qsd-null.log" &
+    ;;
   qsd)
     qemu-storage-daemon \
       --blockdev driver=file,node-name=f0,filename="$raw",read-only=on,cache.direct=off,aio=threads \
@@ -74,14 +86,15 @@ start_backend() { # name sock -> pid in $bpid
 results="$work/results.jsonl"
 : >"$results"
 for round in $(seq "$ROUNDS"); do
-  order="vablk vablk-app qsd"
-  [ $((round % 2)) -eq 0 ] && order="qsd vablk-app vablk"
+  order="vablk vablk-app qsd qsd-null"
+  [ $((round % 2)) -eq 0 ] && order="qsd-null qsd vablk-app vablk"
   for b in $order; do
     sock="$work/$b-$round.sock"
     start_backend "$b" "$sock"
     for w in randread4k-qd1 randread4k-qd32 seqread1m; do
       out=$("$client" "$sock" "$w" "$SECS")
-      echo "{\"backend\":\"$b\",\"round\":$round,\"result\":$out}" >>"$results"
+      load=$(cut -d' ' -f1 /proc/loadavg)
+      echo "{\"backend\":\"$b\",\"round\":$round,\"load\":$load,\"result\":$out}" >>"$results"
       echo "[bench] round $round $b $w: $out" >&2
     done
     kill "$bpid" 2>/dev/null || true
