@@ -66,6 +66,18 @@ struct Args {
     /// says (the guest's used index), which loses or repeats requests completed out of order.
     #[arg(long, conflicts_with = "inflight_log", help_heading = "vhost-user")]
     no_inflight_log: bool,
+
+    /// Longest time (microseconds) a queue thread keeps looking at its ring for new requests
+    /// before it sleeps until the guest's next kick. The window adapts: it grows while the
+    /// guest submits again soon after the thread went to sleep and shrinks to nothing when it
+    /// does not, so an idle guest costs no CPU. 0 turns polling off.
+    #[arg(
+        long,
+        value_name = "US",
+        default_value_t = 32,
+        help_heading = "vhost-user"
+    )]
+    poll_us: u64,
 }
 
 const DEFAULTS: Defaults = Defaults {
@@ -108,7 +120,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         offload.clone(),
         device_id(&served.tag),
         ring_log,
-    );
+    )
+    .with_polling(Duration::from_micros(args.poll_us.min(1000)));
     let mut daemon = Daemon::new(&config, &served);
     daemon.stats().set_offload(offload.counters());
     if let Some(p) = &prefetcher {

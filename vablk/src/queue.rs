@@ -21,7 +21,7 @@
 //!   once it has sent SET_LOG_BASE (protocol feature LOG_SHMFD; virtio feature LOG_ALL).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -113,7 +113,59 @@ pub struct BlkBackend {
     /// Per queue: started at least once on this connection (a connection that never set a ring
     /// up, like a probe of the socket, must not mark a killed vablk's log clean).
     touched: Arc<Vec<AtomicBool>>,
+    /// Per queue: the adaptive polling window.
+    polls: Arc<Vec<PollWindow>>,
     limits: Limits,
+}
+
+/// Adaptive polling of one ring, in the way of QEMU's AioContext polling: the window grows
+/// while the guest keeps submitting soon after the queue thread went to sleep (polling would
+/// have caught it), and shrinks when it does not, so an idle or slow guest costs no CPU.
+#[derive(Default)]
+struct PollWindow {
+    window_ns: AtomicU64,
+    slept_at: Mutex<Option<Instant>>,
+}
+
+impl PollWindow {
+    /// The thread was woken by a kick: adjust the window to the time it slept.
+    fn woke(&self, max: Duration) {
+        let max_ns = max.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let Some(t) = lock(&self.slept_at).take() else {
+            return;
+        };
+        let w = self.window_ns.load(Ordering::Relaxed);
+        let slept = t.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        let next = if max_ns == 0 {
+            0
+        } else if slept <= max_ns {
+            (w.saturating_mul(2)).clamp(1_000, max_ns)
+        } else {
+            w / 2
+        };
+        self.window_ns.store(next, Ordering::Relaxed);
+    }
+
+    /// Polls `ready` for up to the current window; true if it became true.
+    fn spin(&self, ready: impl Fn() -> bool) -> bool {
+        let w = self.window_ns.load(Ordering::Relaxed);
+        if w == 0 {
+            return false;
+        }
+        let start = Instant::now();
+        while (start.elapsed().as_nanos() as u64) < w {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
+    }
+
+    /// The thread goes back to waiting for a kick.
+    fn sleeping(&self) {
+        *lock(&self.slept_at) = Some(Instant::now());
+    }
 }
 
 impl BlkBackend {
@@ -128,6 +180,7 @@ impl BlkBackend {
             popped: Arc::new((0..n).map(|_| PoppedCount::default()).collect()),
             started: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
             touched: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
+            polls: Arc::new((0..n).map(|_| PollWindow::default()).collect()),
             limits,
         }
     }
@@ -167,16 +220,39 @@ impl BlkBackend {
     pub fn process_queue(&self, q: usize, vring: &Vring) -> Result<(), QueueError> {
         self.start_queue(q, vring);
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        let poll = self.polls.get(q);
+        if let Some(p) = poll {
+            p.woke(self.server.poll_max);
+        }
         loop {
             if event_idx {
                 vring.disable_notification()?;
             }
             self.drain_available(q, vring)?;
+            // Before going back to sleep, look at the ring for a little while: a guest that
+            // submits again within the window is served without a kick and a wake-up.
+            if poll.is_some_and(|p| p.spin(|| self.has_available(vring))) {
+                continue;
+            }
             if !event_idx || !vring.enable_notification()? {
                 break;
             }
         }
+        if let Some(p) = poll {
+            p.sleeping();
+        }
         Ok(())
+    }
+
+    /// Whether the guest has made chains available that are not popped yet.
+    fn has_available(&self, vring: &Vring) -> bool {
+        let mem = self.mem.memory();
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        queue.ready()
+            && queue
+                .avail_idx(&*mem, Ordering::Acquire)
+                .is_ok_and(|i| i.0 != queue.next_avail())
     }
 
     /// The first event of a started ring: consults the in-flight log and re-runs what a killed
@@ -503,6 +579,36 @@ mod tests {
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
+
+    #[test]
+    fn poll_window_grows_on_quick_kicks_and_shrinks_on_slow_ones() {
+        let p = PollWindow::default();
+        let max = Duration::from_micros(32);
+        let w = || p.window_ns.load(Ordering::Relaxed);
+        // A kick right after sleeping: polling would have caught it.
+        for _ in 0..10 {
+            p.sleeping();
+            p.woke(max);
+        }
+        assert_eq!(w(), 32_000);
+        assert!(p.spin(|| true));
+        // Kicks long after sleeping: the window halves each time, down to nothing.
+        for _ in 0..20 {
+            p.sleeping();
+            std::thread::sleep(Duration::from_micros(200));
+            p.woke(max);
+        }
+        assert_eq!(w(), 0);
+        assert!(!p.spin(|| true), "a zero window never polls");
+        // Polling off: never grows.
+        p.sleeping();
+        p.woke(Duration::ZERO);
+        assert_eq!(w(), 0);
+        let start = Instant::now();
+        p.window_ns.store(2_000_000, Ordering::Relaxed);
+        assert!(!p.spin(|| false));
+        assert!(start.elapsed() >= Duration::from_millis(2));
+    }
 
     fn pool(threads: usize) -> Offload {
         Offload::new("t", threads).unwrap()

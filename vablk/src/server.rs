@@ -26,6 +26,8 @@ pub struct BlkServer {
     pub ring_log: Option<Arc<RingLog>>,
     /// Where requests that need the network run.
     pub offload: Offload,
+    /// Longest time a queue thread polls its ring before sleeping (0: never polls).
+    pub poll_max: std::time::Duration,
 }
 
 impl BlkServer {
@@ -50,7 +52,16 @@ impl BlkServer {
             counters: Arc::new(BlkCounters::default()),
             ring_log: ring_log.map(Arc::new),
             offload,
+            poll_max: std::time::Duration::ZERO,
         })
+    }
+
+    /// The same server with ring polling of up to `max` (see `queue::PollWindow`).
+    pub fn with_polling(mut self: Arc<Self>, max: std::time::Duration) -> Arc<Self> {
+        if let Some(s) = Arc::get_mut(&mut self) {
+            s.poll_max = max;
+        }
+        self
     }
 
     /// What a request runs against.
