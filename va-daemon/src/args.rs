@@ -113,8 +113,8 @@ pub struct DaemonArgs {
 }
 
 /// Parses `123`, `64K`, `64KiB`, `10G`, `1.5G` (binary multiples).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    va_store::parse_size(s).map_err(|e| e.to_string())
+pub fn parse_size(s: &str) -> Result<u64, va_store::SizeError> {
+    va_store::parse_size(s)
 }
 
 #[cfg(test)]

@@ -40,6 +40,6 @@ pub mod stats;
 
 pub use args::DaemonArgs;
 pub use config::{Config, ConfigError, Defaults, Source};
-pub use lifecycle::Daemon;
+pub use lifecycle::{exit_code, Daemon};
 pub use offload::Offload;
 pub use open::{open_device, OpenError, Served};

@@ -20,6 +20,21 @@ use crate::stats::StatsSources;
 
 type ExitStep = Box<dyn FnOnce() + Send>;
 
+/// The process exit status for a daemon's result, printing a failure (with its whole chain of
+/// causes, for errors that print it in `{:#}` form, like `anyhow`) as `NAME: error: ...`.
+pub fn exit_code<E: std::fmt::Display>(
+    name: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// A daemon around its transport.
 pub struct Daemon {
     name: &'static str,

@@ -202,7 +202,8 @@ const MAX_REQUEST: u64 = 16 << 20;
 /// Gap between two needed blobs below which one request reads across it.
 const MAX_GAP: u64 = 64 << 10;
 
-struct InFlight {
+/// One chunk being fetched: readers that need it wait on `cv` until `done`.
+struct ChunkFetch {
     done: Mutex<bool>,
     cv: Condvar,
 }
@@ -217,7 +218,7 @@ pub struct Appliance {
     inserter: Option<Inserter>,
     /// Decoded index pages: per manifest image, per page.
     pages: Vec<Vec<OnceLock<Arc<Vec<ChunkEntry>>>>>,
-    inflight: Mutex<HashMap<Hash, Arc<InFlight>>>,
+    inflight: Mutex<HashMap<Hash, Arc<ChunkFetch>>>,
     requests: AtomicU64,
     fetched: AtomicU64,
     blobs: AtomicU64,
@@ -611,7 +612,7 @@ impl Appliance {
                         _ => {
                             inflight.insert(
                                 b.hash,
-                                Arc::new(InFlight {
+                                Arc::new(ChunkFetch {
                                     done: Mutex::new(false),
                                     cv: Condvar::new(),
                                 }),

@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::format::ImageKind;
+use crate::sync::lock;
 
 /// Trace and plan errors.
 #[derive(Debug, thiserror::Error)]
@@ -156,17 +157,15 @@ impl TraceWriter {
             return;
         }
         let t = self.start.elapsed().as_micros();
-        if let Ok(mut w) = self.out.lock() {
-            if let Err(e) = writeln!(w, "{t} {image} {chunk}") {
-                tracing::warn!("trace {}: {e}", self.path.display());
-            }
+        if let Err(e) = writeln!(lock(&self.out), "{t} {image} {chunk}") {
+            tracing::warn!("trace {}: {e}", self.path.display());
         }
     }
 
     /// Flushes buffered lines to the file.
     pub fn flush(&self) {
-        if let Ok(mut w) = self.out.lock() {
-            let _ = w.flush();
+        if let Err(e) = lock(&self.out).flush() {
+            tracing::warn!("trace {}: {e}", self.path.display());
         }
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use va_store::format::ImageKind;
-use va_store::layer::Recording;
+use va_store::layer::{Counting, Recording};
 use va_store::pack::{pack, PackInput, PackOptions};
 use va_store::volume::{Volume, VolumeOptions};
 use va_store::{BlockDevice, ExtentKind, LocalRead};
@@ -227,6 +227,33 @@ fn overlay_writes_partial_blocks_discard_and_reopen() {
     let mut b = [0u8; 12];
     ro.read(4090, &mut b).unwrap();
     assert_eq!(b, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+}
+
+/// A partial write reads its block first (read-modify-write): that read is the volume's own,
+/// counted as a store hit or miss, never as a guest read.
+#[test]
+fn read_modify_write_is_not_a_guest_read() {
+    let d = tempfile::tempdir().unwrap();
+    let (_data, out, _r) = packed(d.path(), 8);
+    let opts = VolumeOptions {
+        cache_dir: Some(d.path().join("cache")),
+        cache_size: 64 << 20,
+        overlay: Some(d.path().join("overlay")),
+        ..Default::default()
+    };
+    let v = Counting::new(Volume::open(out.to_str().unwrap(), "disk", &opts).unwrap());
+    v.write(4090, &[1; 12]).unwrap(); // two partial blocks: two read-modify-writes
+    let s = v.stats();
+    assert_eq!((s.reads, s.read_bytes), (0, 0), "{s:?}");
+    assert_eq!((s.writes, s.write_bytes), (1, 12), "{s:?}");
+    assert!(
+        s.hits + s.misses > 0,
+        "the blocks were read from the store: {s:?}"
+    );
+    let mut b = [0u8; 12];
+    v.read(4090, &mut b).unwrap();
+    assert_eq!(b, [1; 12]);
+    assert_eq!(v.stats().reads, 1);
 }
 
 #[test]

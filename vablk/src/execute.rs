@@ -76,7 +76,7 @@ pub fn execute(t: &Target<'_>, mem: &Mem, req: &Request, mode: Mode) -> Outcome 
     if mode == Mode::Inline && !can_start_inline(t.device, req) {
         return Outcome::NeedsFetch;
     }
-    let (status, data_len) = match run(t, mem, req, mode) {
+    let (status, data_len) = match perform(t, mem, req, mode) {
         Ok(Some(n)) => (VIRTIO_BLK_S_OK as u8, n),
         Ok(None) => return Outcome::NeedsFetch,
         Err(ExecError::Device(e)) => {
@@ -139,7 +139,7 @@ fn read(dev: &dyn BlockDevice, offset: u64, buf: &mut [u8], mode: Mode) -> Resul
 
 /// Executes `req`; the number of bytes written into guest data buffers, or `None` when an
 /// inline read turned out to need the network.
-fn run(t: &Target<'_>, mem: &Mem, req: &Request, mode: Mode) -> Result<Option<u32>, ExecError> {
+fn perform(t: &Target<'_>, mem: &Mem, req: &Request, mode: Mode) -> Result<Option<u32>, ExecError> {
     let dev = t.device;
     match &req.kind {
         RequestKind::Read { offset, len } => {

@@ -90,13 +90,7 @@ const DEFAULTS: Defaults = Defaults {
 fn main() -> ExitCode {
     let args = Args::parse();
     va_daemon::logging::init(&args.daemon.log);
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vablk: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    va_daemon::exit_code("vablk", run(args))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

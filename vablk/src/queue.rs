@@ -641,13 +641,7 @@ mod tests {
         let guard = mem.memory();
         let m: &Mem = &guard;
         let q = MockSplitQueue::create(m, GuestAddress(0), 16);
-        let vring = Vring::new(mem.clone(), 16).unwrap();
-        vring.set_queue_size(16);
-        vring
-            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
+        let vring = vring_for(&mem, &q, 0);
 
         add_read(&q, m, 0, 0x10_0000, 0); // miss (sector 0)
         add_read(&q, m, 3, 0x20_0000, 8); // hit (sector 8 = byte 4096)
@@ -776,12 +770,7 @@ mod tests {
         let guard = mem.memory();
         let m: &Mem = &guard;
         let q = MockSplitQueue::create(m, GuestAddress(0), 16);
-        let vring = Vring::new(mem.clone(), 16).unwrap();
-        vring.set_queue_size(16);
-        vring
-            .set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
-            .unwrap();
-        vring.set_queue_ready(true);
+        let vring = vring_for(&mem, &q, 0);
         // Read past the end (sector 100 of a 16-sector device).
         add_read(&q, m, 0, 0x10_0000, 100);
         // Unknown type 99.

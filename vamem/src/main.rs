@@ -79,13 +79,7 @@ fn main() -> ExitCode {
         .get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     va_daemon::logging::init(&args.daemon.log);
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vamem: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    va_daemon::exit_code("vamem", run(args))
 }
 
 /// Reads a whole small image (at most `max` bytes) of the appliance.

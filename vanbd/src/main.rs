@@ -104,10 +104,19 @@ const DEFAULTS: Defaults = Defaults {
     retry_for: Duration::from_secs(30),
 };
 
-fn parse_min_block(s: &str) -> Result<u32, String> {
+/// A `--min-block-size` that is not a block size.
+#[derive(Debug, thiserror::Error)]
+enum MinBlockError {
+    #[error(transparent)]
+    Size(#[from] va_store::SizeError),
+    #[error("{0}: must be a power of two from 1 to 65536")]
+    NotABlockSize(u64),
+}
+
+fn parse_min_block(s: &str) -> Result<u32, MinBlockError> {
     let v = va_daemon::args::parse_size(s)?;
     if v == 0 || v > 65536 || !v.is_power_of_two() {
-        return Err(format!("{s}: must be a power of two from 1 to 65536"));
+        return Err(MinBlockError::NotABlockSize(v));
     }
     Ok(v as u32)
 }
@@ -122,13 +131,7 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let Cmd::Serve(a) = cli.cmd;
     va_daemon::logging::init(&a.daemon.log);
-    match serve(a) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vanbd: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    va_daemon::exit_code("vanbd", serve(a))
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {

@@ -250,8 +250,9 @@ impl fmt::Display for WanStats {
     }
 }
 
+/// What the proxy counts (read by `stats`).
 #[derive(Default)]
-struct Counters {
+struct ProxyCounters {
     accepted: AtomicU64,
     active: AtomicU64,
     upstream_failures: AtomicU64,
@@ -262,16 +263,17 @@ struct Counters {
     segments: [AtomicU64; 2],
 }
 
-struct Shared {
+/// Everything the accept loop and the connections share.
+struct ProxyState {
     cfg: WanConfig,
     links: [Link; 2],
     segment: [usize; 2],
     stop: AtomicBool,
-    c: Counters,
+    c: ProxyCounters,
     conns: Mutex<HashMap<u64, Weak<Conn>>>,
 }
 
-impl Shared {
+impl ProxyState {
     fn stats(&self) -> WanStats {
         let c = &self.c;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -295,7 +297,7 @@ impl Shared {
 
 /// A running emulator. Dropping it shuts it down.
 pub struct WanHandle {
-    shared: Arc<Shared>,
+    shared: Arc<ProxyState>,
     local: SocketAddr,
     accept: Option<JoinHandle<()>>,
 }
@@ -372,7 +374,7 @@ pub fn start(cfg: WanConfig) -> Result<WanHandle, WanError> {
     let local = listener.local_addr().map_err(WanError::Io)?;
     info!("wan: {} -> {}, {}", local, cfg.upstream[0], cfg.describe());
     let limit = |r: Rate| usize::try_from(cfg.queue_limit(r)).unwrap_or(usize::MAX);
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(ProxyState {
         links: [
             Link::new(cfg.rate_up, limit(cfg.rate_up)),
             Link::new(cfg.rate_down, limit(cfg.rate_down)),
@@ -380,7 +382,7 @@ pub fn start(cfg: WanConfig) -> Result<WanHandle, WanError> {
         segment: [segment_size(cfg.rate_up), segment_size(cfg.rate_down)],
         cfg,
         stop: AtomicBool::new(false),
-        c: Counters::default(),
+        c: ProxyCounters::default(),
         conns: Mutex::new(HashMap::new()),
     });
     let sh = shared.clone();
@@ -396,7 +398,7 @@ pub fn start(cfg: WanConfig) -> Result<WanHandle, WanError> {
 }
 
 /// Decrements the active-connection counter however the connection thread ends.
-struct ActiveGuard(Arc<Shared>);
+struct ActiveGuard(Arc<ProxyState>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -404,7 +406,7 @@ impl Drop for ActiveGuard {
     }
 }
 
-fn accept_loop(sh: &Arc<Shared>, listener: &TcpListener) {
+fn accept_loop(sh: &Arc<ProxyState>, listener: &TcpListener) {
     loop {
         let accepted = listener.accept();
         if sh.stop.load(Ordering::SeqCst) {
@@ -458,7 +460,7 @@ enum CutPlan {
     FirstSegment,
 }
 
-fn serve_conn(sh: &Arc<Shared>, client: TcpStream, peer: SocketAddr, nth: u64, at: Instant) {
+fn serve_conn(sh: &Arc<ProxyState>, client: TcpStream, peer: SocketAddr, nth: u64, at: Instant) {
     let cfg = &sh.cfg;
     let picked = cfg
         .reset_every
@@ -579,7 +581,7 @@ struct DirQueue {
 
 struct Conn {
     id: u64,
-    shared: Arc<Shared>,
+    shared: Arc<ProxyState>,
     /// `[client, upstream]`.
     socks: [TcpStream; 2],
     aborted: AtomicBool,
