@@ -79,6 +79,24 @@ pub enum ConfigError {
     NoSource,
 }
 
+impl Defaults {
+    /// The defaults of daemon `daemon` serving image `image`: prefetch on or off, and how long
+    /// a failing read is retried.
+    pub const fn new(
+        daemon: &'static str,
+        image: ImageKind,
+        prefetch: bool,
+        retry_for: Duration,
+    ) -> Defaults {
+        Defaults {
+            daemon,
+            image,
+            prefetch,
+            retry_for,
+        }
+    }
+}
+
 impl Config {
     /// Checks `args` and fills what they leave open from `defaults`.
     pub fn from_args(args: DaemonArgs, defaults: &Defaults) -> Result<Config, ConfigError> {

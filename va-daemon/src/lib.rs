@@ -21,6 +21,7 @@
 //! * [`open`] — [`open_device`]: the device stack, the appliance, prefetch.
 //! * [`offload`] — the bounded pool that runs requests which must wait for the network.
 //! * [`buffers`] — per-thread reusable data buffers.
+//! * [`counters`] — `counters!`, a transport's own counters declared once.
 //! * [`socket`] — listening Unix sockets (0600, stale replaced, live refused).
 //! * [`stats`] — the stats record every daemon writes ([`stats::Report`]).
 //! * [`lifecycle`] — signals and clean shutdown ([`Daemon`]).
@@ -31,6 +32,7 @@
 pub mod args;
 pub mod buffers;
 pub mod config;
+pub mod counters;
 pub mod lifecycle;
 pub mod logging;
 pub mod offload;
@@ -42,4 +44,4 @@ pub use args::DaemonArgs;
 pub use config::{Config, ConfigError, Defaults, Source};
 pub use lifecycle::{exit_code, Daemon};
 pub use offload::Offload;
-pub use open::{open_device, OpenError, Served};
+pub use open::{open_device, start, OpenError, Served, StartError};

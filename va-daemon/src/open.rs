@@ -11,7 +11,24 @@ use va_store::trace::TraceError;
 use va_store::volume::{Volume, VolumeError, VolumeOptions};
 use va_store::BlockDevice;
 
-use crate::config::{Config, Source};
+use crate::args::DaemonArgs;
+use crate::config::{Config, ConfigError, Defaults, Source};
+
+/// Why a daemon could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Open(#[from] OpenError),
+}
+
+/// The first steps of every daemon: checks `args` against `defaults` and opens the device.
+pub fn start(args: DaemonArgs, defaults: &Defaults) -> Result<(Config, Served), StartError> {
+    let config = Config::from_args(args, defaults)?;
+    let served = open_device(&config)?;
+    Ok((config, served))
+}
 
 /// Why the device could not be opened.
 #[derive(Debug, thiserror::Error)]

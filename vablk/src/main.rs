@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use va_daemon::{open_device, Config, Daemon, DaemonArgs, Defaults, Offload};
+use va_daemon::{Daemon, DaemonArgs, Defaults, Offload};
 use va_store::format::ImageKind;
 use vablk::config::device_id;
 use vablk::ringlog::{self, RingLog};
@@ -80,12 +80,7 @@ struct Args {
     poll_us: u64,
 }
 
-const DEFAULTS: Defaults = Defaults {
-    daemon: "vablk",
-    image: ImageKind::Disk,
-    prefetch: false,
-    retry_for: Duration::from_secs(300),
-};
+const DEFAULTS: Defaults = Defaults::new("vablk", ImageKind::Disk, false, Duration::from_secs(300));
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -94,8 +89,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let config = Config::from_args(args.daemon, &DEFAULTS)?;
-    let served = open_device(&config)?;
+    let (config, served) = va_daemon::start(args.daemon, &DEFAULTS)?;
     let prefetcher = served.start_prefetch(&config);
     let listener = va_daemon::socket::bind(&args.socket)?;
     let ring_log = if args.no_inflight_log {

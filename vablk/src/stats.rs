@@ -2,45 +2,36 @@
 //! every daemon writes (`va_daemon::stats`); requests, bytes, cache hits and misses are in its
 //! `device` object, pool use in `offload`.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 
-use serde::Serialize;
 use va_store::ratelog::RateLimitedLog;
 use va_store::DevError;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
 
-/// Counters updated by the queue threads and the offload pool.
-#[derive(Default)]
-pub struct BlkCounters {
-    get_ids: AtomicU64,
-    io_errors: AtomicU64,
-    unsupported: AtomicU64,
-    bad_chains: AtomicU64,
-    connections: AtomicU64,
-    recovered: AtomicU64,
-    ring_log_resets: AtomicU64,
-    errors: RateLimitedLog,
+va_daemon::counters! {
+    /// Counters updated by the queue threads and the offload pool.
+    pub struct BlkCounters => BlkStats {
+        /// GET_ID requests.
+        get_ids,
+        /// Requests answered VIRTIO_BLK_S_IOERR (device errors and malformed requests).
+        io_errors,
+        /// Requests answered VIRTIO_BLK_S_UNSUPP.
+        unsupported,
+        /// Chains the decoder refused (a subset of io_errors + unsupported, plus chains
+        /// without a status byte).
+        bad_chains,
+        /// Front-end (QEMU) connections accepted so far.
+        connections,
+        /// Requests re-run at start because a killed vablk left them in flight (in-flight log).
+        recovered,
+        /// Times the in-flight log did not match a ring and was reset.
+        ring_log_resets,
+    }
 }
 
-/// A copy of [`BlkCounters`].
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct BlkStats {
-    /// GET_ID requests.
-    pub get_ids: u64,
-    /// Requests answered VIRTIO_BLK_S_IOERR (device errors and malformed requests).
-    pub io_errors: u64,
-    /// Requests answered VIRTIO_BLK_S_UNSUPP.
-    pub unsupported: u64,
-    /// Chains the decoder refused (a subset of io_errors + unsupported, plus chains without a
-    /// status byte).
-    pub bad_chains: u64,
-    /// Front-end (QEMU) connections accepted so far.
-    pub connections: u64,
-    /// Requests re-run at start because a killed vablk left them in flight (in-flight log).
-    pub recovered: u64,
-    /// Times the in-flight log did not match a ring and was reset.
-    pub ring_log_resets: u64,
-}
+/// Per-request failures, logged rate-limited.
+static REQUEST_ERRORS: std::sync::LazyLock<RateLimitedLog> =
+    std::sync::LazyLock::new(RateLimitedLog::default);
 
 impl BlkCounters {
     /// A status byte was written.
@@ -54,7 +45,7 @@ impl BlkCounters {
 
     /// A request failed on the device (logged, rate-limited).
     pub fn request_failed(&self, e: &DevError) {
-        self.errors.log(format_args!("request failed: {e}"));
+        REQUEST_ERRORS.log(format_args!("request failed: {e}"));
     }
 
     /// A chain was refused by the decoder.
@@ -80,20 +71,6 @@ impl BlkCounters {
     /// The in-flight log was reset.
     pub fn ring_log_reset(&self) {
         self.ring_log_resets.fetch_add(1, Relaxed);
-    }
-
-    /// A consistent-enough copy.
-    pub fn snapshot(&self) -> BlkStats {
-        let g = |c: &AtomicU64| c.load(Relaxed);
-        BlkStats {
-            get_ids: g(&self.get_ids),
-            io_errors: g(&self.io_errors),
-            unsupported: g(&self.unsupported),
-            bad_chains: g(&self.bad_chains),
-            connections: g(&self.connections),
-            recovered: g(&self.recovered),
-            ring_log_resets: g(&self.ring_log_resets),
-        }
     }
 }
 

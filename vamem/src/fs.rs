@@ -17,7 +17,7 @@
 //! Nothing here ever calls back into QEMU, vablk or the mount itself.
 
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -37,57 +37,31 @@ pub const MEM_INO: u64 = 2;
 pub const MEM_NAME: &str = "mem";
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// vamem's own counters: the `transport` object of the stats every daemon writes
-/// (`va_daemon::stats`); reads, writes, flushes, retries, hits and misses are in its `device`
-/// object.
-#[derive(Default, Debug)]
-pub struct FuseCounters {
-    /// FUSE READs (first touches of pages and readahead).
-    pub faults: AtomicU64,
-    /// Bytes those READs asked for.
-    pub fault_bytes: AtomicU64,
-    /// READs that had to wait for the origin.
-    pub miss_faults: AtomicU64,
-    /// Total time READs waited for the origin (microseconds).
-    pub stall_us: AtomicU64,
-    /// Longest single wait (microseconds).
-    pub max_stall_us: AtomicU64,
-    /// READs and WRITEs answered with an error.
-    pub errors: AtomicU64,
-    /// Prefetch: readahead calls ("pushes") and the bytes they covered.
-    pub pushes: AtomicU64,
-    pub pushed_bytes: AtomicU64,
-}
-
-/// A copy of [`FuseCounters`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct FuseStats {
-    pub faults: u64,
-    pub fault_bytes: u64,
-    pub miss_faults: u64,
-    pub stall_us: u64,
-    pub max_stall_us: u64,
-    pub errors: u64,
-    pub pushes: u64,
-    pub pushed_bytes: u64,
+va_daemon::counters! {
+    /// vamem's own counters: the `transport` object of the stats every daemon writes
+    /// (`va_daemon::stats`); reads, writes, flushes, retries, hits and misses are in its
+    /// `device` object.
+    pub struct FuseCounters => FuseStats {
+        /// FUSE READs (first touches of pages and readahead).
+        faults,
+        /// Bytes those READs asked for.
+        fault_bytes,
+        /// READs that had to wait for the origin.
+        miss_faults,
+        /// Total time READs waited for the origin (microseconds).
+        stall_us,
+        /// Longest single wait (microseconds).
+        max_stall_us,
+        /// READs and WRITEs answered with an error.
+        errors,
+        /// Prefetch: readahead calls ("pushes").
+        pushes,
+        /// Prefetch: the bytes those calls covered.
+        pushed_bytes,
+    }
 }
 
 impl FuseCounters {
-    /// Reads every counter.
-    pub fn snapshot(&self) -> FuseStats {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        FuseStats {
-            faults: l(&self.faults),
-            fault_bytes: l(&self.fault_bytes),
-            miss_faults: l(&self.miss_faults),
-            stall_us: l(&self.stall_us),
-            max_stall_us: l(&self.max_stall_us),
-            errors: l(&self.errors),
-            pushes: l(&self.pushes),
-            pushed_bytes: l(&self.pushed_bytes),
-        }
-    }
-
     fn stalled(&self, t: Instant) {
         let us = t.elapsed().as_micros().min(u64::MAX as u128) as u64;
         self.stall_us.fetch_add(us, Ordering::Relaxed);

@@ -65,12 +65,7 @@ struct Args {
     prefetch_workers: u32,
 }
 
-const DEFAULTS: Defaults = Defaults {
-    daemon: "vamem",
-    image: ImageKind::Mem,
-    prefetch: true,
-    retry_for: Duration::from_secs(300),
-};
+const DEFAULTS: Defaults = Defaults::new("vamem", ImageKind::Mem, true, Duration::from_secs(300));
 
 fn main() -> ExitCode {
     // `--miss-workers` was vamem's name for the miss pool size.

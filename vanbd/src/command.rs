@@ -77,7 +77,7 @@ impl Conn {
     ) -> Handled {
         let r = self.execute(req, payload, scratch, flush);
         if let Err(rej) = r {
-            NbdCounters::inc(&self.ctx.counters.errors);
+            NbdCounters::inc(&self.ctx.counters.conn.errors);
             scratch.hdrs.clear();
             if self.neg.structured {
                 wire::error_chunk(&mut scratch.hdrs, req.cookie, rej.errno.code(), &rej.msg);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use va_daemon::{open_device, Config, Daemon, DaemonArgs, Defaults, Offload};
+use va_daemon::{Daemon, DaemonArgs, Defaults, Offload};
 use va_store::format::ImageKind;
 use vanbd::transmission::ConnConfig;
 use vanbd::{Export, Server, ServerConfig};
@@ -97,12 +97,7 @@ struct ServeArgs {
     min_block_size: u32,
 }
 
-const DEFAULTS: Defaults = Defaults {
-    daemon: "vanbd",
-    image: ImageKind::Disk,
-    prefetch: false,
-    retry_for: Duration::from_secs(30),
-};
+const DEFAULTS: Defaults = Defaults::new("vanbd", ImageKind::Disk, false, Duration::from_secs(30));
 
 /// A `--min-block-size` that is not a block size.
 #[derive(Debug, thiserror::Error)]
@@ -135,8 +130,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let config = Config::from_args(a.daemon, &DEFAULTS)?;
-    let served = open_device(&config)?;
+    let (config, served) = va_daemon::start(a.daemon, &DEFAULTS)?;
     let prefetcher = served.start_prefetch(&config);
     let mut export = Export::new(a.name.clone(), Arc::clone(&served.device));
     export.read_only = export.read_only || config.read_only;

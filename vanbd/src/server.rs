@@ -160,10 +160,10 @@ impl Server {
     /// Serves one accepted socket until it closes, logging how it ended.
     pub fn serve_socket<S: Socket>(&self, s: S, peer: &str) {
         let c = &self.ctx.counters;
-        NbdCounters::inc(&c.connections);
-        if c.active.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_connections {
-            c.active.fetch_sub(1, Ordering::AcqRel);
-            NbdCounters::inc(&c.refused);
+        NbdCounters::inc(&c.conn.connections);
+        if c.conn.active.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_connections {
+            c.conn.active.fetch_sub(1, Ordering::AcqRel);
+            NbdCounters::inc(&c.conn.refused);
             tracing::warn!(
                 "{peer}: refused: already {} connections",
                 self.cfg.max_connections
@@ -172,24 +172,24 @@ impl Server {
             return;
         }
         let r = self.serve_socket_inner(&s);
-        c.active.fetch_sub(1, Ordering::Relaxed);
+        c.conn.active.fetch_sub(1, Ordering::Relaxed);
         match r {
             Ok(end) => tracing::debug!("{peer}: closed ({end:?})"),
             Err(ConnError::Handshake(HandshakeError::Io(e)))
                 if e.kind() == io::ErrorKind::UnexpectedEof =>
             {
-                NbdCounters::inc(&c.handshake_failures);
+                NbdCounters::inc(&c.conn.handshake_failures);
                 tracing::debug!("{peer}: left during the handshake");
             }
             Err(e @ ConnError::Handshake(_)) | Err(e @ ConnError::Setup(_)) => {
-                NbdCounters::inc(&c.handshake_failures);
+                NbdCounters::inc(&c.conn.handshake_failures);
                 tracing::warn!("{peer}: {e}");
             }
             Err(ConnError::Transmission(TransmissionError::Io(e))) => {
                 tracing::info!("{peer}: connection lost: {e}");
             }
             Err(e @ ConnError::Transmission(_)) => {
-                NbdCounters::inc(&c.protocol_errors);
+                NbdCounters::inc(&c.conn.protocol_errors);
                 tracing::warn!("{peer}: closing: {e}");
             }
         }
@@ -314,6 +314,9 @@ mod tests {
             m => panic!("{m:?}"),
         }
         let c = server.counters();
-        assert_eq!((c.connections, c.refused, c.active), (2, 1, 1));
+        assert_eq!(
+            (c.conn.connections, c.conn.refused, c.conn.active),
+            (2, 1, 1)
+        );
     }
 }

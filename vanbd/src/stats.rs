@@ -1,29 +1,61 @@
 //! vanbd's own counters (the NBD side): the `transport` object of the stats every daemon writes
 //! (`va_daemon::stats`); requests, bytes, hits and misses are in its `device` object.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::decode::Command;
 
+va_daemon::counters! {
+    /// Connections and how requests were handled, shared by all connections.
+    pub struct ConnectionCounters => ConnectionStats {
+        /// Connections accepted.
+        connections,
+        /// Connections being served now.
+        active,
+        /// Connections closed at once because `max_connections` were active.
+        refused,
+        /// Connections that did not complete the handshake.
+        handshake_failures,
+        /// Connections closed by the server because the client broke the protocol.
+        protocol_errors,
+        /// Requests answered with an error.
+        errors,
+        /// Requests handled by the reader thread itself (local and small).
+        inline,
+        /// Requests handed to the miss pool (large, or waiting for the network).
+        queued,
+    }
+}
+
+va_daemon::counters! {
+    /// Requests per command, named as in the NBD spec.
+    pub struct CommandCounters => CommandStats {
+        read,
+        write,
+        disc,
+        flush,
+        trim,
+        cache,
+        write_zeroes,
+        block_status,
+        unknown,
+    }
+}
+
 /// Live counters, shared by all connections.
 #[derive(Default)]
 pub struct NbdCounters {
-    pub connections: AtomicU64,
-    pub active: AtomicU64,
-    /// Connections closed at once because `max_connections` were active.
-    pub refused: AtomicU64,
-    pub handshake_failures: AtomicU64,
-    /// Connections closed by the server because the client broke the protocol.
-    pub protocol_errors: AtomicU64,
-    /// Requests per command, indexed by [`Command::index`].
-    pub requests: [AtomicU64; 9],
-    /// Requests answered with an error.
-    pub errors: AtomicU64,
-    /// Requests handled by the reader thread itself (local and small).
-    pub inline: AtomicU64,
-    /// Requests handed to worker threads (large, or waiting for the network).
-    pub queued: AtomicU64,
+    pub conn: ConnectionCounters,
+    pub commands: CommandCounters,
+}
+
+/// A copy of [`NbdCounters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Snapshot {
+    #[serde(flatten)]
+    pub conn: ConnectionStats,
+    /// Requests per command.
+    pub requests: CommandStats,
 }
 
 impl NbdCounters {
@@ -32,79 +64,43 @@ impl NbdCounters {
     }
 
     pub(crate) fn request(&self, cmd: Command) {
-        Self::inc(&self.requests[cmd.index()]);
+        let c = &self.commands;
+        Self::inc(match cmd {
+            Command::Read => &c.read,
+            Command::Write => &c.write,
+            Command::Disc => &c.disc,
+            Command::Flush => &c.flush,
+            Command::Trim => &c.trim,
+            Command::Cache => &c.cache,
+            Command::WriteZeroes => &c.write_zeroes,
+            Command::BlockStatus => &c.block_status,
+            Command::Unknown(_) => &c.unknown,
+        });
     }
 
-    /// A consistent-enough copy for printing.
+    /// A consistent-enough copy.
     pub fn snapshot(&self) -> Snapshot {
-        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Snapshot {
-            connections: l(&self.connections),
-            active: l(&self.active),
-            refused: l(&self.refused),
-            handshake_failures: l(&self.handshake_failures),
-            protocol_errors: l(&self.protocol_errors),
-            requests: std::array::from_fn(|i| l(&self.requests[i])),
-            errors: l(&self.errors),
-            inline: l(&self.inline),
-            queued: l(&self.queued),
+            conn: self.conn.snapshot(),
+            requests: self.commands.snapshot(),
         }
     }
 }
 
-/// A copy of [`NbdCounters`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-pub struct Snapshot {
-    pub connections: u64,
-    pub active: u64,
-    pub refused: u64,
-    pub handshake_failures: u64,
-    pub protocol_errors: u64,
-    /// Requests per command, named as in the NBD spec.
-    #[serde(serialize_with = "by_command")]
-    pub requests: [u64; 9],
-    pub errors: u64,
-    pub inline: u64,
-    pub queued: u64,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn by_command<S: serde::Serializer>(v: &[u64; 9], s: S) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeMap;
-    let mut m = s.serialize_map(Some(NAMES.len()))?;
-    for (n, c) in NAMES.iter().zip(v) {
-        m.serialize_entry(n, c)?;
-    }
-    m.end()
-}
-
-const NAMES: [&str; 9] = [
-    "read",
-    "write",
-    "disc",
-    "flush",
-    "trim",
-    "cache",
-    "write_zeroes",
-    "block_status",
-    "unknown",
-];
-
-impl fmt::Display for Snapshot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "connections {} (active {}, refused {}, failed handshakes {}, protocol errors {}); requests",
-            self.connections, self.active, self.refused, self.handshake_failures, self.protocol_errors
-        )?;
-        for (n, v) in NAMES.iter().zip(self.requests) {
-            if v > 0 {
-                write!(f, " {n} {v}")?;
-            }
-        }
-        write!(
-            f,
-            "; errors {}; inline {}, queued {}",
-            self.errors, self.inline, self.queued
-        )
+    #[test]
+    fn requests_are_counted_per_command_and_serialized_by_name() {
+        let c = NbdCounters::default();
+        c.request(Command::Write);
+        c.request(Command::Unknown(77));
+        NbdCounters::inc(&c.conn.connections);
+        let v = serde_json::to_value(c.snapshot()).unwrap();
+        assert_eq!(v["connections"], 1);
+        assert_eq!(v["requests"]["write"], 1);
+        assert_eq!(v["requests"]["unknown"], 1);
+        assert_eq!(v["requests"]["read"], 0);
     }
 }

@@ -176,14 +176,14 @@ fn read_requests<R: Read>(
             }
             match handled {
                 Handled::Done => {
-                    NbdCounters::inc(&counters.inline);
+                    NbdCounters::inc(&counters.conn.inline);
                     continue;
                 }
                 // Only reads come back (they carry no payload): off to the pool.
                 Handled::NeedsFetch => {}
             }
         }
-        NbdCounters::inc(&counters.queued);
+        NbdCounters::inc(&counters.conn.queued);
         let mut buf = conn.payloads.take();
         read_payload(conn, reader, &mut buf, plen)?;
         conn.queued_bytes.fetch_add(buf.len(), Ordering::AcqRel);
@@ -299,7 +299,6 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::Command;
     use crate::handshake::Export;
     use crate::proto::*;
     use crate::testclient::*;
@@ -543,7 +542,7 @@ mod tests {
             h.server.error_counts().0 == 0,
             "protocol refusals are not device errors"
         );
-        assert_eq!(h.server.counters().errors, 11);
+        assert_eq!(h.server.counters().conn.errors, 11);
     }
 
     #[test]
@@ -643,7 +642,7 @@ mod tests {
         assert!(c.at_eof());
         assert!(matches!(h.join(), Ok(End::Disconnect)));
         let s = h.server.counters();
-        assert_eq!(s.queued, 2);
+        assert_eq!(s.conn.queued, 2);
     }
 
     #[test]
@@ -721,7 +720,7 @@ mod tests {
         let mut h = h;
         h.c.handshake(true, false);
         assert_eq!(h.c.sread(1, 65536, 4).unwrap(), vec![11u8; 4]);
-        assert_eq!(h.server.counters().requests[Command::Write.index()], 64);
+        assert_eq!(h.server.counters().requests.write, 64);
     }
 
     #[test]
