@@ -31,14 +31,10 @@ pub struct DaemonArgs {
     )]
     pub file: Option<PathBuf>,
 
-    /// Local chunk cache directory, shared by all daemons of this host.
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "/var/cache/vastream",
-        help_heading = "Cache and overlay"
-    )]
-    pub cache_dir: PathBuf,
+    /// Local chunk cache directory, shared by all daemons of this host. Default:
+    /// /var/cache/vastream for root, $XDG_CACHE_HOME/vastream (~/.cache/vastream) for others.
+    #[arg(long, value_name = "DIR", help_heading = "Cache and overlay")]
+    pub cache_dir: Option<PathBuf>,
 
     /// Bound of the local cache (bytes, or with a K/M/G/T suffix).
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size,
@@ -101,6 +97,11 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "FILE", help_heading = "Reporting")]
     pub stats: Option<PathBuf>,
 
+    /// Write `READY=1` and a newline to this inherited file descriptor once the daemon
+    /// serves (a launcher's readiness signal), then close it.
+    #[arg(long, value_name = "FD", hide = true, help_heading = "Reporting")]
+    pub ready_fd: Option<i32>,
+
     /// Log filter (RUST_LOG overrides it), e.g. `info`, `debug`, `vablk=debug,va_store=info`.
     #[arg(
         long,
@@ -110,6 +111,33 @@ pub struct DaemonArgs {
         help_heading = "Reporting"
     )]
     pub log: String,
+}
+
+/// The default cache directory: `/var/cache/vastream` for root, else
+/// `$XDG_CACHE_HOME/vastream` or `$HOME/.cache/vastream` (so a normal user can run the
+/// daemons), else `/var/cache/vastream`.
+pub fn default_cache_dir() -> PathBuf {
+    user_dir("XDG_CACHE_HOME", ".cache", "/var/cache/vastream")
+}
+
+/// The default directory for per-appliance state (overlays): `/var/lib/vastream` for root, else
+/// `$XDG_STATE_HOME/vastream` or `$HOME/.local/state/vastream`.
+pub fn default_state_dir() -> PathBuf {
+    user_dir("XDG_STATE_HOME", ".local/state", "/var/lib/vastream")
+}
+
+fn user_dir(xdg: &str, under_home: &str, system: &str) -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from(system);
+    }
+    let nonempty = |v: Option<std::ffi::OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = nonempty(std::env::var_os(xdg)).filter(|d| d.is_absolute()) {
+        return d.join("vastream");
+    }
+    match nonempty(std::env::var_os("HOME")) {
+        Some(h) => h.join(under_home).join("vastream"),
+        None => PathBuf::from(system),
+    }
 }
 
 /// Parses `123`, `64K`, `64KiB`, `10G`, `1.5G` (binary multiples).

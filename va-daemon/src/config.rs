@@ -68,6 +68,8 @@ pub struct Config {
     pub miss_threads: usize,
     /// The log filter.
     pub log: String,
+    /// Readiness file descriptor (see `--ready-fd`).
+    pub ready_fd: Option<i32>,
 }
 
 /// Options that do not fit together.
@@ -113,7 +115,7 @@ impl Config {
                 Source::Appliance {
                     url,
                     digest,
-                    cache_dir: args.cache_dir,
+                    cache_dir: args.cache_dir.unwrap_or_else(crate::args::default_cache_dir),
                     cache_size: args.cache_size,
                     origin: OriginOptions {
                         connect_timeout: timeout,
@@ -146,6 +148,7 @@ impl Config {
             retry: RetryPolicy::for_duration(retry_for),
             miss_threads: usize::from(args.miss_threads),
             log: args.log,
+            ready_fd: args.ready_fd,
         })
     }
 }

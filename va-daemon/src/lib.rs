@@ -39,6 +39,7 @@ pub mod offload;
 pub mod open;
 pub mod socket;
 pub mod stats;
+mod sys;
 
 pub use args::DaemonArgs;
 pub use config::{Config, ConfigError, Defaults, Source};

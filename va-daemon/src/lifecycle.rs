@@ -42,6 +42,7 @@ pub struct Daemon {
     stats_path: Option<PathBuf>,
     device: Arc<dyn BlockDevice>,
     exit_steps: Vec<ExitStep>,
+    ready_fd: Option<i32>,
 }
 
 enum Event<E> {
@@ -62,6 +63,7 @@ impl Daemon {
             stats_path: config.stats.clone(),
             device: served.device.clone(),
             exit_steps: Vec::new(),
+            ready_fd: config.ready_fd,
         }
     }
 
@@ -127,6 +129,13 @@ impl Daemon {
             }
         }
         drop(tx);
+        // The transport is serving (its socket is bound or its file system mounted before
+        // `run`): tell a launcher waiting on --ready-fd.
+        if let Some(fd) = self.ready_fd {
+            if let Err(e) = crate::sys::notify_ready(fd) {
+                tracing::warn!("cannot signal readiness: {e}");
+            }
+        }
         let result = loop {
             match rx.recv() {
                 Ok(Event::Signal(SIGUSR1)) => eprintln!("{}", self.stats.report().to_json()),
