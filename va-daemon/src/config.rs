@@ -115,7 +115,9 @@ impl Config {
                 Source::Appliance {
                     url,
                     digest,
-                    cache_dir: args.cache_dir.unwrap_or_else(crate::args::default_cache_dir),
+                    cache_dir: args
+                        .cache_dir
+                        .unwrap_or_else(crate::args::default_cache_dir),
                     cache_size: args.cache_size,
                     origin: OriginOptions {
                         connect_timeout: timeout,

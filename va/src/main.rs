@@ -3,6 +3,8 @@
 mod cat;
 mod pack_cmd;
 mod progress;
+mod qmp;
+mod run;
 mod serve;
 mod snapshot;
 mod sys;
@@ -38,6 +40,8 @@ enum Cmd {
     Wan(wan::WanArgs),
     /// Save a running VM (RAM in a shared file) as state + mem + machine.json for `va pack`.
     Snapshot(snapshot::SnapshotArgs),
+    /// Run an appliance: its disk (vablk) and memory (vamem) streamed into a QEMU VM.
+    Run(run::RunArgs),
 }
 
 fn main() {
@@ -54,6 +58,7 @@ fn main() {
         Cmd::Cat(a) => cat::run(a),
         Cmd::Wan(a) => wan::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Run(a) => run::run(a),
     };
     if let Err(e) = r {
         eprintln!("va: error: {e:#}");

@@ -1,15 +1,15 @@
 //! `va snapshot`: save a running VM as the three images of an appliance snapshot.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 
+use crate::qmp::Qmp;
 use crate::sys;
 
 /// Save a running QEMU VM (RAM in a shared memory-backend-file) as an appliance snapshot.
@@ -45,78 +45,6 @@ pub struct SnapshotArgs {
     /// Resume the VM when the snapshot is written.
     #[arg(long)]
     cont: bool,
-}
-
-/// A QMP connection: replies are matched to commands, events are skipped (and kept).
-struct Qmp {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-    events: Vec<String>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> anyhow::Result<Qmp> {
-        let s = UnixStream::connect(path)
-            .with_context(|| format!("connecting to QMP socket {}", path.display()))?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let r = BufReader::new(s.try_clone()?);
-        let mut q = Qmp {
-            w: s,
-            r,
-            events: Vec::new(),
-        };
-        let greeting = q.read()?;
-        if greeting.get("QMP").is_none() {
-            bail!("{} did not greet like QMP: {greeting}", path.display());
-        }
-        q.cmd("qmp_capabilities", json!({}))?;
-        Ok(q)
-    }
-
-    fn read(&mut self) -> anyhow::Result<Value> {
-        let mut line = String::new();
-        let n = self
-            .r
-            .read_line(&mut line)
-            .context("reading from QMP (did QEMU exit?)")?;
-        if n == 0 {
-            bail!("QMP connection closed (QEMU exited?)");
-        }
-        serde_json::from_str(&line).with_context(|| format!("bad QMP message {line:?}"))
-    }
-
-    /// Runs `name`; returns its `return` value or fails with QEMU's error description.
-    fn cmd(&mut self, name: &str, args: Value) -> anyhow::Result<Value> {
-        let msg = json!({"execute": name, "arguments": args});
-        writeln!(self.w, "{msg}").with_context(|| format!("sending {name} to QMP"))?;
-        loop {
-            let v = self.read()?;
-            if let Some(e) = v.get("event").and_then(Value::as_str) {
-                tracing::debug!("QMP event {e}");
-                self.events.push(e.to_string());
-                continue;
-            }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            let desc = v
-                .pointer("/error/desc")
-                .and_then(Value::as_str)
-                .unwrap_or("(no description)");
-            bail!("QMP {name} failed: {desc}");
-        }
-    }
-
-    /// A string property of a QOM object (`qom-get`); `None` when it is not a string.
-    fn qom_get_str(&mut self, path: &str, property: &str) -> anyhow::Result<Option<String>> {
-        let v = self.cmd("qom-get", json!({"path": path, "property": property}))?;
-        Ok(v.as_str().map(String::from))
-    }
-
-    /// The QEMU process on the other end (SO_PEERCRED).
-    fn peer_pid(&self) -> Option<i32> {
-        sys::peer_pid(&self.w)
-    }
 }
 
 fn argv_of(pid: i32) -> Option<Vec<String>> {
@@ -355,39 +283,5 @@ mod tests {
         let n = copy_sparse(&src, &dst).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         assert!(n <= 4 * 65536, "{n} bytes written");
-    }
-
-    #[test]
-    fn qmp_replies_skip_events_and_report_errors() {
-        let d = tempfile::tempdir().unwrap();
-        let sock = d.path().join("q");
-        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            writeln!(s, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
-            let mut line = String::new();
-            r.read_line(&mut line).unwrap(); // qmp_capabilities
-            writeln!(s, r#"{{"return": {{}}}}"#).unwrap();
-            line.clear();
-            r.read_line(&mut line).unwrap(); // stop
-            assert!(line.contains("\"stop\""));
-            writeln!(s, r#"{{"event": "STOP", "data": {{}}}}"#).unwrap();
-            writeln!(s, r#"{{"return": {{}}}}"#).unwrap();
-            line.clear();
-            r.read_line(&mut line).unwrap(); // bogus
-            writeln!(
-                s,
-                r#"{{"error": {{"class": "CommandNotFound", "desc": "nope"}}}}"#
-            )
-            .unwrap();
-        });
-        let mut q = Qmp::connect(&sock).unwrap();
-        assert_eq!(q.cmd("stop", json!({})).unwrap(), json!({}));
-        assert_eq!(q.events, vec!["STOP".to_string()]);
-        let e = q.cmd("bogus", json!({})).unwrap_err().to_string();
-        assert!(e.contains("nope"), "{e}");
-        assert_eq!(q.peer_pid(), Some(std::process::id() as i32));
-        server.join().unwrap();
     }
 }

@@ -145,6 +145,39 @@ impl TermSignals {
     }
 }
 
+/// Prepares `cmd` for a supervised child: the child gets SIGINT and SIGTERM unblocked (a
+/// blocked signal mask survives `exec`, and [`TermSignals::block`] blocks them in the
+/// launcher), and, with `ready`, that descriptor as its fd 3 (for `--ready-fd 3`).
+pub fn supervised_child(cmd: &mut std::process::Command, ready: Option<std::os::fd::RawFd>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (sigemptyset, sigaddset, pthread_sigmask, dup2) on values it
+    // owns; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(set.as_mut_ptr());
+            let mut set = set.assume_init();
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            if let Some(fd) = ready {
+                // dup2 leaves the new descriptor without FD_CLOEXEC, so it survives exec; if it
+                // already is fd 3, only the flag is cleared.
+                let r = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

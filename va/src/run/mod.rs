@@ -1,0 +1,530 @@
+//! `va run`: one command from an appliance URL to a running VM, disk and memory streamed
+//! together.
+//!
+//! ```text
+//!   manifest ─► vablk (disk) ─┐  each started with --ready-fd 3 and waited for
+//!            ─► vamem (mem) ──┤
+//!   state, kernel, initrd ────┤  fetched (verified) into the run directory
+//!   QEMU (argv from the machine description) ─► QMP: resume a snapshot, or boot
+//!   supervise: guest poweroff · Ctrl-C/SIGTERM · QEMU or a sidecar exiting
+//!   teardown: QEMU, then vamem (unmounts), then vablk; run directory removed; summary
+//! ```
+
+mod child;
+mod qemu;
+mod summary;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use va_store::appliance::{Appliance, OpenOptions};
+use va_store::format::ImageKind;
+use va_store::origin::OriginOptions;
+use va_store::volume::{Volume, VolumeOptions};
+use va_store::{BlockDevice, Hash};
+
+use self::child::{Stdout, Supervised, Timestamped};
+use crate::sys::TermSignals;
+
+/// Run an appliance: stream its disk and memory into a QEMU VM started from its description.
+///
+/// va run reads the appliance's manifest, starts vablk for its disk and vamem for its memory
+/// (as child processes, each waited for until it serves), fetches the device state (and the
+/// kernel and initrd of a disk-only appliance that has them), starts QEMU with the arguments
+/// rendered from the appliance's machine description, and resumes the snapshot (or boots).
+/// The console is this terminal (or --console FILE). Guest writes go to per-appliance overlays
+/// under --state-dir, so a second run continues where the first one left the disk.
+///
+/// It prints a timeline as it goes and a summary at exit: bytes fetched against the size of
+/// each image, demand misses and the time the guest waited for them, the cache hit rate, and
+/// the time to the guest's first output.
+///
+/// Every way out (the guest powers off, Ctrl-C, SIGTERM, QEMU or a sidecar crashes, the
+/// origin is down at start) stops the other parts in order (QEMU, then vamem, which unmounts,
+/// then vablk), removes the sockets and leaves no process behind; a failure is reported in one
+/// line naming the part that failed. The exit status is 0 when the guest powered off or was
+/// stopped on request, 1 otherwise.
+#[derive(clap::Args, Debug)]
+#[command(
+    verbatim_doc_comment,
+    after_help = "EXAMPLES:\n  va run 'http://origin/app/#<digest>'\n  \
+    va run http://origin/app/ --accel tcg --console /tmp/console.log -- -nic user,model=virtio"
+)]
+pub struct RunArgs {
+    /// Appliance URL (`http(s)://host/path/`, `file:///dir` or a directory; `URL#<digest>`
+    /// pins the manifest).
+    #[arg(value_name = "URL")]
+    url: String,
+    /// Expected manifest digest, if the URL does not carry one.
+    #[arg(long, value_name = "HEX")]
+    digest: Option<String>,
+    /// Local chunk cache (default: /var/cache/vastream for root, $XDG_CACHE_HOME/vastream
+    /// otherwise).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Bound of the local cache.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = va_store::parse_size)]
+    cache_size: u64,
+    /// Where the per-appliance overlays (guest writes to disk and memory) are kept (default:
+    /// /var/lib/vastream for root, $XDG_STATE_HOME/vastream otherwise).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Start from the appliance as packed: discard the overlays of earlier runs first.
+    #[arg(long)]
+    fresh: bool,
+    /// Accelerator: kvm when /dev/kvm is usable, else tcg.
+    #[arg(long, value_enum)]
+    accel: Option<qemu::Accel>,
+    /// vCPUs of a disk-only appliance (a snapshot keeps its own).
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+    /// RAM of a disk-only appliance (a snapshot keeps its own).
+    #[arg(long, value_name = "SIZE", value_parser = va_store::parse_size)]
+    memory: Option<u64>,
+    /// Record the working-set trace of this run (disk and memory, in the order first
+    /// touched) to FILE, for `va pack --plan`.
+    #[arg(long, value_name = "FILE")]
+    record_trace: Option<PathBuf>,
+    /// Prefetch the disk too (memory is prefetched unless --no-prefetch).
+    #[arg(long)]
+    prefetch: bool,
+    /// Prefetch nothing: fetch only what the guest touches.
+    #[arg(long, conflicts_with = "prefetch")]
+    no_prefetch: bool,
+    /// Write the guest's console here instead of this terminal.
+    #[arg(long, value_name = "FILE")]
+    console: Option<PathBuf>,
+    /// The QEMU binary.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Seconds allowed for connecting to the origin and for each read from it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    origin_timeout: u64,
+    /// Retries of a failed origin request.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    origin_retries: u32,
+    /// Extra QEMU arguments (after `--`).
+    #[arg(last = true, value_name = "QEMU ARGS")]
+    extra: Vec<String>,
+}
+
+/// The timeline printed as the run goes.
+struct Timeline {
+    t0: Instant,
+}
+
+impl Timeline {
+    fn mark(&self, what: impl std::fmt::Display) {
+        eprintln!("[va run {:7.2}s] {what}", self.t0.elapsed().as_secs_f64());
+    }
+}
+
+/// How the run ended.
+enum End {
+    /// The guest powered off (QEMU exited on its own, successfully).
+    PoweredOff,
+    /// SIGINT or SIGTERM.
+    Signal(&'static str),
+    /// A part failed; the message names it.
+    Failed(String),
+}
+
+/// Runs `va run`.
+pub fn run(a: RunArgs) -> anyhow::Result<()> {
+    // Before any thread exists: SIGINT/SIGTERM are taken synchronously by the supervisor.
+    let signals = TermSignals::block().context("blocking SIGINT/SIGTERM")?;
+    let tl = Timeline { t0: Instant::now() };
+    let cache_dir = a
+        .cache_dir
+        .clone()
+        .unwrap_or_else(va_daemon::args::default_cache_dir);
+    let digest = match &a.digest {
+        Some(d) => {
+            Some(Hash::from_hex(d).ok_or_else(|| anyhow!("--digest {d:?}: not 64 hex digits"))?)
+        }
+        None => None,
+    };
+    let timeout = Duration::from_secs(a.origin_timeout.clamp(1, 3600));
+    let origin = OriginOptions {
+        connect_timeout: timeout,
+        io_timeout: timeout,
+        retries: a.origin_retries,
+        ..OriginOptions::default()
+    };
+    let app = Appliance::open(
+        &a.url,
+        &OpenOptions {
+            digest,
+            cache_dir: Some(cache_dir.clone()),
+            cache_size: a.cache_size,
+            origin,
+        },
+    )
+    .with_context(|| format!("origin: cannot open the appliance {}", a.url))?;
+    let has = |k| app.manifest().image(k).is_some();
+    let hex = app.digest().to_hex();
+    let images: Vec<String> = ImageKind::ALL
+        .iter()
+        .filter_map(|&k| {
+            app.manifest()
+                .image(k)
+                .map(|i| format!("{k} {}", human(i.size)))
+        })
+        .collect();
+    tl.mark(format_args!(
+        "manifest {} from {}: {}",
+        &hex[..12],
+        app.location(),
+        images.join(", ")
+    ));
+    let snapshot = has(ImageKind::Mem);
+    if snapshot && !has(ImageKind::State) {
+        bail!("the appliance has a memory image but no device state: it cannot be resumed");
+    }
+    if !snapshot && !has(ImageKind::Disk) {
+        bail!("the appliance has neither a disk nor a memory image: nothing to run");
+    }
+
+    let state_dir = a
+        .state_dir
+        .clone()
+        .unwrap_or_else(va_daemon::args::default_state_dir)
+        .join(&hex[..16]);
+    if a.fresh {
+        for f in ["disk.overlay", "mem.overlay"] {
+            let _ = std::fs::remove_file(state_dir.join(f));
+        }
+    }
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+    // Sockets need short paths: the run directory lives under the temporary directory.
+    let rundir = tempfile::Builder::new()
+        .prefix("va-run-")
+        .tempdir()
+        .context("creating the run directory")?;
+    let run_path = rundir.path().to_path_buf();
+    let pinned = format!("{}#{hex}", a.url.split('#').next().unwrap_or(&a.url));
+    let common = |cmd: &mut Command| {
+        cmd.arg("--appliance")
+            .arg(&pinned)
+            .arg("--cache-dir")
+            .arg(&cache_dir)
+            .arg("--cache-size")
+            .arg(a.cache_size.to_string())
+            .arg("--origin-timeout")
+            .arg(a.origin_timeout.to_string())
+            .arg("--origin-retries")
+            .arg(a.origin_retries.to_string())
+            .arg("--ready-fd")
+            .arg("3")
+            .env("VA_LOG", "info");
+    };
+
+    // Sidecars, started together, each waited for until it serves.
+    let mut sidecars: Vec<Supervised> = Vec::new();
+    let blk_sock = run_path.join("disk.sock");
+    let mem_mount = run_path.join("mem");
+    let trace = |name: &str| {
+        a.record_trace
+            .as_ref()
+            .map(|_| run_path.join(format!("{name}.trace")))
+    };
+    if has(ImageKind::Disk) {
+        let mut cmd = Command::new(sibling("vablk"));
+        common(&mut cmd);
+        cmd.arg("--socket")
+            .arg(&blk_sock)
+            .arg("--overlay")
+            .arg(state_dir.join("disk.overlay"))
+            .arg("--stats")
+            .arg(run_path.join("vablk.json"));
+        if a.prefetch {
+            cmd.arg("--prefetch");
+        }
+        if let Some(t) = trace("disk") {
+            cmd.arg("--trace").arg(t);
+        }
+        sidecars.push(Supervised::start(
+            "vablk",
+            &mut cmd,
+            &run_path.join("vablk.log"),
+            true,
+            Stdout::Collect,
+            true,
+        )?);
+    }
+    if snapshot {
+        let mut cmd = Command::new(sibling("vamem"));
+        common(&mut cmd);
+        cmd.arg("--mount")
+            .arg(&mem_mount)
+            .arg("--overlay")
+            .arg(state_dir.join("mem.overlay"))
+            .arg("--stats")
+            .arg(run_path.join("vamem.json"));
+        if a.no_prefetch {
+            cmd.arg("--no-prefetch");
+        }
+        if let Some(t) = trace("mem") {
+            cmd.arg("--trace").arg(t);
+        }
+        sidecars.push(Supervised::start(
+            "vamem",
+            &mut cmd,
+            &run_path.join("vamem.log"),
+            true,
+            Stdout::Collect,
+            true,
+        )?);
+    }
+    for s in &mut sidecars {
+        s.wait_ready(Duration::from_secs(120))?;
+        tl.mark(format_args!("{} ready (pid {})", s.name, s.pid()));
+    }
+
+    // The small images QEMU reads itself: fetched (verified) into the run directory.
+    let mut fetched_files = Vec::new();
+    for kind in [ImageKind::State, ImageKind::Machine] {
+        if has(kind) {
+            let bytes = read_image(&app, kind)?;
+            let p = run_path.join(kind.to_string());
+            std::fs::write(&p, &bytes).with_context(|| format!("writing {}", p.display()))?;
+            fetched_files.push((kind, p, bytes.len()));
+        }
+    }
+    if !fetched_files.is_empty() {
+        let what: Vec<String> = fetched_files
+            .iter()
+            .map(|(k, _, n)| format!("{k} {}", human(*n as u64)))
+            .collect();
+        tl.mark(format_args!("fetched {}", what.join(", ")));
+    }
+    let machine_json = fetched_files
+        .iter()
+        .find(|(k, _, _)| *k == ImageKind::Machine)
+        .map(|(_, p, _)| std::fs::read(p))
+        .transpose()?;
+
+    // QEMU.
+    let plan = qemu::Plan {
+        machine_json: machine_json.as_deref(),
+        accel: a.accel.unwrap_or_else(qemu::Accel::detect),
+        vcpus: a.vcpus,
+        memory: a.memory,
+        blk_socket: has(ImageKind::Disk).then_some(blk_sock.as_path()),
+        mem_path: snapshot.then(|| mem_mount.join("mem")),
+        state: snapshot.then(|| run_path.join("state")),
+        qmp: run_path.join("qmp.sock"),
+        extra: &a.extra,
+    };
+    let rendered = qemu::render(&plan).context("rendering QEMU's arguments")?;
+    let mut qcmd = Command::new(&a.qemu);
+    qcmd.args(&rendered.argv);
+    // QEMU stays in this process group (a terminal console needs the foreground); its serial
+    // console is relayed through a pipe so that the first guest output is timed.
+    let mut qemu_child = Supervised::start(
+        "QEMU",
+        &mut qcmd,
+        &run_path.join("qemu.log"),
+        false,
+        Stdout::Pipe,
+        false,
+    )?;
+    let console = Timestamped::default();
+    let relay = relay_console(&mut qemu_child, a.console.as_deref(), console.clone())?;
+    tl.mark(format_args!(
+        "QEMU started (pid {}, {}): {}",
+        qemu_child.pid(),
+        plan.accel,
+        if snapshot {
+            "resuming the snapshot"
+        } else {
+            "booting"
+        }
+    ));
+    let started_guest = Instant::now();
+    if let Some(steps) = &rendered.resume {
+        if let Err(e) = qemu::resume(&plan.qmp, steps) {
+            let end = End::Failed(format!("QEMU: resuming the snapshot failed: {e:#}"));
+            return finish(
+                end,
+                &tl,
+                qemu_child,
+                sidecars,
+                relay,
+                &console,
+                started_guest,
+                &a,
+                &run_path,
+                rundir,
+            );
+        }
+    }
+    tl.mark("guest running");
+
+    let end = supervise(&signals, &mut qemu_child, &mut sidecars);
+    finish(
+        end,
+        &tl,
+        qemu_child,
+        sidecars,
+        relay,
+        &console,
+        started_guest,
+        &a,
+        &run_path,
+        rundir,
+    )
+}
+
+/// Waits for the first way out: a signal, QEMU exiting, a sidecar exiting.
+fn supervise(signals: &TermSignals, qemu: &mut Supervised, sidecars: &mut [Supervised]) -> End {
+    loop {
+        match signals.wait(Duration::from_millis(100)) {
+            Ok(Some(sig)) => return End::Signal(sig),
+            Ok(None) => {}
+            Err(e) => return End::Failed(format!("va run: waiting for signals: {e}")),
+        }
+        if let Some(st) = qemu.try_exited() {
+            return if st.success() {
+                End::PoweredOff
+            } else {
+                End::Failed(format!("QEMU exited ({st}): {}", qemu.log_tail()))
+            };
+        }
+        for s in sidecars.iter_mut() {
+            if let Some(st) = s.try_exited() {
+                return End::Failed(format!("{} exited ({st}): {}", s.name, s.log_tail()));
+            }
+        }
+    }
+}
+
+/// Stops everything in order, prints the summary, removes the run directory.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    end: End,
+    tl: &Timeline,
+    mut qemu: Supervised,
+    mut sidecars: Vec<Supervised>,
+    relay: std::thread::JoinHandle<()>,
+    console: &Timestamped,
+    started_guest: Instant,
+    a: &RunArgs,
+    run_path: &Path,
+    rundir: tempfile::TempDir,
+) -> anyhow::Result<()> {
+    match &end {
+        End::PoweredOff => tl.mark("the guest powered off"),
+        End::Signal(s) => tl.mark(format_args!("{s}: stopping")),
+        End::Failed(m) => tl.mark(format_args!("failed: {m}")),
+    }
+    if qemu.try_exited().is_none() {
+        qemu::quit(&run_path.join("qmp.sock"));
+        qemu.stop(Duration::from_secs(10));
+    }
+    let _ = relay.join();
+    // vamem after QEMU (nothing maps its file any more), then vablk.
+    let mut stats = Vec::new();
+    for s in sidecars.iter_mut().rev() {
+        let out = s.stop(Duration::from_secs(15));
+        stats.push((s.name.clone(), summary::last_json(&out)));
+    }
+    tl.mark("stopped");
+    if let Some(t) = &a.record_trace {
+        match summary::merge_traces(
+            &[run_path.join("disk.trace"), run_path.join("mem.trace")],
+            t,
+        ) {
+            Ok(n) => tl.mark(format_args!("trace: {n} chunks in {}", t.display())),
+            Err(e) => eprintln!("va run: cannot write the trace {}: {e:#}", t.display()),
+        }
+    }
+    let first_output = console
+        .first()
+        .map(|t| t.saturating_duration_since(started_guest));
+    eprint!("{}", summary::render(&stats, first_output, tl.t0.elapsed()));
+    drop(rundir);
+    match end {
+        End::PoweredOff | End::Signal(_) => Ok(()),
+        End::Failed(m) => Err(anyhow!(m)),
+    }
+}
+
+/// Relays QEMU's stdout (its serial console) to ours or to `file`, noting when lines arrive.
+fn relay_console(
+    qemu: &mut Supervised,
+    file: Option<&Path>,
+    lines: Timestamped,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let out = qemu
+        .take_stdout()
+        .ok_or_else(|| anyhow!("QEMU's console was not captured"))?;
+    let mut sink: Box<dyn Write + Send> = match file {
+        Some(p) => Box::new(
+            std::fs::File::create(p)
+                .with_context(|| format!("creating the console file {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    Ok(std::thread::spawn(move || {
+        let mut r = BufReader::new(out);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let _ = sink.write_all(&line);
+                    let _ = sink.flush();
+                    lines.push(String::from_utf8_lossy(&line).into_owned());
+                }
+            }
+        }
+    }))
+}
+
+/// Reads a whole small image of the appliance (verified).
+fn read_image(app: &Arc<Appliance>, kind: ImageKind) -> anyhow::Result<Vec<u8>> {
+    let v = Volume::from_appliance(app.clone(), kind, &VolumeOptions::default())?;
+    let n = usize::try_from(v.size()).context("image size")?;
+    if n > 1 << 30 {
+        bail!(
+            "the {kind} image is {}: too large to fetch into memory",
+            human(n as u64)
+        );
+    }
+    let mut buf = vec![0u8; n];
+    v.read(0, &mut buf)
+        .with_context(|| format!("origin: fetching the {kind} image"))?;
+    Ok(buf)
+}
+
+/// A binary next to this one (`va`), else by name on PATH.
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .map(|p| p.with_file_name(name))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// `1.5 GiB`-style sizes.
+pub(crate) fn human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
