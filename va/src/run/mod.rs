@@ -207,6 +207,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         .tempdir()
         .context("creating the run directory")?;
     let run_path = rundir.path().to_path_buf();
+    tl.mark(format_args!(
+        "run directory {} (sockets, logs); overlays in {}",
+        run_path.display(),
+        state_dir.display()
+    ));
     let pinned = format!("{}#{hex}", a.url.split('#').next().unwrap_or(&a.url));
     let common = |cmd: &mut Command| {
         cmd.arg("--appliance")

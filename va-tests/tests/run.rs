@@ -1,0 +1,226 @@
+//! `va run` end to end: an appliance URL in, a VM out (TCG), and every way out leaves no
+//! process, socket or mount behind.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use va_tests::{bin, guest, pack, random_disk, Lines, Origin, Proc};
+
+/// A disk-only appliance (16 MiB of random data) served by `va serve`; its sha256.
+struct Disk {
+    dir: tempfile::TempDir,
+    origin: Origin,
+    sha256: String,
+}
+
+fn disk_appliance() -> Disk {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("disk.raw");
+    let sha256 = random_disk(&src, 16, true);
+    pack(&src, &dir.path().join("site/app"));
+    let origin = Origin::start(&dir.path().join("site"), None);
+    Disk {
+        dir,
+        origin,
+        sha256,
+    }
+}
+
+/// A running `va run URL --accel tcg ...`, booting the test guest's kernel (`tests` are its
+/// `va.test` list) with the console in DIR/console.
+struct VaRun {
+    proc: Proc,
+    console: PathBuf,
+}
+
+impl VaRun {
+    fn start(dir: &Path, url: &str, tests: &str, extra: &[&str]) -> VaRun {
+        let g = guest();
+        let console = dir.join("console");
+        let mut cmd = Command::new(bin("va"));
+        cmd.args(["run", url, "--accel", "tcg"])
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--console")
+            .arg(&console)
+            .args(extra)
+            .arg("--")
+            .arg("-kernel")
+            .arg(&g.kernel)
+            .arg("-initrd")
+            .arg(&g.initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet panic=-1 va.test={tests}"));
+        let (out, err) = (Lines::new(), Lines::new());
+        let proc = Proc::spawn_into("va run", &mut cmd, out, err);
+        VaRun { proc, console }
+    }
+
+    fn stderr(&self) -> String {
+        self.proc.err.text()
+    }
+
+    /// The timeline line containing `pat` (waits up to `timeout`).
+    fn wait_line(&self, pat: &str, timeout: Duration) -> String {
+        self.proc
+            .err
+            .wait_line(pat, timeout)
+            .unwrap_or_else(|| panic!("no {pat:?} from va run:\n{}", self.stderr()))
+    }
+
+    /// The pid `va run` printed for `part` ("vablk ready (pid N)").
+    fn pid_of(&self, part: &str) -> u32 {
+        let l = self.wait_line(&format!("{part} ready (pid "), Duration::from_secs(60));
+        l.split("(pid ")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {l:?}"))
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        let l = self.wait_line("run directory ", Duration::from_secs(60));
+        PathBuf::from(
+            l.split("run directory ")
+                .nth(1)
+                .and_then(|s| s.split(' ').next())
+                .unwrap(),
+        )
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+}
+
+/// Nothing of the run is left: its directory is gone, no process uses it, nothing is mounted
+/// under it, and the given processes are gone.
+fn assert_nothing_left(run_dir: &Path, pids: &[u32]) {
+    assert!(!run_dir.exists(), "{} left behind", run_dir.display());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let rd = run_dir.to_string_lossy();
+    assert!(!mounts.contains(rd.as_ref()), "still mounted:\n{mounts}");
+    for pid in pids {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        assert!(!alive, "process {pid} is still running");
+    }
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd);
+            assert!(
+                !cmd.contains(rd.as_ref()),
+                "a process still uses {rd}: {cmd}"
+            );
+        }
+    }
+}
+
+#[test]
+fn disk_only_appliance_boots_and_reads_its_whole_disk() {
+    let d = disk_appliance();
+    let url = format!("{}app/", d.origin.url);
+    let mut r = VaRun::start(d.dir.path(), &url, "sha256", &[]);
+    let run_dir = r.run_dir();
+    let blk = r.pid_of("vablk");
+    let st = r.proc.wait_exit(Duration::from_secs(240));
+    let err = r.stderr();
+    assert!(st.success(), "va run failed ({st}):\n{err}");
+    assert!(
+        r.console()
+            .contains(&format!("VA-RESULT sha256 {}", d.sha256)),
+        "the guest read a different disk:\n{}\n{err}",
+        r.console()
+    );
+    for want in [
+        "manifest ",
+        "vablk ready",
+        "QEMU started",
+        "guest running",
+        "the guest powered off",
+        "va run summary",
+        "disk  ",
+        "first guest output",
+    ] {
+        assert!(err.contains(want), "no {want:?} in:\n{err}");
+    }
+    assert_nothing_left(&run_dir, &[blk]);
+}
+
+#[test]
+fn origin_down_at_start_fails_in_seconds_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = va_tests::free_port();
+    let url = format!("http://127.0.0.1:{port}/app/");
+    let t = Instant::now();
+    let mut r = VaRun::start(dir.path(), &url, "sha256", &["--origin-retries", "1"]);
+    let st = r.proc.wait_exit(Duration::from_secs(60));
+    assert!(!st.success());
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let err = r.stderr();
+    assert!(
+        err.contains("origin") && err.contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+}
+
+/// A guest that keeps reading its disk until stopped.
+const BUSY: &str = "sha256 va.count=100000";
+
+#[test]
+fn killing_vablk_ends_the_run_with_a_clear_message_and_nothing_left() {
+    let d = disk_appliance();
+    let url = format!("{}app/", d.origin.url);
+    let mut r = VaRun::start(d.dir.path(), &url, BUSY, &[]);
+    let run_dir = r.run_dir();
+    let blk = r.pid_of("vablk");
+    r.wait_line("guest running", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = Command::new("kill").args(["-9", &blk.to_string()]).status();
+    let st = r.proc.wait_exit(Duration::from_secs(60));
+    let err = r.stderr();
+    assert!(!st.success(), "{err}");
+    assert!(err.contains("vablk exited"), "{err}");
+    assert_nothing_left(&run_dir, &[blk]);
+}
+
+#[test]
+fn sigterm_and_killing_qemu_both_stop_everything() {
+    let d = disk_appliance();
+    let url = format!("{}app/", d.origin.url);
+    // SIGTERM to va run: a clean stop, status 0.
+    let mut r = VaRun::start(d.dir.path(), &url, BUSY, &[]);
+    let run_dir = r.run_dir();
+    let blk = r.pid_of("vablk");
+    r.wait_line("guest running", Duration::from_secs(60));
+    let st = r.proc.terminate(Duration::from_secs(60));
+    assert!(st.success(), "{}", r.stderr());
+    assert!(r.stderr().contains("SIGTERM: stopping"), "{}", r.stderr());
+    assert_nothing_left(&run_dir, &[blk]);
+
+    // QEMU killed: va run says so, status 1; the second run found the first one's overlay.
+    let mut r = VaRun::start(d.dir.path(), &url, BUSY, &[]);
+    let run_dir = r.run_dir();
+    let blk = r.pid_of("vablk");
+    let line = r.wait_line("QEMU started (pid ", Duration::from_secs(60));
+    let qemu: u32 = line
+        .split("(pid ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    r.wait_line("guest running", Duration::from_secs(60));
+    let _ = Command::new("kill")
+        .args(["-9", &qemu.to_string()])
+        .status();
+    let st = r.proc.wait_exit(Duration::from_secs(60));
+    let err = r.stderr();
+    assert!(!st.success(), "{err}");
+    assert!(err.contains("QEMU exited"), "{err}");
+    assert_nothing_left(&run_dir, &[blk, qemu]);
+}
