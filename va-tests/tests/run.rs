@@ -224,3 +224,57 @@ fn sigterm_and_killing_qemu_both_stop_everything() {
     assert!(err.contains("QEMU exited"), "{err}");
     assert_nothing_left(&run_dir, &[blk, qemu]);
 }
+
+#[test]
+fn a_normal_user_runs_a_disk_only_appliance_from_a_file_origin() {
+    // A folder `nobody` can use: the bundle, its cache and state (XDG), the console.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let src = d.join("disk.raw");
+    let sha = random_disk(&src, 8, true);
+    pack(&src, &d.join("site/app"));
+    let run = |args: &[&str]| {
+        let st = Command::new("chmod")
+            .arg("-R")
+            .arg("a+rwX")
+            .arg(d)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let g = guest();
+        let url = format!("file://{}", d.join("site/app").display());
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "nobody", "--", "env"])
+            .arg(format!("XDG_CACHE_HOME={}", d.join("xdg-cache").display()))
+            .arg(format!("XDG_STATE_HOME={}", d.join("xdg-state").display()))
+            .arg("HOME=/nonexistent")
+            .arg(bin("va"))
+            .args(["run", &url, "--accel", "tcg", "--console"])
+            .arg(d.join("console"))
+            .args(args)
+            .arg("--")
+            .arg("-kernel")
+            .arg(&g.kernel)
+            .arg("-initrd")
+            .arg(&g.initrd)
+            .arg("-append")
+            .arg("console=ttyS0 quiet panic=-1 va.test=sha256");
+        va_tests::output_within("va run as nobody", &mut cmd, Duration::from_secs(240))
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let console = std::fs::read_to_string(d.join("console")).unwrap();
+    assert!(
+        console.contains(&format!("VA-RESULT sha256 {sha}")),
+        "{console}\n{err}"
+    );
+    // The defaults were the user's own folders.
+    assert!(d.join("xdg-cache/vastream").is_dir(), "{err}");
+    assert!(d.join("xdg-state/vastream").is_dir(), "{err}");
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(d.join("xdg-cache/vastream")).unwrap(),
+    );
+    assert_eq!(owner, 65534, "the cache belongs to nobody");
+}
