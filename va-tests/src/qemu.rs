@@ -107,6 +107,18 @@ impl Boot {
         Boot::new(Disk::Raw(disk.to_path_buf()), ram, 256, "memcheck").append(params)
     }
 
+    /// The memcheck guest with its 256 MiB RAM in the file `ram` and its disk on the
+    /// vhost-user-blk back-end at `socket` (so that `va snapshot` can make an appliance of it:
+    /// a snapshot's disks must be vhost-user-blk).
+    pub fn memcheck_vhost_user(ram: &Path, socket: &Path, params: &str) -> Boot {
+        let disk = Disk::VhostUserBlk {
+            socket: socket.to_path_buf(),
+            queues: 1,
+            reconnect: false,
+        };
+        Boot::new(disk, Ram::File(ram.to_path_buf()), 256, "memcheck").append(params)
+    }
+
     /// Adds kernel parameters.
     pub fn append(mut self, params: &str) -> Boot {
         if !self.append.is_empty() {

@@ -278,3 +278,168 @@ fn a_normal_user_runs_a_disk_only_appliance_from_a_file_origin() {
     );
     assert_eq!(owner, 65534, "the cache belongs to nobody");
 }
+
+/// A snapshot appliance: the memcheck guest (64 MiB of random data in its RAM, checked every
+/// second; `va.mark=1`: each check's count also written to its disk's second sector), booted
+/// with RAM in a shared file and its 1 MiB disk on `vablk --file`, saved with `va snapshot`
+/// and packed with that disk.
+fn snapshot_appliance(dir: &Path) -> PathBuf {
+    use va_tests::{va_ok, Boot, Qemu, ShmFile, Vablk};
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
+    let sock = dir.join("src.sock");
+    let vablk = Vablk::start(dir, &sock, &["--file", disk.to_str().unwrap()]);
+    let ram = ShmFile::new("run-ram");
+    let mut q = Qemu::boot(&Boot::memcheck_vhost_user(
+        &ram.0,
+        &sock,
+        "va.mem_mb=64 va.mark=1",
+    ));
+    q.wait_for("3 memory checks", Duration::from_secs(180), |q| {
+        q.oks() >= 3
+    });
+    let snap = dir.join("snap");
+    va_ok(&[
+        "snapshot",
+        "--qmp",
+        q.qmp_path.to_str().unwrap(),
+        "--ram-file",
+        ram.0.to_str().unwrap(),
+        "--out",
+        snap.to_str().unwrap(),
+    ]);
+    q.kill();
+    drop(vablk);
+    let s = |p: &str| snap.join(p).display().to_string();
+    let site = dir.join("site");
+    va_ok(&[
+        "pack",
+        "-q",
+        "--mem",
+        &s("mem"),
+        "--state",
+        &s("state"),
+        "--machine",
+        &s("machine.json"),
+        "--disk",
+        disk.to_str().unwrap(),
+        "--out",
+        site.join("app").to_str().unwrap(),
+    ]);
+    site
+}
+
+/// The `VA-MEM` lines of a console.
+fn mem_lines(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .filter_map(|l| l.find("VA-MEM ").map(|i| &l[i + 7..]))
+        .collect()
+}
+
+#[test]
+fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = snapshot_appliance(dir.path());
+    let origin = Origin::start(&site, None);
+    let url = format!("{}app/", origin.url);
+    let console = dir.path().join("console");
+    let mut cmd = Command::new(bin("va"));
+    cmd.args(["run", &url, "--accel", "tcg"])
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--console")
+        .arg(&console);
+    let mut r = Proc::spawn("va run", &mut cmd);
+    let err = |r: &Proc| r.err.text();
+    let rd_line = r
+        .err
+        .wait_line("run directory ", Duration::from_secs(60))
+        .unwrap();
+    let run_dir = PathBuf::from(
+        rd_line
+            .split("run directory ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .unwrap(),
+    );
+    assert!(
+        r.err
+            .wait_line("guest running", Duration::from_secs(120))
+            .is_some(),
+        "{}",
+        err(&r)
+    );
+    // The resumed guest goes on checking the memory it had: counts continue past the 3 (or
+    // more) it made before the snapshot, and every check is "ok".
+    let t = Instant::now();
+    loop {
+        let c = std::fs::read_to_string(&console).unwrap_or_default();
+        let l = mem_lines(&c);
+        assert!(!l.iter().any(|x| x.starts_with("bad")), "{c}");
+        if l.iter().filter(|x| x.starts_with("ok")).count() >= 3 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "no memory checks after the resume:\n{c}\n{}",
+            err(&r)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let c = std::fs::read_to_string(&console).unwrap();
+    let first: u64 = mem_lines(&c)[0]
+        .trim_start_matches("ok ")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(first > 3, "the guest restarted instead of resuming: {c}");
+    let st = r.terminate(Duration::from_secs(60));
+    let e = err(&r);
+    assert!(st.success(), "{e}");
+    for want in [
+        "vablk ready",
+        "vamem ready",
+        "fetched state",
+        "resuming the snapshot",
+        "mem  ",
+        "disk  ",
+    ] {
+        assert!(e.contains(want), "no {want:?} in:\n{e}");
+    }
+    assert_nothing_left(&run_dir, &[]);
+    // The guest's disk writes after the resume are in the appliance's overlay: read it back
+    // through vanbd on the same overlay.
+    let state = std::fs::read_dir(dir.path().join("state"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let v = va_tests::Vanbd::start(&[
+        "--appliance",
+        &url,
+        "--cache-dir",
+        dir.path().join("cache").to_str().unwrap(),
+        "--overlay",
+        state.join("disk.overlay").to_str().unwrap(),
+        "--read-only",
+    ]);
+    let out = va_tests::run_ok("nbdcopy", [v.uri("disk").as_str(), "-"]);
+    let sector1 = &out.as_bytes()[512..1024];
+    let text = String::from_utf8_lossy(sector1);
+    let count: u64 = text
+        .trim_start_matches("count ")
+        .split('\n')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no count in the disk's second sector: {text:?}"));
+    assert!(
+        count > first,
+        "the last count on disk ({count}) predates the resume ({first})"
+    );
+}
