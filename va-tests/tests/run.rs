@@ -37,6 +37,16 @@ struct VaRun {
 
 impl VaRun {
     fn start(dir: &Path, url: &str, tests: &str, extra: &[&str]) -> VaRun {
+        Self::start_with(dir, url, tests, extra, |_| {})
+    }
+
+    fn start_with(
+        dir: &Path,
+        url: &str,
+        tests: &str,
+        extra: &[&str],
+        setup: impl FnOnce(&mut Command),
+    ) -> VaRun {
         let g = guest();
         let console = dir.join("console");
         let mut cmd = Command::new(bin("va"));
@@ -55,6 +65,7 @@ impl VaRun {
             .arg(&g.initrd)
             .arg("-append")
             .arg(format!("console=ttyS0 quiet panic=-1 va.test={tests}"));
+        setup(&mut cmd);
         let (out, err) = (Lines::new(), Lines::new());
         let proc = Proc::spawn_into("va run", &mut cmd, out, err);
         VaRun { proc, console }
@@ -186,6 +197,28 @@ fn killing_vablk_ends_the_run_with_a_clear_message_and_nothing_left() {
     let err = r.stderr();
     assert!(!st.success(), "{err}");
     assert!(err.contains("vablk exited"), "{err}");
+    assert_nothing_left(&run_dir, &[blk]);
+}
+
+#[test]
+fn ctrl_c_stops_everything() {
+    use std::os::unix::process::CommandExt;
+    let d = disk_appliance();
+    let url = format!("{}app/", d.origin.url);
+    // As on a terminal: va run (and QEMU, which stays in its group) in a foreground process
+    // group that receives the SIGINT; the sidecars are in groups of their own.
+    let mut r = VaRun::start_with(d.dir.path(), &url, BUSY, &[], |c| {
+        c.process_group(0);
+    });
+    let run_dir = r.run_dir();
+    let blk = r.pid_of("vablk");
+    r.wait_line("guest running", Duration::from_secs(60));
+    let pgid = r.proc.pid();
+    let _ = Command::new("kill")
+        .args(["-INT", "--", &format!("-{pgid}")])
+        .status();
+    let st = r.proc.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{}", r.stderr());
     assert_nothing_left(&run_dir, &[blk]);
 }
 
