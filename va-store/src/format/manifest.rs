@@ -422,6 +422,42 @@ pub(super) mod tests {
         }
     }
 
+    /// The manifest of the committed version-1 bundle (`va-store/testdata/v1-four-kinds`,
+    /// written by `va pack` before the `kernel` and `initrd` kinds existed) and its digest.
+    const V1_MANIFEST: &[u8] = include_bytes!("../../testdata/v1-four-kinds/manifest");
+    const V1_DIGEST: &str = "d5a1c8bfbcd399111ea65b9aa6156c673719703c557fa7401d15b06a592fd579";
+
+    #[test]
+    fn v1_manifest_decodes_and_re_encodes_byte_identical() {
+        assert_eq!(Hash::of(V1_MANIFEST).to_hex(), V1_DIGEST);
+        let m = Manifest::decode(V1_MANIFEST).unwrap();
+        let kinds: Vec<ImageKind> = m.images.iter().map(|i| i.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ImageKind::Disk,
+                ImageKind::Mem,
+                ImageKind::State,
+                ImageKind::Machine
+            ]
+        );
+        assert_eq!((m.chunk_size, m.page_chunks, m.packs.len()), (4096, 4, 2));
+        let sizes: Vec<u64> = m.images.iter().map(|i| i.size).collect();
+        assert_eq!(sizes, [4096 * 13 + 100, 4096 * 3, 21, 89]);
+        // Disk page 1 (chunks 4..8) is all zero and so not stored.
+        assert_eq!(m.images[0].pages[1], PageRef::Zero);
+        assert_eq!(m.encode(), V1_MANIFEST);
+    }
+
+    /// The encoding of [`sample`] as this build's first version wrote it.
+    #[test]
+    fn sample_encoding_is_pinned() {
+        assert_eq!(
+            Hash::of(&sample().encode()).to_hex(),
+            "b25c70d57041b6b0747e1836958de27ac694fbb3cb468f0968ee62e7ce3c1912"
+        );
+    }
+
     #[test]
     fn manifest_round_trip() {
         let m = sample();
