@@ -60,7 +60,7 @@ pub enum VolumeError {
     Appliance(#[from] ApplianceError),
     #[error("overlay: {0}")]
     Overlay(OverlayError),
-    #[error("unknown image {0:?} (expected disk, mem, state or machine)")]
+    #[error("unknown image {name:?} (expected one of {list})", name = .0, list = ImageKind::name_list())]
     UnknownImage(String),
 }
 
@@ -134,7 +134,8 @@ fn overlay_err(e: OverlayError) -> DevError {
 }
 
 impl Volume {
-    /// Opens image `image` ("disk", "mem", "state", "machine") of the appliance at `url`.
+    /// Opens image `image` of the appliance at `url`, by its kind's name: `disk`, `mem`,
+    /// `state`, `machine`, `kernel` or `initrd` (see [`ImageKind::name_list`]).
     pub fn open(url: &str, image: &str, opts: &VolumeOptions) -> Result<Arc<Volume>, VolumeError> {
         let kind =
             ImageKind::from_name(image).ok_or_else(|| VolumeError::UnknownImage(image.into()))?;

@@ -34,7 +34,6 @@ fn expected(kind: ImageKind) -> Vec<u8> {
         }
         ImageKind::State => b"QEVM\0\0\0\x03 device state".to_vec(),
         ImageKind::Machine => br#"{"format":"vastream-machine-v1","machine":"pc-q35-10.0","ram_size":12288,"memdev":"mem0"}"#.to_vec(),
-        #[allow(unreachable_patterns)]
         other => panic!("the v1 bundle has no {other} image"),
     }
 }
@@ -68,4 +67,26 @@ fn v1_bundle_opens_pinned_and_reads_back_unchanged() {
         v.read(0, &mut got).unwrap();
         assert!(got == want, "{kind}: bytes differ");
     }
+}
+
+#[test]
+fn v1_bundle_has_no_kernel_and_unknown_names_are_refused() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/v1-four-kinds");
+    let url = dir.to_str().unwrap();
+    for name in ["kernel", "initrd"] {
+        let e = Volume::open(url, name, &VolumeOptions::default())
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().ends_with(&format!("has no {name} image")),
+            "{e}"
+        );
+    }
+    let e = Volume::open(url, "floppy", &VolumeOptions::default())
+        .err()
+        .unwrap();
+    assert_eq!(
+        e.to_string(),
+        "unknown image \"floppy\" (expected one of disk, mem, state, machine, kernel, initrd)"
+    );
 }

@@ -12,14 +12,20 @@
 //!  20     4  page_chunks (entries per index page, 1..=65536)
 //!  24     8  created (unix seconds)
 //!  32     4  n_packs   (<= 65536)
-//!  36     4  n_images  (1..=4, each kind at most once)
+//!  36     4  n_images  (1..=6, each kind at most once)
 //!  40        packs:  n_packs × { path_len u16, path [path_len], size u64, hash [32] }
 //!            images: n_images × { kind u8, 0u8 ×3, size u64, n_pages u32,
 //!                                 n_pages × PageRef (56 bytes) }
 //!  end-32 32 BLAKE3 of every byte before it (detects truncation and corruption)
+//! kind:    0 disk, 1 mem, 2 state, 3 machine, 4 kernel, 5 initrd (any other code is refused);
+//!          size <= 1 PiB, and <= 256 MiB for kernel and initrd
 //! PageRef: kind u8 (0 = all-zero page, 1 = stored), 0u8 ×3, pack u32, offset u64,
 //!          clen u32, plen u32, hash [32]
 //! ```
+//!
+//! Images are written in the order they were given (`va pack`: the order of the kinds above),
+//! so a manifest of the first four kinds is encoded exactly as before `kernel` and `initrd`
+//! existed; see the compatibility notes in [`super`].
 //!
 //! A zero `PageRef` has every other field zero. A stored page's `plen` lies between the
 //! smallest and the largest encoding of its entries (see [`super::page`]), and its blob lies
@@ -30,8 +36,8 @@ use crate::Hash;
 use super::pack::PACK_HEADER_LEN;
 use super::page::STORED_ENTRY_LEN;
 use super::{
-    invalid, zstd_bound, BlobRef, FormatError, ImageKind, Reader, MAX_CHUNK, MAX_IMAGE,
-    MAX_PAGE_CHUNKS, MIN_CHUNK, VERSION,
+    invalid, zstd_bound, BlobRef, FormatError, ImageKind, Reader, MAX_CHUNK, MAX_PAGE_CHUNKS,
+    MIN_CHUNK, VERSION,
 };
 
 /// Manifest magic.
@@ -227,7 +233,7 @@ impl Manifest {
             return Err(invalid(W, "n_packs", n_packs.to_string()));
         }
         let n_images = r.u32()?;
-        if n_images == 0 || n_images > 4 {
+        if n_images == 0 || n_images as usize > ImageKind::COUNT {
             return Err(invalid(W, "n_images", n_images.to_string()));
         }
         // Each pack entry takes at least 43 bytes: check before allocating.
@@ -263,7 +269,7 @@ impl Manifest {
         for _ in 0..n_images {
             let code = r.u8()?;
             let kind = ImageKind::from_code(code)
-                .ok_or_else(|| invalid(W, "image kind", code.to_string()))?;
+                .ok_or(FormatError::UnknownImageKind { what: W, code })?;
             if images.iter().any(|i| i.kind == kind) {
                 return Err(invalid(W, "image kind", format!("{kind} appears twice")));
             }
@@ -271,8 +277,15 @@ impl Manifest {
                 return Err(invalid(W, "reserved", format!("{kind}: non-zero padding")));
             }
             let size = r.u64()?;
-            if size > MAX_IMAGE {
-                return Err(invalid(W, "image size", format!("{kind}: {size}")));
+            if size > kind.max_size() {
+                return Err(invalid(
+                    W,
+                    "image size",
+                    format!(
+                        "{kind}: {size} bytes, over the {} byte limit of a {kind} image",
+                        kind.max_size()
+                    ),
+                ));
             }
             let n_pages = r.u32()? as u64;
             let want = m.chunks_of(size).div_ceil(page_chunks as u64);
@@ -420,6 +433,147 @@ pub(super) mod tests {
                 },
             ],
         }
+    }
+
+    /// A manifest with one image of every kind: a disk and a RAM image, device state, machine
+    /// description, kernel and initrd (all but the disk small, the state empty).
+    pub(crate) fn every_kind() -> Manifest {
+        let blob = |offset: u64, tag: &[u8]| BlobRef {
+            pack: 0,
+            offset,
+            clen: 50,
+            hash: Hash::of(tag),
+        };
+        let image =
+            |kind: ImageKind, size: u64, pages: Vec<PageRef>| ImageInfo { kind, size, pages };
+        let one = |offset: u64, tag: &[u8], entries: usize| PageRef::Stored {
+            blob: blob(offset, tag),
+            plen: 8 + entries as u32 * 49,
+        };
+        Manifest {
+            chunk_size: 65536,
+            page_chunks: 4,
+            created: 1_700_000_000,
+            packs: vec![PackInfo {
+                path: "packs/ab.pack".into(),
+                size: 1000,
+                hash: Hash::of(b"p"),
+            }],
+            images: vec![
+                image(
+                    ImageKind::Disk,
+                    65536 * 5,
+                    vec![one(16, b"d0", 4), PageRef::Zero],
+                ),
+                image(ImageKind::Mem, 65536, vec![one(66, b"m0", 1)]),
+                image(ImageKind::State, 0, vec![]),
+                image(ImageKind::Machine, 300, vec![one(116, b"j0", 1)]),
+                image(
+                    ImageKind::Kernel,
+                    65536 * 4 + 123,
+                    vec![one(166, b"k0", 4), one(216, b"k1", 1)],
+                ),
+                image(ImageKind::Initrd, 65536 * 2, vec![one(266, b"i0", 2)]),
+            ],
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips_and_resists_damage() {
+        let m = every_kind();
+        let b = m.encode();
+        assert_eq!(Manifest::decode(&b), Ok(m.clone()));
+        let kinds: Vec<ImageKind> = m.images.iter().map(|i| i.kind).collect();
+        assert_eq!(kinds, ImageKind::ALL);
+        // Kernel and initrd alone (a diskless appliance) and in another order decode too.
+        let mut boot = m.clone();
+        boot.images.retain(|i| i.kind >= ImageKind::Kernel);
+        boot.images.reverse();
+        assert_eq!(Manifest::decode(&boot.encode()), Ok(boot));
+        for n in 0..b.len() {
+            assert!(Manifest::decode(&b[..n]).is_err(), "truncated to {n}");
+        }
+        for (i, c) in flips(&b).enumerate() {
+            assert!(Manifest::decode(&c).is_err(), "bit {i} flipped");
+        }
+    }
+
+    /// Offset of the first image's kind byte in an encoding of [`sample`] or [`every_kind`]
+    /// (after the 40-byte header and the one pack entry).
+    const FIRST_KIND_AT: usize = 40 + 2 + "packs/ab.pack".len() + 8 + 32;
+
+    #[test]
+    fn unknown_image_kind_is_refused_naming_its_code() {
+        for base in [sample().encode(), every_kind().encode()] {
+            assert_eq!(base[FIRST_KIND_AT], ImageKind::Disk.code());
+            for code in [6u8, 7, 0x80, 0xff] {
+                let mut b = base.clone();
+                b[FIRST_KIND_AT] = code;
+                let e = Manifest::decode(&reseal(b)).unwrap_err();
+                assert_eq!(
+                    e,
+                    FormatError::UnknownImageKind {
+                        what: "manifest",
+                        code
+                    }
+                );
+                let msg = e.to_string();
+                assert!(
+                    msg.starts_with(&format!("manifest: unknown image kind {code} ")),
+                    "{msg}"
+                );
+            }
+        }
+        // A kind given twice is refused, new kinds included.
+        let mut m = every_kind();
+        let kernel = m.images[4].clone();
+        m.images[5] = kernel;
+        let e = Manifest::decode(&m.encode()).unwrap_err();
+        assert!(e.to_string().contains("kernel appears twice"), "{e}");
+    }
+
+    #[test]
+    fn image_count_follows_the_number_of_kinds() {
+        let b = every_kind().encode();
+        let mut c = b.clone();
+        c[36..40].copy_from_slice(&(ImageKind::COUNT as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            Manifest::decode(&reseal(c)),
+            Err(FormatError::Invalid {
+                field: "n_images",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn kernel_and_initrd_are_capped_at_max_boot_file() {
+        use super::super::MAX_BOOT_FILE;
+        let sized = |kind: ImageKind, size: u64| {
+            let mut m = sample();
+            let n = m.chunks_of(size).div_ceil(m.page_chunks as u64) as usize;
+            m.images.push(ImageInfo {
+                kind,
+                size,
+                pages: vec![PageRef::Zero; n],
+            });
+            m
+        };
+        for kind in [ImageKind::Kernel, ImageKind::Initrd] {
+            let m = sized(kind, MAX_BOOT_FILE);
+            assert_eq!(Manifest::decode(&m.encode()), Ok(m));
+            let e = Manifest::decode(&sized(kind, MAX_BOOT_FILE + 1).encode()).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "manifest: invalid image size: {kind}: 268435457 bytes, over the \
+                     268435456 byte limit of a {kind} image"
+                )
+            );
+        }
+        // Other kinds keep the 1 PiB limit.
+        let m = sized(ImageKind::Mem, MAX_BOOT_FILE + 1);
+        assert_eq!(Manifest::decode(&m.encode()), Ok(m));
     }
 
     /// The manifest of the committed version-1 bundle (`va-store/testdata/v1-four-kinds`,

@@ -12,8 +12,9 @@
 //!
 //! # Images, chunks, index pages
 //!
-//! An appliance has up to four images ([`ImageKind`]): `disk`, `mem`, `state`, `machine`. Each
-//! image is cut into fixed chunks of `chunk_size` bytes (a power of two, 4 KiB..4 MiB; the last
+//! An appliance has up to six images ([`ImageKind`], each at most once): `disk`, `mem`,
+//! `state`, `machine`, and for direct kernel boot `kernel` and `initrd` (at most
+//! [`MAX_BOOT_FILE`] bytes each). Each image is cut into fixed chunks of `chunk_size` bytes (a power of two, 4 KiB..4 MiB; the last
 //! chunk may be short). A non-zero chunk is stored once, as a zstd frame ("blob") in a pack,
 //! and named by the BLAKE3 hash of its plain bytes. An all-zero chunk is recorded in the index
 //! and never stored or fetched.
@@ -38,6 +39,18 @@
 //! [`ChunkEntry`], [`ImageKind`], the limits below and [`FormatError`]. Everything is
 //! re-exported here, so `crate::format::Manifest` and `crate::format::decode_pack_tail` work
 //! without naming the submodule.
+//!
+//! # Compatibility
+//!
+//! Version 1 first had the image kinds 0..=3 (`disk`, `mem`, `state`, `machine`); kinds 4
+//! (`kernel`) and 5 (`initrd`) were added later without a version change, because nothing an
+//! earlier reader accepts changed meaning: a manifest without the new kinds is byte for byte
+//! what earlier builds wrote (`va-store/testdata/v1-four-kinds` is checked on every test run),
+//! and an earlier reader given one with them refuses it as a whole (`invalid image kind: 4`,
+//! or `invalid n_images` above 4) instead of misreading it. Likewise this build refuses a
+//! kind code it does not know with [`FormatError::UnknownImageKind`], naming the code. A future
+//! kind can be added the same way; a change to the layout of anything an earlier reader
+//! accepts needs a new [`VERSION`].
 //!
 //! Every decoder here treats its input as untrusted: each field is range-checked, every count
 //! is capped before anything is allocated, and every failure is a [`FormatError`].
@@ -68,6 +81,8 @@ pub const MAX_CHUNK: u32 = 4 << 20;
 pub const MAX_PAGE_CHUNKS: u32 = 65536;
 /// Largest image (1 PiB).
 pub const MAX_IMAGE: u64 = 1 << 50;
+/// Largest `kernel` or `initrd` image (256 MiB): they are read whole before the VM starts.
+pub const MAX_BOOT_FILE: u64 = 256 << 20;
 
 /// Decoding failures. The message says which structure and which field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -93,6 +108,12 @@ pub enum FormatError {
     },
     #[error("{what}: {n} trailing bytes after the end")]
     Trailing { what: &'static str, n: usize },
+    #[error(
+        "{what}: unknown image kind {code} (this build knows {}; \
+         was the bundle written by a newer vastream?)",
+        ImageKind::code_list()
+    )]
+    UnknownImageKind { what: &'static str, code: u8 },
 }
 
 fn invalid(what: &'static str, field: &'static str, detail: impl Into<String>) -> FormatError {
@@ -162,7 +183,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The four image kinds an appliance may hold.
+/// The image kinds an appliance may hold, each at most once.
+///
+/// The declaration order is the canonical order ([`ImageKind::ALL`], the wire codes, the order
+/// in which `va pack` writes the images into the manifest); new kinds go at the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ImageKind {
     /// The raw disk.
@@ -173,28 +197,45 @@ pub enum ImageKind {
     State,
     /// JSON machine description.
     Machine,
+    /// A kernel for direct kernel boot (QEMU `-kernel`), at most [`MAX_BOOT_FILE`] bytes.
+    Kernel,
+    /// An initial ramdisk for direct kernel boot (QEMU `-initrd`), at most [`MAX_BOOT_FILE`]
+    /// bytes.
+    Initrd,
 }
 
 impl ImageKind {
-    /// All kinds, in their canonical order.
-    pub const ALL: [ImageKind; 4] = [
+    /// All kinds, in their canonical order (the index of a kind is its wire code).
+    pub const ALL: [ImageKind; 6] = [
         ImageKind::Disk,
         ImageKind::Mem,
         ImageKind::State,
         ImageKind::Machine,
+        ImageKind::Kernel,
+        ImageKind::Initrd,
     ];
 
-    /// Wire code.
+    /// Number of kinds (the most images a manifest may hold).
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Wire code (also the kind's index in [`ImageKind::ALL`]).
     pub fn code(self) -> u8 {
         match self {
             ImageKind::Disk => 0,
             ImageKind::Mem => 1,
             ImageKind::State => 2,
             ImageKind::Machine => 3,
+            ImageKind::Kernel => 4,
+            ImageKind::Initrd => 5,
         }
     }
 
-    /// Decodes a wire code.
+    /// Index of the kind in [`ImageKind::ALL`] (for tables with one slot per kind).
+    pub fn index(self) -> usize {
+        self.code() as usize
+    }
+
+    /// Decodes a wire code; `None` for a code this build does not know.
     pub fn from_code(c: u8) -> Option<Self> {
         Self::ALL.get(c as usize).copied()
     }
@@ -206,12 +247,33 @@ impl ImageKind {
             ImageKind::Mem => "mem",
             ImageKind::State => "state",
             ImageKind::Machine => "machine",
+            ImageKind::Kernel => "kernel",
+            ImageKind::Initrd => "initrd",
         }
     }
 
     /// Parses a name.
     pub fn from_name(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// The names of all kinds, for messages: `disk, mem, state, machine, kernel, initrd`.
+    pub fn name_list() -> String {
+        Self::ALL.map(Self::name).join(", ")
+    }
+
+    /// The codes and names of all kinds, for messages: `0 (disk), 1 (mem), …`.
+    fn code_list() -> String {
+        Self::ALL.map(|k| format!("{} ({k})", k.code())).join(", ")
+    }
+
+    /// Largest image of this kind: [`MAX_BOOT_FILE`] for `kernel` and `initrd`, else
+    /// [`MAX_IMAGE`].
+    pub fn max_size(self) -> u64 {
+        match self {
+            ImageKind::Kernel | ImageKind::Initrd => MAX_BOOT_FILE,
+            ImageKind::Disk | ImageKind::Mem | ImageKind::State | ImageKind::Machine => MAX_IMAGE,
+        }
     }
 }
 
@@ -250,6 +312,48 @@ pub fn zstd_bound(n: u32) -> u32 {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use super::*;
+
+    #[test]
+    fn image_kinds_codes_names_and_limits() {
+        for (i, k) in ImageKind::ALL.into_iter().enumerate() {
+            assert_eq!(k.code() as usize, i, "{k}: its code is its index in ALL");
+            assert_eq!(k.index(), i);
+            assert_eq!(ImageKind::from_code(k.code()), Some(k));
+            assert_eq!(ImageKind::from_name(k.name()), Some(k));
+            assert_eq!(k.to_string(), k.name());
+        }
+        // The codes of version 1's first four kinds never change.
+        let old: Vec<(u8, &str)> = ImageKind::ALL[..4]
+            .iter()
+            .map(|k| (k.code(), k.name()))
+            .collect();
+        assert_eq!(old, [(0, "disk"), (1, "mem"), (2, "state"), (3, "machine")]);
+        assert_eq!(ImageKind::from_name("kernel"), Some(ImageKind::Kernel));
+        assert_eq!(ImageKind::from_code(5), Some(ImageKind::Initrd));
+        assert_eq!(ImageKind::COUNT, 6);
+        for c in 6..=u8::MAX {
+            assert_eq!(ImageKind::from_code(c), None, "code {c}");
+        }
+        assert_eq!(ImageKind::from_name("floppy"), None);
+        assert_eq!(
+            ImageKind::name_list(),
+            "disk, mem, state, machine, kernel, initrd"
+        );
+        assert_eq!(ImageKind::Kernel.max_size(), 256 << 20);
+        assert_eq!(ImageKind::Initrd.max_size(), MAX_BOOT_FILE);
+        assert_eq!(ImageKind::Disk.max_size(), MAX_IMAGE);
+        let e = FormatError::UnknownImageKind {
+            what: "manifest",
+            code: 9,
+        };
+        assert_eq!(
+            e.to_string(),
+            "manifest: unknown image kind 9 (this build knows 0 (disk), 1 (mem), 2 (state), \
+             3 (machine), 4 (kernel), 5 (initrd); was the bundle written by a newer vastream?)"
+        );
+    }
+
     /// Every single-bit flip of `b`.
     pub(crate) fn flips(b: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
         (0..b.len() * 8).map(move |i| {
