@@ -10,6 +10,7 @@
 //! 90211 mem 4410
 //! ```
 //!
+//! `<image>` is an image kind's name (`disk`, `mem`, `state`, `machine`, `kernel`, `initrd`).
 //! Lines starting with `#` and blank lines are comments. A *plan* (what `va pack --plan` reads)
 //! is the same format, and the timestamp column is optional: `disk 17` is a valid plan line.
 //! Several traces can be concatenated into one plan; repeated chunks keep their first position.
@@ -85,8 +86,12 @@ pub fn parse_plan(r: impl BufRead, path: &Path) -> Result<Vec<PlanItem>, TraceEr
             }
             _ => return Err(err(format!("expected `[time] image chunk`, got {t:?}"))),
         };
-        let image =
-            ImageKind::from_name(img).ok_or_else(|| err(format!("unknown image {img:?}")))?;
+        let image = ImageKind::from_name(img).ok_or_else(|| {
+            err(format!(
+                "unknown image {img:?} (expected one of {})",
+                ImageKind::name_list()
+            ))
+        })?;
         let chunk = idx
             .parse::<u64>()
             .map_err(|_| err(format!("bad chunk index {idx:?}")))?;
@@ -102,19 +107,19 @@ pub fn parse_plan(r: impl BufRead, path: &Path) -> Result<Vec<PlanItem>, TraceEr
 /// atomic load.
 pub struct TraceWriter {
     start: Instant,
-    seen: Vec<Vec<AtomicU64>>, // per image kind, one bit per chunk
+    seen: [Box<[AtomicU64]>; ImageKind::COUNT], // per image kind, one bit per chunk
     out: Mutex<BufWriter<File>>,
     path: PathBuf,
 }
 
 impl TraceWriter {
-    /// Creates (truncating) a trace file. `chunks[k]` is the chunk count of image kind `k`
-    /// (in [`ImageKind::ALL`] order).
+    /// Creates (truncating) a trace file. `chunks[k.index()]` is the chunk count of image kind
+    /// `k` (in [`ImageKind::ALL`] order; 0 for a kind the appliance does not have).
     pub fn create(
         path: &Path,
         chunk_size: u32,
         appliance: &str,
-        chunks: [u64; 4],
+        chunks: [u64; ImageKind::COUNT],
     ) -> Result<Self, TraceError> {
         let f = File::create(path).map_err(|source| TraceError::Io {
             path: path.into(),
@@ -129,10 +134,7 @@ impl TraceWriter {
             path: path.into(),
             source,
         })?;
-        let seen = chunks
-            .iter()
-            .map(|&n| (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-            .collect();
+        let seen = chunks.map(|n| (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect());
         Ok(TraceWriter {
             start: Instant::now(),
             seen,
@@ -145,7 +147,7 @@ impl TraceWriter {
     pub fn record(&self, image: ImageKind, chunk: u64) {
         let Some(word) = self
             .seen
-            .get(image.code() as usize)
+            .get(image.index())
             .and_then(|v| v.get((chunk / 64) as usize))
         else {
             return;
@@ -185,12 +187,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t");
         {
-            let w = TraceWriter::create(&p, 65536, "abc", [10, 100, 0, 0]).unwrap();
+            let w = TraceWriter::create(&p, 65536, "abc", [10, 100, 0, 0, 2, 0]).unwrap();
             w.record(ImageKind::Disk, 3);
             w.record(ImageKind::Mem, 70);
             w.record(ImageKind::Disk, 3);
             w.record(ImageKind::Disk, 1);
             w.record(ImageKind::State, 1); // out of range: ignored
+            w.record(ImageKind::Kernel, 1);
+            w.record(ImageKind::Initrd, 0); // out of range: ignored
         }
         let plan = read_plan(&p).unwrap();
         assert_eq!(
@@ -208,6 +212,10 @@ mod tests {
                     image: ImageKind::Disk,
                     chunk: 1
                 },
+                PlanItem {
+                    image: ImageKind::Kernel,
+                    chunk: 1
+                },
             ]
         );
     }
@@ -215,7 +223,16 @@ mod tests {
     #[test]
     fn plan_parse_errors_name_the_line() {
         let e = parse_plan("disk 1\nfloppy 2\n".as_bytes(), Path::new("p")).unwrap_err();
-        assert_eq!(e.to_string(), "p:2: unknown image \"floppy\"");
+        assert_eq!(
+            e.to_string(),
+            "p:2: unknown image \"floppy\" (expected one of disk, mem, state, machine, kernel, \
+             initrd)"
+        );
+        let plan = parse_plan("kernel 0\n7 initrd 2\n".as_bytes(), Path::new("p")).unwrap();
+        assert_eq!(
+            plan.iter().map(|i| (i.image, i.chunk)).collect::<Vec<_>>(),
+            [(ImageKind::Kernel, 0), (ImageKind::Initrd, 2)]
+        );
         assert!(parse_plan("disk x".as_bytes(), Path::new("p")).is_err());
         assert!(parse_plan("1 2 3 4".as_bytes(), Path::new("p")).is_err());
         assert_eq!(

@@ -44,9 +44,9 @@ impl Recording {
         path: &Path,
     ) -> Result<Self, TraceError> {
         let m = app.manifest();
-        let mut chunks = [0u64; 4];
+        let mut chunks = [0u64; ImageKind::COUNT];
         for img in &m.images {
-            chunks[img.kind.code() as usize] = m.chunks_of(img.size);
+            chunks[img.kind.index()] = m.chunks_of(img.size);
         }
         let trace = TraceWriter::create(path, m.chunk_size, &app.digest().to_hex(), chunks)?;
         Ok(Self::new(inner, trace, image, m.chunk_size))
@@ -119,7 +119,7 @@ mod tests {
     fn records_first_access_per_chunk_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t");
-        let w = TraceWriter::create(&p, 4096, "abc", [8, 0, 0, 0]).unwrap();
+        let w = TraceWriter::create(&p, 4096, "abc", [8, 0, 0, 0, 0, 0]).unwrap();
         let d = Recording::new(
             Arc::new(MemDevice::new(vec![0u8; 8 * 4096], false)),
             w,
