@@ -45,6 +45,19 @@ pub enum PackError {
     /// The options or inputs cannot be packed (the message says why).
     #[error("{0}")]
     Invalid(String),
+    /// An input is larger than its kind allows ([`ImageKind::max_size`]: 256 MiB for a kernel
+    /// or an initrd, 1 PiB otherwise).
+    #[error("{path}: {size} bytes is too large for a {kind} image (at most {limit} bytes, {} MiB)", limit >> 20)]
+    TooLarge {
+        /// The input file.
+        path: PathBuf,
+        /// Which image it was given as.
+        kind: ImageKind,
+        /// Its size.
+        size: u64,
+        /// The limit of its kind.
+        limit: u64,
+    },
     /// A pack already in the store is damaged.
     #[error("existing pack {path}: {source}")]
     BadPack {
@@ -253,10 +266,19 @@ pub fn pack(
                     i.path.display()
                 )));
             }
-            if md.len() > format::MAX_IMAGE {
+            if md.len() > i.kind.max_size() {
+                return Err(PackError::TooLarge {
+                    path: i.path.clone(),
+                    kind: i.kind,
+                    size: md.len(),
+                    limit: i.kind.max_size(),
+                });
+            }
+            if md.len() == 0 && matches!(i.kind, ImageKind::Kernel | ImageKind::Initrd) {
                 return Err(PackError::Invalid(format!(
-                    "{}: too large",
-                    i.path.display()
+                    "{}: an empty file is no {} image",
+                    i.path.display(),
+                    i.kind
                 )));
             }
             Ok(md.len())
@@ -1024,6 +1046,112 @@ mod tests {
             "manifest is {} bytes",
             r.manifest_len
         );
+    }
+
+    #[test]
+    fn kernel_and_initrd_pack_like_other_images_and_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let cs = 4096usize;
+        let disk: Vec<u8> = (0..cs * 3).map(|i| (i / 7) as u8).collect();
+        let kernel: Vec<u8> = (0..cs * 2 + 77).map(|i| (i % 251) as u8).collect();
+        let mut initrd = vec![0u8; cs * 3];
+        initrd[..cs].copy_from_slice(&kernel[..cs]); // duplicate of kernel chunk 0
+        initrd[cs * 2 + 1] = 5; // chunk 1 is zero
+        let inputs = [
+            (ImageKind::Disk, &disk),
+            (ImageKind::Kernel, &kernel),
+            (ImageKind::Initrd, &initrd),
+        ]
+        .map(|(kind, data)| PackInput {
+            kind,
+            path: write(d.path(), kind.name(), data),
+        });
+        let out = d.path().join("b");
+        let opts = PackOptions {
+            chunk_size: cs as u32,
+            page_chunks: 4,
+            ..Default::default()
+        };
+        let r = pack(&inputs, &out, &opts, &|_, _, _| {}).unwrap();
+        assert_eq!(r.chunks, 3 + 3 + 3);
+        assert_eq!((r.zero_chunks, r.dup_chunks), (1, 1));
+        let m = Manifest::decode(&fs::read(out.join("manifest")).unwrap()).unwrap();
+        let kinds: Vec<ImageKind> = m.images.iter().map(|i| i.kind).collect();
+        assert_eq!(
+            kinds,
+            [ImageKind::Disk, ImageKind::Kernel, ImageKind::Initrd]
+        );
+        let app =
+            crate::appliance::Appliance::open(out.to_str().unwrap(), &Default::default()).unwrap();
+        for (kind, want) in [(ImageKind::Kernel, &kernel), (ImageKind::Initrd, &initrd)] {
+            let v = crate::volume::Volume::from_appliance(
+                app.clone(),
+                kind,
+                &crate::volume::VolumeOptions::default(),
+            )
+            .unwrap();
+            let mut got = vec![0xeeu8; want.len()];
+            crate::BlockDevice::read(&v, 0, &mut got).unwrap();
+            assert!(&got == want, "{kind} differs");
+        }
+    }
+
+    #[test]
+    fn kernel_and_initrd_over_256_mib_or_empty_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let limit = format::MAX_BOOT_FILE;
+        for kind in [ImageKind::Kernel, ImageKind::Initrd] {
+            let p = d.path().join(format!("big-{kind}"));
+            let f = File::create(&p).unwrap();
+            f.set_len(limit + 1).unwrap(); // sparse: costs nothing
+            drop(f);
+            let inp = [PackInput {
+                kind,
+                path: p.clone(),
+            }];
+            let e = pack(
+                &inp,
+                &d.path().join("b"),
+                &PackOptions::default(),
+                &|_, _, _| {},
+            )
+            .unwrap_err();
+            assert!(matches!(e, PackError::TooLarge { size, .. } if size == limit + 1));
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{}: 268435457 bytes is too large for a {kind} image \
+                     (at most 268435456 bytes, 256 MiB)",
+                    p.display()
+                )
+            );
+            let empty = write(d.path(), &format!("empty-{kind}"), b"");
+            let e = pack(
+                &[PackInput { kind, path: empty }],
+                &d.path().join("b"),
+                &PackOptions::default(),
+                &|_, _, _| {},
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string().ends_with(&format!("is no {kind} image")),
+                "{e}"
+            );
+        }
+        // Exactly the limit is fine (all hole: one zero page, nothing stored).
+        let p = d.path().join("kernel-at-limit");
+        File::create(&p).unwrap().set_len(limit).unwrap();
+        let r = pack(
+            &[PackInput {
+                kind: ImageKind::Kernel,
+                path: p,
+            }],
+            &d.path().join("ok"),
+            &PackOptions::default(),
+            &|_, _, _| {},
+        )
+        .unwrap();
+        assert_eq!(r.stored_chunks, 0);
     }
 
     #[test]
