@@ -28,12 +28,13 @@ use va_store::sync::{lock, wait};
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "EXAMPLES:\n  va cat http://127.0.0.1:8080/app/ > disk.raw\n  \
-    va cat --image mem --out ram.img 'http://cdn.example/app/#<digest>'"
+    va cat --image mem --out ram.img 'http://cdn.example/app/#<digest>'\n  \
+    va cat --image kernel --out vmlinuz 'http://cdn.example/app/#<digest>'"
 )]
 pub struct CatArgs {
     /// Appliance URL (`http(s)://…/`, `file:///dir`, or a directory); `#<digest>` pins it.
     url: String,
-    /// Which image: disk, mem, state or machine.
+    /// Which image: disk, mem, state, machine, kernel or initrd.
     #[arg(long, default_value = "disk")]
     image: String,
     /// Output file (default: stdout).
@@ -67,8 +68,13 @@ pub struct CatArgs {
 
 /// Runs `va cat`.
 pub fn run(a: CatArgs) -> anyhow::Result<()> {
-    let kind =
-        ImageKind::from_name(&a.image).with_context(|| format!("unknown image {:?}", a.image))?;
+    let kind = ImageKind::from_name(&a.image).with_context(|| {
+        format!(
+            "unknown image {:?} (expected one of {})",
+            a.image,
+            ImageKind::name_list()
+        )
+    })?;
     let digest = match &a.digest {
         Some(d) => Some(
             Hash::from_hex(d).with_context(|| format!("--digest {d:?} is not 64 hex digits"))?,

@@ -39,6 +39,13 @@ pub struct PackArgs {
     /// Machine description (JSON written by `va snapshot`).
     #[arg(long, value_name = "FILE")]
     machine: Option<PathBuf>,
+    /// Kernel for direct kernel boot (QEMU `-kernel`; at most 256 MiB): the appliance then
+    /// boots without files from the host (`va cat URL --image kernel --out FILE`).
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for the `--kernel` (QEMU `-initrd`; at most 256 MiB).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<PathBuf>,
     /// Output bundle directory (created if missing).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -77,6 +84,8 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
         (ImageKind::Mem, &a.mem),
         (ImageKind::State, &a.state),
         (ImageKind::Machine, &a.machine),
+        (ImageKind::Kernel, &a.kernel),
+        (ImageKind::Initrd, &a.initrd),
     ] {
         if let Some(p) = p {
             inputs.push(PackInput {
@@ -86,7 +95,7 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
         }
     }
     if inputs.is_empty() {
-        bail!("nothing to pack: give at least one of --disk, --mem, --state, --machine");
+        bail!("nothing to pack: give at least one of --disk, --mem, --state, --machine, --kernel");
     }
     if let Some(m) = &a.machine {
         let text = std::fs::read(m).with_context(|| format!("reading {}", m.display()))?;
