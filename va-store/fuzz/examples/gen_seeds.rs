@@ -96,7 +96,43 @@ fn manifests() -> Vec<Manifest> {
             },
         ],
     };
-    vec![small, multi]
+    // Direct kernel boot: a disk, a kernel and an initrd (image kinds 4 and 5).
+    let boot = Manifest {
+        chunk_size: 65536,
+        page_chunks: 2,
+        created: 1_750_000_000,
+        packs: multi.packs.clone(),
+        images: vec![
+            ImageInfo {
+                kind: ImageKind::Disk,
+                size: 65536 * 2,
+                pages: vec![PageRef::Stored {
+                    blob: blob(0, 16, 120, b"disk page 0"),
+                    plen: 8 + 2 * 49,
+                }],
+            },
+            ImageInfo {
+                kind: ImageKind::Kernel,
+                size: 65536 * 2 + 4321,
+                pages: vec![
+                    PageRef::Stored {
+                        blob: blob(0, 200, 110, b"kernel page 0"),
+                        plen: 8 + 2 * 49,
+                    },
+                    PageRef::Stored {
+                        blob: blob(1, 16, 60, b"kernel page 1"),
+                        plen: 8 + 49,
+                    },
+                ],
+            },
+            ImageInfo {
+                kind: ImageKind::Initrd,
+                size: 65536,
+                pages: vec![PageRef::Zero],
+            },
+        ],
+    };
+    vec![small, multi, boot]
 }
 
 fn main() {
@@ -256,6 +292,7 @@ fn main() {
         "plan",
         b"disk 17\n\n# comment\nstate 0\nmachine 0\n",
     );
+    write(&dir, "plan", "plan-boot", b"kernel 0\nkernel 1\n12 initrd 3\ndisk 0\n");
 
     // strings: location, newline, bundle-relative path.
     for (i, s) in [

@@ -8,8 +8,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use va_store::format::{
-    valid_pack_path, Manifest, PageRef, MAX_CHUNK, MAX_IMAGE, MAX_PAGE_CHUNKS, MIN_CHUNK,
-    PACK_HEADER_LEN, STORED_ENTRY_LEN,
+    valid_pack_path, FormatError, ImageKind, Manifest, PageRef, MAX_BOOT_FILE, MAX_CHUNK,
+    MAX_IMAGE, MAX_PAGE_CHUNKS, MIN_CHUNK, PACK_HEADER_LEN, STORED_ENTRY_LEN,
 };
 use va_store::Hash;
 
@@ -18,6 +18,9 @@ fn check(bytes: &[u8]) {
         Ok(m) => m,
         Err(e) => {
             assert!(!e.to_string().is_empty());
+            if let FormatError::UnknownImageKind { code, .. } = e {
+                assert!(ImageKind::from_code(code).is_none(), "known kind {code} refused");
+            }
             return;
         }
     };
@@ -32,10 +35,13 @@ fn check(bytes: &[u8]) {
     for p in &m.packs {
         assert!(valid_pack_path(&p.path), "{:?}", p.path);
     }
-    assert!((1..=4).contains(&m.images.len()));
+    assert!((1..=ImageKind::COUNT).contains(&m.images.len()));
     for (i, img) in m.images.iter().enumerate() {
         assert!(m.images[..i].iter().all(|o| o.kind != img.kind));
-        assert!(img.size <= MAX_IMAGE);
+        assert!(img.size <= img.kind.max_size() && img.size <= MAX_IMAGE);
+        if matches!(img.kind, ImageKind::Kernel | ImageKind::Initrd) {
+            assert!(img.size <= MAX_BOOT_FILE);
+        }
         let chunks = m.chunks_of(img.size);
         assert_eq!(
             img.pages.len() as u64,
