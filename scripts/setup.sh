@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 need_pkgs=()
 check() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$1"); }
-for p in nginx-light nbdkit libnbd-bin fio busybox-static cpio zstd curl e2fsprogs ca-certificates; do check "$p"; done
+for p in nginx-light nbdkit libnbd-bin fio busybox-static cpio zstd curl e2fsprogs ca-certificates libvirt-clients libxml2-utils; do check "$p"; done
 qemu_ok=1
 for p in qemu-system-x86 qemu-utils qemu-block-extra; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || qemu_ok=0
