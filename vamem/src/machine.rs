@@ -1,22 +1,7 @@
-//! The machine description (`machine.json`, written by `va snapshot`) and the few facts vamem
-//! reads from a QEMU device-state stream, to refuse a bundle whose parts do not fit together
-//! before QEMU is started.
-//!
-//! # machine.json (format `vastream-machine-v1`)
-//!
-//! ```json
-//! { "format": "vastream-machine-v1",
-//!   "machine": "pc-q35-10.0",        // QOM type of /machine without "-machine"
-//!   "cpu": "qemu64",                 // CPU model (QOM type of vCPU 0 without "-x86_64-cpu")
-//!   "vcpus": 1,
-//!   "ram_size": 268435456,           // bytes; equals the size of the mem image
-//!   "memdev": "mem0",                // id of the memory backend that holds guest RAM
-//!   "devices": [ { "path": "/machine/peripheral-anon/device[0]", "type": "virtio-blk-pci" } ],
-//!   "qemu_version": "10.0.2",
-//!   "argv": [ "qemu-system-x86_64", "..." ] }   // the source's command line, when known
-//! ```
-//!
-//! Only `format`, `machine` and `ram_size` are required; unknown keys are ignored.
+//! The few facts vamem reads from a QEMU device-state stream, and the check that a bundle's
+//! RAM image, machine description and device state belong together, before QEMU is started.
+//! The machine description itself (`machine.json`) is [`qemu_args::Machine`], documented in
+//! `qemu-args/src/machine.rs`.
 //!
 //! # Device state
 //!
@@ -27,13 +12,14 @@
 //! `{u8 len, id, u64be used_length [, u64be address if x-ignore-shared]}` per RAM block).
 //! [`parse_state`] decodes exactly that prefix, untrusted, and nothing else.
 
-use serde::Deserialize;
+pub use qemu_args::Machine;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
-    #[error("machine description: {0}")]
-    Json(String),
+    /// The machine description does not decode.
+    #[error(transparent)]
+    Description(#[from] qemu_args::MachineError),
     #[error("device state: {0}")]
     State(String),
     /// The stream uses a layout this parser does not know (not necessarily wrong).
@@ -41,41 +27,6 @@ pub enum MachineError {
     Unsupported(String),
     #[error("{0}")]
     Mismatch(String),
-}
-
-/// The format tag of machine.json.
-pub const MACHINE_FORMAT: &str = "vastream-machine-v1";
-
-/// A decoded machine description.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Machine {
-    pub format: String,
-    pub machine: String,
-    #[serde(default)]
-    pub cpu: Option<String>,
-    #[serde(default)]
-    pub vcpus: Option<u32>,
-    pub ram_size: u64,
-    #[serde(default)]
-    pub memdev: Option<String>,
-}
-
-impl Machine {
-    /// Decodes machine.json (untrusted).
-    pub fn parse(bytes: &[u8]) -> Result<Machine, MachineError> {
-        let m: Machine =
-            serde_json::from_slice(bytes).map_err(|e| MachineError::Json(e.to_string()))?;
-        if m.format != MACHINE_FORMAT {
-            return Err(MachineError::Json(format!(
-                "format {:?}, expected {MACHINE_FORMAT:?}",
-                m.format
-            )));
-        }
-        if m.ram_size == 0 {
-            return Err(MachineError::Json("ram_size is 0".into()));
-        }
-        Ok(m)
-    }
 }
 
 /// What the start of a device-state stream says.
@@ -283,8 +234,8 @@ pub fn check_bundle(
     }
     let memdev = m
         .as_ref()
-        .and_then(|m| m.memdev.clone())
-        .unwrap_or_else(|| "mem0".into());
+        .map(|m| m.memdev().to_string())
+        .unwrap_or_else(|| qemu_args::machine::DEFAULT_MEMDEV.into());
     match info.ram_blocks.iter().find(|(id, _)| *id == memdev) {
         Some((_, len)) if *len != mem_size => {
             return Err(MachineError::Mismatch(format!(
@@ -355,8 +306,11 @@ mod tests {
     }
 
     fn machine(ram: u64, ty: &str) -> Vec<u8> {
-        format!(r#"{{"format":"{MACHINE_FORMAT}","machine":"{ty}","ram_size":{ram},"memdev":"mem0","extra":1}}"#)
-            .into_bytes()
+        format!(
+            r#"{{"format":"{}","machine":"{ty}","ram_size":{ram},"memdev":"mem0","extra":1}}"#,
+            qemu_args::machine::FORMAT_V2
+        )
+        .into_bytes()
     }
 
     #[test]
@@ -392,6 +346,23 @@ mod tests {
         let good = stream("pc-q35-10.0", &["x-ignore-shared"], &[("mem0", mem)]);
         let w = check_bundle(mem, Some(&machine(mem, "pc-q35-10.0")), Some(&good)).unwrap();
         assert!(w.is_empty(), "{w:?}");
+        // A description written before v2 is still read.
+        let v1 = format!(
+            r#"{{"format":"{}","machine":"pc-q35-10.0","ram_size":{mem},"devices":[{{"path":"/machine/peripheral-anon/device[0]","type":"virtio-blk-pci"}}]}}"#,
+            qemu_args::machine::FORMAT_V1
+        );
+        assert!(check_bundle(mem, Some(v1.as_bytes()), Some(&good))
+            .unwrap()
+            .is_empty());
+        let e = check_bundle(
+            mem,
+            Some(br#"{"format":"vastream-machine-v2","machine":"q35"}"#),
+            None,
+        );
+        assert!(
+            matches!(e, Err(MachineError::Description(ref d)) if d.to_string().contains("ram_size")),
+            "{e:?}"
+        );
         let e = check_bundle(mem * 2, Some(&machine(mem, "pc-q35-10.0")), Some(&good));
         assert!(
             matches!(e, Err(MachineError::Mismatch(ref m)) if m.contains("machine description says"))
