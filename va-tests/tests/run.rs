@@ -632,4 +632,20 @@ fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
         count > first,
         "the last count on disk ({count}) predates the resume ({first})"
     );
+    drop(v);
+
+    // Run it again (from the overlays) and kill vamem: the run ends naming vamem, and its
+    // FUSE mount, QEMU and vablk are gone.
+    let mut r = VaRun::start(dir.path(), &url, &[]);
+    let run_dir = r.run_dir();
+    let blk = r.pid_of("vablk");
+    let mem = r.pid_of("vamem");
+    r.wait_line("guest running", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = Command::new("kill").args(["-9", &mem.to_string()]).status();
+    let st = r.proc.wait_exit(Duration::from_secs(60));
+    let e = r.stderr();
+    assert!(!st.success(), "{e}");
+    assert!(e.contains("vamem exited"), "{e}");
+    assert_nothing_left(&run_dir, &[blk, mem]);
 }

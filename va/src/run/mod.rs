@@ -197,9 +197,29 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(va_daemon::args::default_state_dir)
         .join(&hex[..16]);
-    if a.fresh {
+    // A snapshot resumes its saved device state, which goes with the RAM and disk as they
+    // were saved: the overlays of an earlier run (RAM and disk as that run left them) cannot
+    // be combined with it, so every run of a snapshot starts from the appliance as packed.
+    // They are kept until then, to be read (vanbd --overlay) after a run.
+    if a.fresh || snapshot {
+        let mut dropped = Vec::new();
         for f in ["disk.overlay", "mem.overlay"] {
-            let _ = std::fs::remove_file(state_dir.join(f));
+            let p = state_dir.join(f);
+            if std::fs::remove_file(&p).is_ok() {
+                dropped.push(f);
+            }
+            let _ = std::fs::remove_file(state_dir.join(format!("{f}.map")));
+        }
+        if !dropped.is_empty() {
+            tl.mark(format_args!(
+                "{}: discarded the previous run's {}",
+                if snapshot {
+                    "a snapshot resumes as it was saved"
+                } else {
+                    "--fresh"
+                },
+                dropped.join(", ")
+            ));
         }
     }
     std::fs::create_dir_all(&state_dir)
@@ -369,7 +389,14 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let steps = vm.resume_steps();
     if !steps.is_empty() {
         if let Err(e) = launch::run_steps(&qmp, &steps) {
-            let end = End::Failed(format!("QEMU: resuming the snapshot failed: {e:#}"));
+            std::thread::sleep(Duration::from_millis(200));
+            let end = End::Failed(format!(
+                "QEMU: resuming the snapshot failed: {e:#}{}",
+                match qemu_child.try_exited() {
+                    Some(st) => format!(" (QEMU exited, {st}: {})", qemu_child.log_tail()),
+                    None => String::new(),
+                }
+            ));
             return finish(
                 end,
                 &tl,
@@ -409,17 +436,25 @@ fn supervise(signals: &TermSignals, qemu: &mut Supervised, sidecars: &mut [Super
             Ok(None) => {}
             Err(e) => return End::Failed(format!("va run: waiting for signals: {e}")),
         }
+        // A sidecar first: a QEMU that dies at the same moment died of it (a vamem gone makes
+        // QEMU's next access to guest RAM a SIGBUS), and the cause is what the user needs.
+        for s in sidecars.iter_mut() {
+            if let Some(st) = s.try_exited() {
+                return End::Failed(format!("{} exited ({st}): {}", s.name, s.log_tail()));
+            }
+        }
         if let Some(st) = qemu.try_exited() {
+            std::thread::sleep(Duration::from_millis(50));
+            for s in sidecars.iter_mut() {
+                if let Some(st) = s.try_exited() {
+                    return End::Failed(format!("{} exited ({st}): {}", s.name, s.log_tail()));
+                }
+            }
             return if st.success() {
                 End::PoweredOff
             } else {
                 End::Failed(format!("QEMU exited ({st}): {}", qemu.log_tail()))
             };
-        }
-        for s in sidecars.iter_mut() {
-            if let Some(st) = s.try_exited() {
-                return End::Failed(format!("{} exited ({st}): {}", s.name, s.log_tail()));
-            }
         }
     }
 }
@@ -453,6 +488,14 @@ fn finish(
     for s in sidecars.iter_mut().rev() {
         let out = s.stop(Duration::from_secs(15));
         stats.push((s.name.clone(), summary::last_json(&out)));
+    }
+    // A vamem that crashed leaves its FUSE mount behind ("transport endpoint is not
+    // connected"): detach it, so that nothing of the run stays mounted.
+    let mount = run_path.join("mem");
+    if crate::sys::is_mounted(&mount) {
+        if let Err(e) = crate::sys::detach_mount(&mount) {
+            eprintln!("va run: {e}");
+        }
     }
     tl.mark("stopped");
     if let Some(t) = &a.record_trace {
