@@ -390,6 +390,26 @@ fn a_normal_user_runs_a_disk_only_appliance_from_a_file_origin() {
         &std::fs::metadata(d.join("xdg-cache/vastream")).unwrap(),
     );
     assert_eq!(owner, 65534, "the cache belongs to nobody");
+
+    // --no-cache-write: the guest reads the same disk, and no cache is left anywhere.
+    std::fs::remove_dir_all(d.join("xdg-cache")).unwrap();
+    std::fs::remove_file(d.join("console")).unwrap();
+    let out = run(&["--no-cache-write"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let console = std::fs::read_to_string(d.join("console")).unwrap();
+    assert!(
+        console.contains(&format!("VA-RESULT sha256 {sha}")),
+        "{console}\n{err}"
+    );
+    assert!(!d.join("xdg-cache").exists(), "a cache was written: {err}");
+    let left: Vec<_> = std::fs::read_dir(d.join("xdg-state/vastream"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("run-cache"))
+        .collect();
+    assert!(left.is_empty(), "the run's cache was left: {left:?}");
 }
 
 /// A snapshot appliance: the memcheck guest (64 MiB of random data in its RAM, checked every

@@ -65,6 +65,12 @@ pub struct RunArgs {
     /// otherwise).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Leave the chunk cache as it was: this run keeps the chunks it fetches in a cache of
+    /// its own (under --state-dir, removed when the run ends) and neither reads nor writes
+    /// --cache-dir. For one-off runs on a host that should keep nothing of the appliance but
+    /// its overlays.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache_write: bool,
     /// Bound of the local cache.
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = va_store::parse_size)]
     cache_size: u64,
@@ -145,10 +151,31 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     // Before any thread exists: SIGINT/SIGTERM are taken synchronously by the supervisor.
     let signals = TermSignals::block().context("blocking SIGINT/SIGTERM")?;
     let tl = Timeline { t0: Instant::now() };
-    let cache_dir = a
-        .cache_dir
+    let state_base = a
+        .state_dir
         .clone()
-        .unwrap_or_else(va_daemon::args::default_cache_dir);
+        .unwrap_or_else(va_daemon::args::default_state_dir);
+    // --no-cache-write: a cache of this run's own, on disk beside the overlays, removed when
+    // the run ends (dropped last, after the sidecars).
+    let _run_cache = if a.no_cache_write {
+        std::fs::create_dir_all(&state_base)
+            .with_context(|| format!("creating {}", state_base.display()))?;
+        Some(
+            tempfile::Builder::new()
+                .prefix("run-cache-")
+                .tempdir_in(&state_base)
+                .with_context(|| format!("creating a run cache in {}", state_base.display()))?,
+        )
+    } else {
+        None
+    };
+    let cache_dir = match &_run_cache {
+        Some(d) => d.path().to_path_buf(),
+        None => a
+            .cache_dir
+            .clone()
+            .unwrap_or_else(va_daemon::args::default_cache_dir),
+    };
     let digest = match &a.digest {
         Some(d) => {
             Some(Hash::from_hex(d).ok_or_else(|| anyhow!("--digest {d:?}: not 64 hex digits"))?)
@@ -192,11 +219,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let machine = launch::machine(&app, snapshot, a.vcpus, a.memory)?;
     let accel = a.accel.unwrap_or_else(Accel::detect);
 
-    let state_dir = a
-        .state_dir
-        .clone()
-        .unwrap_or_else(va_daemon::args::default_state_dir)
-        .join(&hex[..16]);
+    let state_dir = state_base.join(&hex[..16]);
     // A snapshot resumes its saved device state, which goes with the RAM and disk as they
     // were saved: the overlays of an earlier run (RAM and disk as that run left them) cannot
     // be combined with it, so every run of a snapshot starts from the appliance as packed.
