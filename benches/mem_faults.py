@@ -5,14 +5,17 @@ The guest (va-tests/guest, `va.test=sparse va.mem_mb=N`) holds N MiB of random d
 reads one 4 KiB block per MiB of it every tick (a warm application whose working set is a small
 part of a large memory). It is booted with its RAM in a shared file and its disk on
 `vablk --file`, saved with `va snapshot` after two ticks, packed with `va pack`, served by
-`va serve` behind `va wan`, and resumed with `va run` from an empty cache, demand paging only
-(`--no-prefetch`, so that what crosses the link is what the faults asked for). Alternated in
-each round:
+`va serve` behind `va wan`, and resumed with `va run` from an empty cache. Alternated in each
+round:
 
-  hugepage  QEMU as is (VA_PRELOAD_HUGEPAGE=keep turns libva_preload.so off): every major
-            fault on vamem's file reads a 2 MiB-aligned window of up to 4 MiB
-  page      va run's default: libva_preload.so drops QEMU's MADV_HUGEPAGE, vamem's readahead
-            is 4 KiB: a fault reads the page it needs
+  hugepage            QEMU as is (VA_PRELOAD_HUGEPAGE=keep turns libva_preload.so off): every
+                      major fault on vamem's file reads a 2 MiB-aligned window of up to 4 MiB;
+                      demand only (--no-prefetch)
+  page                va run's default faults: libva_preload.so drops QEMU's MADV_HUGEPAGE,
+                      vamem's readahead is 4 KiB: a fault reads the page it needs; demand only
+  hugepage+prefetch   as hugepage, with vamem's prefetch (pack order = logical order here)
+  page+plan+prefetch  page faults; the appliance repacked with the trace of one page-granular
+                      run (va run --record-trace, va pack --plan), prefetch on
 
 Measured: seconds from `va run` start to the guest's third tick after the resume, MiB of the
 mem image fetched (va run's summary), demand misses. Median of the rounds.
@@ -90,17 +93,29 @@ def mib(text):
     return float(v) * {"B": 1 / (1 << 20), "KiB": 1 / 1024, "MiB": 1, "GiB": 1024}[unit]
 
 
-def resume(mode, work, url, n):
+MODES = {
+    # name: (bundle, keep QEMU's MADV_HUGEPAGE, prefetch)
+    "hugepage": ("app", True, False),
+    "page": ("app", False, False),
+    "hugepage+prefetch": ("app", True, True),
+    "page+plan+prefetch": ("app-plan", False, True),
+}
+
+
+def resume(mode, work, base, n, extra=()):
+    bundle, keep, prefetch = MODES[mode]
+    url = base + bundle + "/"
     tag = f"{mode}-{n}"
     console = os.path.join(work, f"{tag}.console")
     env = dict(os.environ, NO_COLOR="1")
-    if mode == "hugepage":
+    if keep:
         env["VA_PRELOAD_HUGEPAGE"] = "keep"
     t0 = time.monotonic()
-    p = subprocess.Popen([VA, "run", url, "--accel", "tcg", "--no-prefetch",
+    p = subprocess.Popen([VA, "run", url, "--accel", "tcg",
                           "--cache-dir", os.path.join(work, f"cache-{tag}"),
                           "--state-dir", os.path.join(work, f"state-{tag}"),
-                          "--console", console],
+                          "--console", console]
+                         + ([] if prefetch else ["--no-prefetch"]) + list(extra),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     ticks, t_done = 0, None
     deadline = t0 + 600
@@ -143,10 +158,21 @@ def main():
     procs, base = origin(bundle, a.rate, a.rtt)
     runs = []
     try:
+        # The plan: one page-granular demand run's trace (va run --record-trace), then the
+        # appliance repacked with it (working set first, in first-touch order).
+        trace = os.path.join(work, "run.trace")
+        resume("page", work, base, "record", ["--record-trace", trace])
+        snap = os.path.join(work, "snap")
+        subprocess.run([VA, "pack", "-q", "--mem", f"{snap}/mem", "--state", f"{snap}/state",
+                        "--machine", f"{snap}/machine.json", "--disk",
+                        os.path.join(work, "disk.raw"), "--plan", trace,
+                        "--out", os.path.join(bundle, "app-plan")],
+                       check=True, stdout=subprocess.DEVNULL)
+        modes = list(MODES)
         for n in range(a.rounds):
-            for mode in ("hugepage", "page") if n % 2 == 0 else ("page", "hugepage"):
-                r = resume(mode, work, base + "app/", n)
-                print(f"round {n + 1} {mode:8} {r['ticks3_s']:6.1f} s  "
+            for mode in modes if n % 2 == 0 else modes[::-1]:
+                r = resume(mode, work, base, n)
+                print(f"round {n + 1} {mode:18} {r['ticks3_s']:6.1f} s  "
                       f"{r['mem_fetched_mib']:7.1f} MiB  {r['mem_misses']:5d} misses  "
                       f"{r['mem_waited_s']:6.1f} s waited", file=sys.stderr)
                 runs.append(r)
@@ -154,15 +180,15 @@ def main():
         stop(procs)
     table = []
     print(f"\nresume of a {ram_mb} MiB guest touching 1 block per MiB of {a.mem_mb} MiB, "
-          f"{a.rate}/{a.rtt}, demand only, median of {a.rounds}")
-    print(f"{'faults':10} {'start->3rd tick':>16} {'mem fetched':>12} {'misses':>7} {'waited':>7}")
-    for mode in ("hugepage", "page"):
+          f"{a.rate}/{a.rtt}, median of {a.rounds}")
+    print(f"{'mode':18} {'start->3rd tick':>16} {'mem fetched':>12} {'misses':>7} {'waited':>7}")
+    for mode in MODES:
         rs = [r for r in runs if r["mode"] == mode]
         med = {k: statistics.median(r[k] for r in rs)
                for k in ("ticks3_s", "mem_fetched_mib", "mem_misses", "mem_waited_s")}
         med["mode"] = mode
         table.append(med)
-        print(f"{mode:10} {med['ticks3_s']:14.1f} s {med['mem_fetched_mib']:8.1f} MiB "
+        print(f"{mode:18} {med['ticks3_s']:14.1f} s {med['mem_fetched_mib']:8.1f} MiB "
               f"{med['mem_misses']:7.0f} {med['mem_waited_s']:6.1f}s")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
