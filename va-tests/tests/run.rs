@@ -703,6 +703,45 @@ fn two_disk_appliance_runs_with_both_disks_and_vanbd_serves_the_second() {
     let origin = Origin::start(&site, None);
     let url = format!("{}app/", origin.url);
 
+    // va qemu-args wants one --blk-sock per disk, in disk order.
+    let (ok, _, err) = va_tests::va(&["qemu-args", &url, "--blk-sock", "/x.sock"]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("the appliance has 2 disk(s), disk, disk1: give one --blk-sock per disk"),
+        "{err}"
+    );
+    let fetch = dir.path().join("fetch");
+    let (ok, out, err) = va_tests::va(&[
+        "qemu-args",
+        &url,
+        "--accel",
+        "tcg",
+        "--blk-sock",
+        "/run/va/disk.sock",
+        "--blk-sock",
+        "/run/va/disk1.sock",
+        "--fetch-dir",
+        fetch.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let at = |pat: &str| out.find(pat).unwrap_or_else(|| panic!("no {pat} in {out}"));
+    let (d0, d1) = (at("path=/run/va/disk.sock"), at("path=/run/va/disk1.sock"));
+    assert!(d0 < d1, "{out}");
+    // At most 8 disks.
+    let nine: Vec<&str> = std::iter::repeat_n(["--disk", b.to_str().unwrap()], 9)
+        .flatten()
+        .collect();
+    let mut args = vec!["pack", "-q", "--out"];
+    let nine_out = dir.path().join("nine");
+    args.push(nine_out.to_str().unwrap());
+    args.extend(nine);
+    let (ok, _, err) = va_tests::va(&args);
+    assert!(!ok);
+    assert!(
+        err.contains("9 --disk files: an appliance has at most 8 disks (disk, disk1 .. disk7)"),
+        "{err}"
+    );
+
     // va cat --image disk1 is the second disk.
     let cat = dir.path().join("cat1.raw");
     va_ok(&[
