@@ -42,6 +42,6 @@ pub use argv::{shell_join, shell_quote, QEMU};
 pub use machine::{Device, DeviceKind, Machine, MachineError, PropValue};
 pub use qmp::{Step, WaitState};
 pub use vm::{
-    Accel, Attachments, Backend, BootImages, Console, KernelBoot, NbdDisk, NbdServer, Ram,
-    RamBackend, UserNet, Vm, VmDevice, VmError,
+    disk_name, disk_number, Accel, Attachments, Backend, BootImages, Console, KernelBoot, NbdDisk,
+    NbdServer, Ram, RamBackend, UserNet, Vm, VmDevice, VmError,
 };

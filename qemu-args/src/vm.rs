@@ -194,9 +194,11 @@ pub struct BootImages {
 pub struct Attachments {
     /// The accelerator.
     pub accel: Accel,
-    /// One vhost-user socket per vhost-user-blk device of the description, in order; for a
-    /// description without such devices (a cold boot), each socket becomes a new
-    /// `vhost-user-blk-pci` disk (the first serves `disk`).
+    /// One vhost-user socket per disk of the appliance, in disk order: socket k serves the
+    /// image `disk` (k = 0) or `disk<k>`. A vhost-user-blk device of the description whose
+    /// `disk` names an image takes that image's socket, the others the remaining sockets in
+    /// order; for a description without such devices (a cold boot), each socket becomes a new
+    /// `vhost-user-blk-pci` disk (serving `disk`, `disk1`, ...).
     pub blk_sockets: Vec<PathBuf>,
     /// `reconnect-ms` for the vhost-user chardevs (0: none).
     pub reconnect_ms: u32,
@@ -278,6 +280,28 @@ pub struct Vm {
     pub extra_args: Vec<String>,
 }
 
+/// The appliance image disk number `k` is: `disk` for 0, else `disk<k>` (`disk1`, ...).
+pub fn disk_name(k: usize) -> String {
+    if k == 0 {
+        DISK_IMAGE.to_string()
+    } else {
+        format!("{DISK_IMAGE}{k}")
+    }
+}
+
+/// The disk number of an appliance image name: 0 for `disk`, k for `disk<k>` (no leading
+/// zero); `None` for any other name.
+pub fn disk_number(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix(DISK_IMAGE)?;
+    if rest.is_empty() {
+        return Some(0);
+    }
+    if rest.starts_with('0') || !rest.bytes().all(|b| b.is_ascii_digit()) || rest.len() > 3 {
+        return None;
+    }
+    rest.parse().ok().filter(|&k| k > 0)
+}
+
 /// The VM name when the launcher gives none.
 pub const DEFAULT_NAME: &str = "vastream";
 
@@ -301,7 +325,20 @@ impl Vm {
         };
 
         let mut devices = Vec::new();
-        let mut sockets = a.blk_sockets.iter();
+        // Socket k serves disk image k (`disk`, `disk1`, ...). A device whose `disk` names an
+        // image takes that image's socket; the others take the unclaimed sockets in order.
+        let mut claimed = vec![false; a.blk_sockets.len()];
+        for d in &m.devices {
+            if d.kind() == DeviceKind::VhostUserBlk {
+                if let Some(k) = d.disk.as_deref().and_then(disk_number) {
+                    if let Some(c) = claimed.get_mut(k) {
+                        *c = true;
+                    }
+                }
+            }
+        }
+        let mut unclaimed = (0..a.blk_sockets.len()).filter(|&k| !claimed[k]);
+        let mut used = vec![false; a.blk_sockets.len()];
         let mut nbd_used = vec![false; a.nbd.len()];
         let mut net = a.net.clone();
         for (i, d) in m.devices.iter().enumerate() {
@@ -309,22 +346,59 @@ impl Vm {
             let mut props = d.props.clone();
             props.retain(|k, _| !BACKEND_PROPS.contains(&k.as_str()));
             let backend = match d.kind() {
-                DeviceKind::VhostUserBlk => match sockets.next() {
-                    Some(s) => Backend::VhostUser {
-                        socket: s.clone(),
-                        reconnect_ms: a.reconnect_ms,
-                    },
-                    None => {
+                DeviceKind::VhostUserBlk => match d.disk.as_deref().and_then(disk_number) {
+                    Some(k) if k < a.blk_sockets.len() => {
+                        if used[k] {
+                            return Err(vm_err(
+                                field,
+                                format!(
+                                    "the image {:?} is given twice (a second {} device for it)",
+                                    d.disk.as_deref().unwrap_or_default(),
+                                    d.driver
+                                ),
+                            ));
+                        }
+                        used[k] = true;
+                        Backend::VhostUser {
+                            socket: a.blk_sockets[k].clone(),
+                            reconnect_ms: a.reconnect_ms,
+                        }
+                    }
+                    Some(k) => {
                         return Err(vm_err(
                             field,
                             format!(
-                                "a {} device without a socket: give one vhost-user socket per \
-                                 vhost-user-blk device ({} given)",
+                                "a {} device for the image {:?} without a socket: give one \
+                                 vhost-user socket per disk, in disk order ({} given, {:?} is \
+                                 disk number {})",
                                 d.driver,
-                                a.blk_sockets.len()
+                                d.disk.as_deref().unwrap_or_default(),
+                                a.blk_sockets.len(),
+                                d.disk.as_deref().unwrap_or_default(),
+                                k + 1
                             ),
                         ))
                     }
+                    None => match unclaimed.next() {
+                        Some(k) => {
+                            used[k] = true;
+                            Backend::VhostUser {
+                                socket: a.blk_sockets[k].clone(),
+                                reconnect_ms: a.reconnect_ms,
+                            }
+                        }
+                        None => {
+                            return Err(vm_err(
+                                field,
+                                format!(
+                                    "a {} device without a socket: give one vhost-user socket per \
+                                 vhost-user-blk device ({} given)",
+                                    d.driver,
+                                    a.blk_sockets.len()
+                                ),
+                            ))
+                        }
+                    },
                 },
                 DeviceKind::OtherDisk => {
                     let found = a.nbd.iter().position(|n| {
@@ -374,11 +448,11 @@ impl Vm {
         let had_blk = devices
             .iter()
             .any(|d| matches!(d.backend, Backend::VhostUser { .. }));
-        let extra: Vec<&PathBuf> = sockets.collect();
-        if !extra.is_empty() {
+        let extra: Vec<usize> = (0..a.blk_sockets.len()).filter(|&k| !used[k]).collect();
+        if let Some(&first) = extra.first() {
             if resume {
                 return Err(vm_err(
-                    format!("blk_sockets[{}]", a.blk_sockets.len() - extra.len()),
+                    format!("blk_sockets[{first}]"),
                     format!(
                         "the snapshot has {} vhost-user-blk device(s), {} socket(s) given: a \
                          resumed VM cannot get devices its saved state does not have",
@@ -387,7 +461,8 @@ impl Vm {
                     ),
                 ));
             }
-            for (k, s) in extra.into_iter().enumerate() {
+            for k in extra {
+                let s = &a.blk_sockets[k];
                 let n = devices.len();
                 devices.push(VmDevice {
                     id: Some(format!("vablk{n}")),
@@ -400,7 +475,7 @@ impl Vm {
                         socket: s.clone(),
                         reconnect_ms: a.reconnect_ms,
                     },
-                    disk: (k == 0 && !had_blk).then(|| DISK_IMAGE.to_string()),
+                    disk: (!had_blk).then(|| disk_name(k)),
                 });
             }
         }
@@ -916,7 +991,7 @@ mod tests {
         let names: Vec<&str> = vm.devices.iter().map(VmDevice::name).collect();
         assert_eq!(names, ["vablk0", "vablk1", "net0"]);
         assert_eq!(vm.devices[0].disk.as_deref(), Some("disk"));
-        assert_eq!(vm.devices[1].disk, None);
+        assert_eq!(vm.devices[1].disk.as_deref(), Some("disk1"));
         let k = vm.kernel.unwrap();
         assert_eq!(k.append.as_deref(), Some("console=ttyS0 root=/dev/vda"));
         let tcg = Attachments {
@@ -1012,6 +1087,76 @@ mod tests {
     }
 
     #[test]
+    fn disk_names_and_numbers() {
+        for k in 0..20 {
+            assert_eq!(disk_number(&disk_name(k)), Some(k));
+        }
+        assert_eq!(disk_name(0), "disk");
+        assert_eq!(disk_name(3), "disk3");
+        for bad in [
+            "",
+            "mem",
+            "disk0",
+            "disk01",
+            "disk-1",
+            "disk1a",
+            "Disk",
+            "disk99999",
+        ] {
+            assert_eq!(disk_number(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn snapshot_devices_take_the_socket_of_the_disk_they_name() {
+        let mut m = snapshot_machine();
+        let mut second = m.devices[0].clone();
+        second.id = Some("vablk1".into());
+        second.path = "/machine/peripheral/vablk1".into();
+        second
+            .props
+            .insert("addr".into(), PropValue::Str("0x5".into()));
+        second
+            .props
+            .insert("chardev".into(), PropValue::Str("vb1".into()));
+        // The device recorded first serves disk1, the second serves disk.
+        m.devices[0].disk = Some("disk1".into());
+        second.disk = Some("disk".into());
+        m.devices.push(second);
+        let a = Attachments {
+            blk_sockets: vec!["/run/disk.sock".into(), "/run/disk1.sock".into()],
+            ..resume_attachments()
+        };
+        let vm = Vm::from_machine(&m, &a).unwrap();
+        let socket = |i: usize| match &vm.devices[i].backend {
+            Backend::VhostUser { socket, .. } => socket.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(socket(0), PathBuf::from("/run/disk1.sock"));
+        assert_eq!(socket(1), PathBuf::from("/run/disk.sock"));
+        // Without names, in order.
+        let mut unnamed = m.clone();
+        unnamed.devices.iter_mut().for_each(|d| d.disk = None);
+        let vm = Vm::from_machine(&unnamed, &a).unwrap();
+        assert!(
+            matches!(&vm.devices[0].backend, Backend::VhostUser { socket, .. } if socket == &PathBuf::from("/run/disk.sock"))
+        );
+        // A device naming a disk beyond the sockets given is refused, naming it.
+        let one = Attachments {
+            blk_sockets: vec!["/run/disk.sock".into()],
+            ..resume_attachments()
+        };
+        let e = Vm::from_machine(&m, &one).unwrap_err();
+        assert_eq!(e.field, "devices[0] (vablk0)");
+        assert!(e.problem.contains("\"disk1\""), "{e}");
+        // Two devices naming the same disk.
+        let mut twice = m.clone();
+        twice.devices[1].disk = Some("disk1".into());
+        let e = Vm::from_machine(&twice, &a).unwrap_err();
+        assert!(e.problem.contains("twice"), "{e}");
+    }
+
+    #[test]
     fn snapshot_machine_type_must_be_versioned() {
         let mut m = snapshot_machine();
         m.machine = "q35".into();
@@ -1085,6 +1230,7 @@ mod tests {
         let mut m = snapshot_machine();
         let mut second = m.devices[0].clone();
         second.path = "/machine/peripheral-anon/device[0]".into();
+        second.disk = Some("disk1".into());
         m.devices.push(second);
         let a = Attachments {
             blk_sockets: vec!["/a".into(), "/b".into()],

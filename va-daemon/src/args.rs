@@ -16,6 +16,12 @@ pub struct DaemonArgs {
     )]
     pub appliance: Option<String>,
 
+    /// Which image of the appliance to serve, by name. vablk and vanbd serve a disk: `disk`
+    /// (the default, the first disk) or `disk1` .. `disk7` (the further disks of a
+    /// multi-disk appliance); vamem serves only `mem`.
+    #[arg(long, value_name = "NAME", help_heading = "Appliance")]
+    pub image: Option<String>,
+
     /// Expected manifest digest (64 hex digits), if the URL does not carry one.
     #[arg(long, value_name = "HEX", help_heading = "Appliance")]
     pub digest: Option<String>,

@@ -16,7 +16,9 @@ use crate::args::DaemonArgs;
 pub struct Defaults {
     /// The daemon's name (logs, stats).
     pub daemon: &'static str,
-    /// Which image of the appliance it serves.
+    /// Which image of the appliance it serves unless `--image` says otherwise. A daemon whose
+    /// default is a disk serves any disk (`disk`, `disk1` .. `disk7`); the others serve only
+    /// their default image.
     pub image: ImageKind,
     /// Prefetch unless told otherwise.
     pub prefetch: bool,
@@ -79,6 +81,56 @@ pub enum ConfigError {
     BadDigest(String),
     #[error("give --appliance URL (or --file RAW for testing)")]
     NoSource,
+    #[error("--image: unknown image {name:?} ({daemon} serves {})", serves(*.default))]
+    UnknownImage {
+        daemon: &'static str,
+        name: String,
+        default: ImageKind,
+    },
+    #[error("--image {image}: {daemon} serves {}, not the {image} image", serves(*.default))]
+    WrongImage {
+        daemon: &'static str,
+        image: ImageKind,
+        default: ImageKind,
+    },
+}
+
+/// What a daemon whose default image is `default` serves, for messages.
+fn serves(default: ImageKind) -> String {
+    if default.is_disk() {
+        let names: Vec<&str> = ImageKind::DISKS.iter().map(|k| k.name()).collect();
+        format!("a disk image ({})", names.join(", "))
+    } else {
+        format!("only the {default} image")
+    }
+}
+
+impl Defaults {
+    /// Whether a daemon with these defaults may serve `image`: any disk for a disk daemon,
+    /// else only the default image.
+    pub fn accepts(&self, image: ImageKind) -> bool {
+        image == self.image || (self.image.is_disk() && image.is_disk())
+    }
+
+    /// Resolves `--image NAME` (None: the default image).
+    pub fn pick_image(&self, name: Option<&str>) -> Result<ImageKind, ConfigError> {
+        let Some(name) = name else {
+            return Ok(self.image);
+        };
+        let image = ImageKind::from_name(name).ok_or_else(|| ConfigError::UnknownImage {
+            daemon: self.daemon,
+            name: name.to_string(),
+            default: self.image,
+        })?;
+        if !self.accepts(image) {
+            return Err(ConfigError::WrongImage {
+                daemon: self.daemon,
+                image,
+                default: self.image,
+            });
+        }
+        Ok(image)
+    }
 }
 
 impl Defaults {
@@ -102,6 +154,7 @@ impl Defaults {
 impl Config {
     /// Checks `args` and fills what they leave open from `defaults`.
     pub fn from_args(args: DaemonArgs, defaults: &Defaults) -> Result<Config, ConfigError> {
+        let image = defaults.pick_image(args.image.as_deref())?;
         let source = match (args.file, args.appliance) {
             (Some(path), _) => Source::File(path),
             (None, Some(url)) => {
@@ -142,7 +195,7 @@ impl Config {
             daemon: defaults.daemon,
             prefetch: prefetch && matches!(source, Source::Appliance { .. }),
             source,
-            image: defaults.image,
+            image,
             overlay: args.overlay,
             read_only: args.read_only,
             trace: args.trace,
@@ -158,6 +211,42 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_option_picks_a_disk_or_is_refused() {
+        let blk = Defaults::new("vablk", ImageKind::Disk, false, Duration::from_secs(1));
+        let mem = Defaults::new("vamem", ImageKind::Mem, true, Duration::from_secs(1));
+        let args = |image: Option<&str>| DaemonArgs {
+            appliance: Some("http://h/a/".into()),
+            image: image.map(str::to_string),
+            ..DaemonArgs::default()
+        };
+        let pick = |d: &Defaults, image: Option<&str>| Config::from_args(args(image), d);
+        assert_eq!(pick(&blk, None).unwrap().image, ImageKind::Disk);
+        assert_eq!(pick(&blk, Some("disk")).unwrap().image, ImageKind::Disk);
+        assert_eq!(pick(&blk, Some("disk1")).unwrap().image, ImageKind::Disk1);
+        assert_eq!(pick(&blk, Some("disk7")).unwrap().image, ImageKind::Disk7);
+        assert_eq!(pick(&mem, None).unwrap().image, ImageKind::Mem);
+        assert_eq!(pick(&mem, Some("mem")).unwrap().image, ImageKind::Mem);
+        assert_eq!(
+            pick(&blk, Some("mem")).unwrap_err().to_string(),
+            "--image mem: vablk serves a disk image (disk, disk1, disk2, disk3, disk4, disk5, \
+             disk6, disk7), not the mem image"
+        );
+        assert_eq!(
+            pick(&blk, Some("disk8")).unwrap_err().to_string(),
+            "--image: unknown image \"disk8\" (vablk serves a disk image (disk, disk1, disk2, \
+             disk3, disk4, disk5, disk6, disk7))"
+        );
+        assert_eq!(
+            pick(&mem, Some("disk")).unwrap_err().to_string(),
+            "--image disk: vamem serves only the mem image, not the disk image"
+        );
+        assert!(matches!(
+            pick(&mem, Some("kernel")),
+            Err(ConfigError::WrongImage { .. })
+        ));
+    }
 
     fn defaults(prefetch: bool) -> Defaults {
         Defaults {

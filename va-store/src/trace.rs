@@ -10,7 +10,8 @@
 //! 90211 mem 4410
 //! ```
 //!
-//! `<image>` is an image kind's name (`disk`, `mem`, `state`, `machine`, `kernel`, `initrd`).
+//! `<image>` is an image kind's name (`disk`, `mem`, `state`, `machine`, `kernel`, `initrd`,
+//! `disk1` .. `disk7`).
 //! Lines starting with `#` and blank lines are comments. A *plan* (what `va pack --plan` reads)
 //! is the same format, and the timestamp column is optional: `disk 17` is a valid plan line.
 //! Several traces can be concatenated into one plan; repeated chunks keep their first position.
@@ -187,7 +188,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t");
         {
-            let w = TraceWriter::create(&p, 65536, "abc", [10, 100, 0, 0, 2, 0]).unwrap();
+            let mut chunks = [0u64; ImageKind::COUNT];
+            chunks[..5].copy_from_slice(&[10, 100, 0, 0, 2]);
+            chunks[ImageKind::Disk1.index()] = 5;
+            let w = TraceWriter::create(&p, 65536, "abc", chunks).unwrap();
             w.record(ImageKind::Disk, 3);
             w.record(ImageKind::Mem, 70);
             w.record(ImageKind::Disk, 3);
@@ -195,6 +199,8 @@ mod tests {
             w.record(ImageKind::State, 1); // out of range: ignored
             w.record(ImageKind::Kernel, 1);
             w.record(ImageKind::Initrd, 0); // out of range: ignored
+            w.record(ImageKind::Disk1, 3);
+            w.record(ImageKind::Disk2, 0); // out of range: ignored
         }
         let plan = read_plan(&p).unwrap();
         assert_eq!(
@@ -216,6 +222,10 @@ mod tests {
                     image: ImageKind::Kernel,
                     chunk: 1
                 },
+                PlanItem {
+                    image: ImageKind::Disk1,
+                    chunk: 3
+                },
             ]
         );
     }
@@ -226,12 +236,17 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "p:2: unknown image \"floppy\" (expected one of disk, mem, state, machine, kernel, \
-             initrd)"
+             initrd, disk1, disk2, disk3, disk4, disk5, disk6, disk7)"
         );
-        let plan = parse_plan("kernel 0\n7 initrd 2\n".as_bytes(), Path::new("p")).unwrap();
+        let plan =
+            parse_plan("kernel 0\n7 initrd 2\ndisk7 4\n".as_bytes(), Path::new("p")).unwrap();
         assert_eq!(
             plan.iter().map(|i| (i.image, i.chunk)).collect::<Vec<_>>(),
-            [(ImageKind::Kernel, 0), (ImageKind::Initrd, 2)]
+            [
+                (ImageKind::Kernel, 0),
+                (ImageKind::Initrd, 2),
+                (ImageKind::Disk7, 4)
+            ]
         );
         assert!(parse_plan("disk x".as_bytes(), Path::new("p")).is_err());
         assert!(parse_plan("1 2 3 4".as_bytes(), Path::new("p")).is_err());

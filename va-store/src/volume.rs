@@ -135,7 +135,7 @@ fn overlay_err(e: OverlayError) -> DevError {
 
 impl Volume {
     /// Opens image `image` of the appliance at `url`, by its kind's name: `disk`, `mem`,
-    /// `state`, `machine`, `kernel` or `initrd` (see [`ImageKind::name_list`]).
+    /// `state`, `machine`, `kernel`, `initrd` or `disk1` .. `disk7` (see [`ImageKind::name_list`]).
     pub fn open(url: &str, image: &str, opts: &VolumeOptions) -> Result<Arc<Volume>, VolumeError> {
         let kind =
             ImageKind::from_name(image).ok_or_else(|| VolumeError::UnknownImage(image.into()))?;

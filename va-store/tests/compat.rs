@@ -73,7 +73,7 @@ fn v1_bundle_opens_pinned_and_reads_back_unchanged() {
 fn v1_bundle_has_no_kernel_and_unknown_names_are_refused() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/v1-four-kinds");
     let url = dir.to_str().unwrap();
-    for name in ["kernel", "initrd"] {
+    for name in ["kernel", "initrd", "disk1", "disk7"] {
         let e = Volume::open(url, name, &VolumeOptions::default())
             .err()
             .unwrap();
@@ -87,6 +87,7 @@ fn v1_bundle_has_no_kernel_and_unknown_names_are_refused() {
         .unwrap();
     assert_eq!(
         e.to_string(),
-        "unknown image \"floppy\" (expected one of disk, mem, state, machine, kernel, initrd)"
+        "unknown image \"floppy\" (expected one of disk, mem, state, machine, kernel, initrd, \
+         disk1, disk2, disk3, disk4, disk5, disk6, disk7)"
     );
 }

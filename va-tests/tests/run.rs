@@ -669,3 +669,162 @@ fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
     assert!(e.contains("vamem exited"), "{e}");
     assert_nothing_left(&run_dir, &[blk, mem]);
 }
+
+/// An appliance with two disks: `va pack --disk A --disk B` packs them as `disk` and `disk1`,
+/// `va run` starts one vablk per disk and the guest sees both (/dev/vda and /dev/vdb, in
+/// that order), and `vanbd --image disk1` exports the second disk as `disk1`.
+#[test]
+fn two_disk_appliance_runs_with_both_disks_and_vanbd_serves_the_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+    let sha_a = random_disk(&a, 16, true);
+    let sha_b = random_disk(&b, 8, false);
+    assert_ne!(sha_a, sha_b);
+    let g = guest();
+    let site = dir.path().join("site");
+    va_ok(&[
+        "pack",
+        "-q",
+        "--disk",
+        a.to_str().unwrap(),
+        "--disk",
+        b.to_str().unwrap(),
+        "--kernel",
+        g.kernel.to_str().unwrap(),
+        "--initrd",
+        g.initrd.to_str().unwrap(),
+        "--append",
+        "console=ttyS0 quiet panic=-1 va.test=sha256,sha256b",
+        "--ram",
+        "256M",
+        "--out",
+        site.join("app").to_str().unwrap(),
+    ]);
+    let origin = Origin::start(&site, None);
+    let url = format!("{}app/", origin.url);
+
+    // va qemu-args wants one --blk-sock per disk, in disk order.
+    let (ok, _, err) = va_tests::va(&["qemu-args", &url, "--blk-sock", "/x.sock"]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("the appliance has 2 disk(s), disk, disk1: give one --blk-sock per disk"),
+        "{err}"
+    );
+    let fetch = dir.path().join("fetch");
+    let (ok, out, err) = va_tests::va(&[
+        "qemu-args",
+        &url,
+        "--accel",
+        "tcg",
+        "--blk-sock",
+        "/run/va/disk.sock",
+        "--blk-sock",
+        "/run/va/disk1.sock",
+        "--fetch-dir",
+        fetch.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let at = |pat: &str| out.find(pat).unwrap_or_else(|| panic!("no {pat} in {out}"));
+    let (d0, d1) = (at("path=/run/va/disk.sock"), at("path=/run/va/disk1.sock"));
+    assert!(d0 < d1, "{out}");
+    // At most 8 disks.
+    let nine: Vec<&str> = std::iter::repeat_n(["--disk", b.to_str().unwrap()], 9)
+        .flatten()
+        .collect();
+    let mut args = vec!["pack", "-q", "--out"];
+    let nine_out = dir.path().join("nine");
+    args.push(nine_out.to_str().unwrap());
+    args.extend(nine);
+    let (ok, _, err) = va_tests::va(&args);
+    assert!(!ok);
+    assert!(
+        err.contains("9 --disk files: an appliance has at most 8 disks (disk, disk1 .. disk7)"),
+        "{err}"
+    );
+
+    // va cat --image disk1 is the second disk.
+    let cat = dir.path().join("cat1.raw");
+    va_ok(&[
+        "cat",
+        "-q",
+        &url,
+        "--image",
+        "disk1",
+        "--out",
+        cat.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(&cat).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "va cat --image disk1"
+    );
+
+    let mut r = VaRun::start(dir.path(), &url, &[]);
+    let run_dir = r.run_dir();
+    let blk = r.pid_of("vablk");
+    let blk1 = r.pid_of("vablk-disk1");
+    let st = r.proc.wait_exit(Duration::from_secs(240));
+    let err = r.stderr();
+    assert!(st.success(), "va run failed ({st}):\n{err}");
+    let console = r.console();
+    assert!(
+        console.contains(&format!("VA-RESULT sha256 {sha_a}")),
+        "/dev/vda is not the first disk:\n{console}\n{err}"
+    );
+    assert!(
+        console.contains(&format!("VA-RESULT sha256b {sha_b}")),
+        "/dev/vdb is not the second disk:\n{console}\n{err}"
+    );
+    for want in [
+        "vablk ready",
+        "vablk-disk1 ready",
+        "disk 16.0 MiB",
+        "disk1 8.0 MiB",
+        "the guest powered off",
+    ] {
+        assert!(err.contains(want), "no {want:?} in:\n{err}");
+    }
+    // The summary has a line per disk.
+    let summary = err.split("va run summary").nth(1).unwrap_or_default();
+    assert!(summary.contains("\n  disk  "), "{summary}");
+    assert!(summary.contains("\n  disk1 "), "{summary}");
+    // Each disk has its own overlay.
+    let state = std::fs::read_dir(dir.path().join("state"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().is_dir() && e.path().join("disk.overlay").exists())
+        .unwrap()
+        .path();
+    assert!(state.join("disk1.overlay").exists(), "{}", state.display());
+    assert_nothing_left(&run_dir, &[blk, blk1]);
+
+    // vanbd --image disk1: the export is named disk1 and holds the second disk.
+    let v = va_tests::Vanbd::start(&[
+        "--appliance",
+        &url,
+        "--cache-dir",
+        dir.path().join("cache").to_str().unwrap(),
+        "--image",
+        "disk1",
+    ]);
+    let copy = dir.path().join("nbd1.raw");
+    va_tests::run_ok("nbdcopy", [v.uri("disk1").as_str(), copy.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "vanbd --image disk1"
+    );
+    drop(v);
+    // vanbd refuses an image that is not a disk.
+    let out = Command::new(bin("vanbd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--appliance", &url])
+        .args(["--image", "kernel"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("--image kernel: vanbd serves a disk image"),
+        "{e}"
+    );
+}

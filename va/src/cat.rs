@@ -29,12 +29,14 @@ use va_store::sync::{lock, wait};
 #[command(
     after_help = "EXAMPLES:\n  va cat http://127.0.0.1:8080/app/ > disk.raw\n  \
     va cat --image mem --out ram.img 'http://cdn.example/app/#<digest>'\n  \
-    va cat --image kernel --out vmlinuz 'http://cdn.example/app/#<digest>'"
+    va cat --image kernel --out vmlinuz 'http://cdn.example/app/#<digest>'\n  \
+    va cat --image disk1 --out data.raw http://127.0.0.1:8080/app/"
 )]
 pub struct CatArgs {
     /// Appliance URL (`http(s)://…/`, `file:///dir`, or a directory); `#<digest>` pins it.
     url: String,
-    /// Which image: disk, mem, state, machine, kernel or initrd.
+    /// Which image: disk, mem, state, machine, kernel, initrd, or a further disk of a
+    /// multi-disk appliance: disk1 .. disk7.
     #[arg(long, default_value = "disk")]
     image: String,
     /// Output file (default: stdout).

@@ -73,6 +73,24 @@ pub fn is_snapshot(app: &Appliance) -> anyhow::Result<bool> {
     Ok(snapshot)
 }
 
+/// The disks of the appliance in disk order (`disk`, `disk1`, ...): one vablk each, socket k
+/// serving disk k. Refuses a gap (e.g. `disk2` without `disk1`), which no disk order fits.
+pub fn disks(app: &Appliance) -> anyhow::Result<Vec<ImageKind>> {
+    let present: Vec<ImageKind> = ImageKind::DISKS
+        .into_iter()
+        .filter(|&k| app.manifest().image(k).is_some())
+        .collect();
+    if let Some((n, &k)) = present
+        .iter()
+        .enumerate()
+        .find(|&(n, &k)| k.disk_index() != Some(n))
+    {
+        let missing = ImageKind::disk(n).map(ImageKind::name).unwrap_or("?");
+        bail!("the appliance has the image {k} but not {missing}: its disks must be disk, disk1, ... without a gap");
+    }
+    Ok(present)
+}
+
 /// The machine to run: the appliance's description (`machine` image), with `--vcpus` and
 /// `--memory` applied to a cold boot; a disk-only appliance without one gets
 /// [`Machine::cold_boot`]. A snapshot keeps its own vCPUs and RAM: overriding them is refused.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use qemu_args::Machine;
-use va_store::format::ImageKind;
+use va_store::format::{ImageKind, MAX_DISKS};
 use va_store::pack::{self, PackInput, PackOptions, Phase};
 
 use crate::progress::byte_progress;
@@ -29,9 +29,10 @@ use crate::progress::byte_progress;
     va pack --disk root.raw --kernel vmlinuz --initrd initrd.img --append 'console=ttyS0 root=/dev/vda ro' --ram 2G --out app"
 )]
 pub struct PackArgs {
-    /// Raw disk image.
+    /// Raw disk image; repeatable, at most 8: the first is the image `disk`, the next ones
+    /// `disk1` .. `disk7` (the guest sees them in this order: /dev/vda, /dev/vdb, ...).
     #[arg(long, value_name = "FILE")]
-    disk: Option<PathBuf>,
+    disk: Vec<PathBuf>,
     /// Guest RAM image (the memory-backend file of a snapshot).
     #[arg(long, value_name = "FILE")]
     mem: Option<PathBuf>,
@@ -117,9 +118,19 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
         .machine
         .clone()
         .or_else(|| made_machine.as_ref().map(|f| f.path().to_path_buf()));
+    if a.disk.len() > MAX_DISKS {
+        bail!(
+            "{} --disk files: an appliance has at most {MAX_DISKS} disks (disk, disk1 .. disk{})",
+            a.disk.len(),
+            MAX_DISKS - 1
+        );
+    }
     let mut inputs = Vec::new();
+    // The first disk is `disk`; the others (`disk1` ..) follow the other kinds, in the
+    // canonical order of the manifest.
+    let first_disk = a.disk.first().cloned();
     for (kind, p) in [
-        (ImageKind::Disk, &a.disk),
+        (ImageKind::Disk, &first_disk),
         (ImageKind::Mem, &a.mem),
         (ImageKind::State, &a.state),
         (ImageKind::Machine, &machine),
@@ -132,6 +143,13 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
                 path: p.clone(),
             });
         }
+    }
+    for (n, p) in a.disk.iter().enumerate().skip(1) {
+        let kind = ImageKind::disk(n).context("too many disks")?;
+        inputs.push(PackInput {
+            kind,
+            path: p.clone(),
+        });
     }
     if inputs.is_empty() {
         bail!("nothing to pack: give at least one of --disk, --mem, --state, --machine, --kernel");

@@ -38,7 +38,8 @@ use crate::launch::{self, Accel};
     vablk --appliance URL --socket /run/va/disk.sock &\n  \
     eval \"qemu-system-x86_64 $(va qemu-args URL --blk-sock /run/va/disk.sock --fetch-dir /run/va)\"\n  \
     va qemu-args URL --blk-sock /run/va/disk.sock --mem-path /run/va/mem/mem --fetch-dir /run/va --format json\n  \
-    va qemu-args URL --blk-sock /run/va/disk.sock --mem-path /run/va/mem/mem --fetch-dir /run/va --format libvirt > vm.xml"
+    va qemu-args URL --blk-sock /run/va/disk.sock --mem-path /run/va/mem/mem --fetch-dir /run/va --format libvirt > vm.xml\n  \
+    va qemu-args URL --blk-sock /run/va/disk.sock --blk-sock /run/va/disk1.sock --fetch-dir /run/va   (two disks)"
 )]
 pub struct QemuArgsArgs {
     /// Appliance URL (`URL#<digest>` pins the manifest).
@@ -47,9 +48,10 @@ pub struct QemuArgsArgs {
     /// Expected manifest digest, if the URL does not carry one.
     #[arg(long, value_name = "HEX")]
     digest: Option<String>,
-    /// vablk's vhost-user socket (required when the appliance has a disk).
+    /// vablk's vhost-user socket (required when the appliance has a disk). Repeatable: one per
+    /// disk of the appliance, in disk order (`vablk --image disk`, `--image disk1`, ...).
     #[arg(long, value_name = "SOCK")]
-    blk_sock: Option<PathBuf>,
+    blk_sock: Vec<PathBuf>,
     /// vamem's RAM file, `MOUNT/mem` (required for a snapshot).
     #[arg(long, value_name = "PATH")]
     mem_path: Option<PathBuf>,
@@ -117,9 +119,20 @@ pub fn run(a: QemuArgsArgs) -> anyhow::Result<()> {
     .with_context(|| format!("origin: cannot open the appliance {}", a.url))?;
     let snapshot = launch::is_snapshot(&app)?;
     let machine = launch::machine(&app, snapshot, a.vcpus, a.memory)?;
-    let has_disk = app.manifest().image(ImageKind::Disk).is_some();
-    if has_disk && a.blk_sock.is_none() {
+    let disks = launch::disks(&app)?;
+    if disks.len() == 1 && a.blk_sock.is_empty() {
         bail!("the appliance has a disk: give --blk-sock (the socket of `vablk --appliance URL`)");
+    }
+    if disks.len() != a.blk_sock.len() {
+        let names: Vec<&str> = disks.iter().map(|k| k.name()).collect();
+        bail!(
+            "the appliance has {} disk(s){}{}: give one --blk-sock per disk, in that order \
+             (the socket of `vablk --appliance URL --image NAME`); {} given",
+            disks.len(),
+            if disks.is_empty() { "" } else { ", " },
+            names.join(", "),
+            a.blk_sock.len()
+        );
     }
     if snapshot && a.mem_path.is_none() {
         bail!("the appliance is a snapshot: give --mem-path (MOUNT/mem of `vamem --appliance URL --mount MOUNT`)");
@@ -157,7 +170,7 @@ pub fn run(a: QemuArgsArgs) -> anyhow::Result<()> {
         &machine,
         &Attachments {
             accel: a.accel.unwrap_or_else(Accel::detect).model(),
-            blk_sockets: a.blk_sock.iter().cloned().collect(),
+            blk_sockets: a.blk_sock.clone(),
             mem_path: a.mem_path.clone(),
             state: files.state.clone(),
             kernel: files.kernel.clone(),

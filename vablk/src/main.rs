@@ -36,6 +36,9 @@ use vablk::server::BlkServer;
 /// --stats FILE every second, printed to stderr on SIGUSR1 and to stdout on exit
 /// (SIGINT/SIGTERM: the overlay is flushed first).
 ///
+/// An appliance with several disks (`disk`, `disk1` .. `disk7`) needs one vablk per disk,
+/// each with its own --image, socket and overlay (`va run` starts them).
+///
 /// EXAMPLE:
 ///   vablk --appliance 'http://origin/app/#<digest>' --socket /run/vablk.sock \
 ///         --cache-dir /var/cache/vastream --overlay /var/lib/va/app.overlay --prefetch

@@ -42,6 +42,8 @@ enum Cmd {
     /// EXAMPLE:
     ///   vanbd serve --appliance 'http://origin/app/#<digest>' --overlay disk.ovl
     ///   qemu-img compare nbd://127.0.0.1:10809/disk source.raw
+    ///   vanbd serve --appliance 'http://origin/app/' --image disk1 --listen 127.0.0.1:10810
+    ///   nbdcopy nbd://127.0.0.1:10810/disk1 second-disk.raw
     #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
 }
@@ -58,14 +60,10 @@ struct ServeArgs {
     /// socket is replaced, a live one refused).
     #[arg(long, value_name = "PATH", help_heading = "NBD")]
     unix: Option<PathBuf>,
-    /// Export name. Clients asking for the empty (default) name get this export too.
-    #[arg(
-        long,
-        value_name = "NAME",
-        default_value = "disk",
-        help_heading = "NBD"
-    )]
-    name: String,
+    /// Export name (default: the name of the image served, `disk` or with `--image disk1`
+    /// `disk1`). Clients asking for the empty (default) name get this export too.
+    #[arg(long, value_name = "NAME", help_heading = "NBD")]
+    name: Option<String>,
     /// Largest request (bytes, K/M suffixes) served directly by the connection's thread when
     /// it does not need the network.
     #[arg(long, value_name = "SIZE", default_value = "256K",
@@ -132,7 +130,11 @@ fn main() -> ExitCode {
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let (config, served) = va_daemon::start(a.daemon, &DEFAULTS)?;
     let prefetcher = served.start_prefetch(&config);
-    let mut export = Export::new(a.name.clone(), Arc::clone(&served.device));
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| config.image.name().to_string());
+    let mut export = Export::new(name.clone(), Arc::clone(&served.device));
     export.read_only = export.read_only || config.read_only;
     export.description = format!("vastream {}", served.description);
     export.min_block = a.min_block_size;
@@ -163,14 +165,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.unix {
         let l = va_daemon::socket::bind(path)?;
-        uris.push(format!("nbd+unix:///{}?socket={}", a.name, path.display()));
+        uris.push(format!("nbd+unix:///{}?socket={}", name, path.display()));
         let s = Arc::clone(&server);
         listeners.push(Box::new(move || s.run_unix(l)));
     }
     tracing::info!(
         "vanbd: serving {} ({size} bytes) as export '{}' on {}{}",
         served.description,
-        a.name,
+        name,
         uris.join(" and "),
         if server.export().read_only {
             " (read-only)"

@@ -132,7 +132,43 @@ fn manifests() -> Vec<Manifest> {
             },
         ],
     };
-    vec![small, multi, boot]
+    // Several disks: disk, disk1 and disk7 (image kinds 0, 6 and 12), not in code order.
+    let disks = Manifest {
+        chunk_size: 65536,
+        page_chunks: 2,
+        created: 1_760_000_000,
+        packs: multi.packs.clone(),
+        images: vec![
+            ImageInfo {
+                kind: ImageKind::Disk,
+                size: 65536,
+                pages: vec![PageRef::Stored {
+                    blob: blob(0, 16, 120, b"disk page 0"),
+                    plen: 8 + 49,
+                }],
+            },
+            ImageInfo {
+                kind: ImageKind::Disk7,
+                size: 65536 * 3,
+                pages: vec![PageRef::Zero, PageRef::Zero],
+            },
+            ImageInfo {
+                kind: ImageKind::Disk1,
+                size: 65536 * 2 + 512,
+                pages: vec![
+                    PageRef::Stored {
+                        blob: blob(0, 200, 110, b"disk1 page 0"),
+                        plen: 8 + 2 * 49,
+                    },
+                    PageRef::Stored {
+                        blob: blob(1, 16, 60, b"disk1 page 1"),
+                        plen: 8 + 49,
+                    },
+                ],
+            },
+        ],
+    };
+    vec![small, multi, boot, disks]
 }
 
 fn main() {

@@ -42,6 +42,11 @@ fn check(bytes: &[u8]) {
         if matches!(img.kind, ImageKind::Kernel | ImageKind::Initrd) {
             assert!(img.size <= MAX_BOOT_FILE);
         }
+        // Extra disks (disk1 .. disk7) are disks: named and capped like the first.
+        if img.kind.is_disk() {
+            assert_eq!(img.kind.max_size(), MAX_IMAGE);
+            assert_eq!(ImageKind::disk(img.kind.disk_index().unwrap()), Some(img.kind));
+        }
         let chunks = m.chunks_of(img.size);
         assert_eq!(
             img.pages.len() as u64,

@@ -12,20 +12,21 @@
 //!  20     4  page_chunks (entries per index page, 1..=65536)
 //!  24     8  created (unix seconds)
 //!  32     4  n_packs   (<= 65536)
-//!  36     4  n_images  (1..=6, each kind at most once)
+//!  36     4  n_images  (1..=13, each kind at most once)
 //!  40        packs:  n_packs × { path_len u16, path [path_len], size u64, hash [32] }
 //!            images: n_images × { kind u8, 0u8 ×3, size u64, n_pages u32,
 //!                                 n_pages × PageRef (56 bytes) }
 //!  end-32 32 BLAKE3 of every byte before it (detects truncation and corruption)
-//! kind:    0 disk, 1 mem, 2 state, 3 machine, 4 kernel, 5 initrd (any other code is refused);
+//! kind:    0 disk, 1 mem, 2 state, 3 machine, 4 kernel, 5 initrd, 6..=12 disk1 .. disk7
+//!          (the second to eighth disk; any other code is refused);
 //!          size <= 1 PiB, and <= 256 MiB for kernel and initrd
 //! PageRef: kind u8 (0 = all-zero page, 1 = stored), 0u8 ×3, pack u32, offset u64,
 //!          clen u32, plen u32, hash [32]
 //! ```
 //!
 //! Images are written in the order they were given (`va pack`: the order of the kinds above),
-//! so a manifest of the first four kinds is encoded exactly as before `kernel` and `initrd`
-//! existed; see the compatibility notes in [`super`].
+//! so a manifest of the first four kinds is encoded exactly as before `kernel`, `initrd` and
+//! `disk1` .. `disk7` existed; see the compatibility notes in [`super`].
 //!
 //! A zero `PageRef` has every other field zero. A stored page's `plen` lies between the
 //! smallest and the largest encoding of its entries (see [`super::page`]), and its blob lies
@@ -436,7 +437,8 @@ pub(super) mod tests {
     }
 
     /// A manifest with one image of every kind: a disk and a RAM image, device state, machine
-    /// description, kernel and initrd (all but the disk small, the state empty).
+    /// description, kernel, initrd and seven more disks (all but the first disk small, the
+    /// state empty).
     pub(crate) fn every_kind() -> Manifest {
         let blob = |offset: u64, tag: &[u8]| BlobRef {
             pack: 0,
@@ -474,6 +476,13 @@ pub(super) mod tests {
                     vec![one(166, b"k0", 4), one(216, b"k1", 1)],
                 ),
                 image(ImageKind::Initrd, 65536 * 2, vec![one(266, b"i0", 2)]),
+                image(ImageKind::Disk1, 65536 * 3, vec![one(316, b"d1", 3)]),
+                image(ImageKind::Disk2, 4096, vec![one(366, b"d2", 1)]),
+                image(ImageKind::Disk3, 0, vec![]),
+                image(ImageKind::Disk4, 65536, vec![PageRef::Zero]),
+                image(ImageKind::Disk5, 65536 * 9, vec![PageRef::Zero; 3]),
+                image(ImageKind::Disk6, 1, vec![one(416, b"d6", 1)]),
+                image(ImageKind::Disk7, 65536 * 4, vec![one(466, b"d7", 4)]),
             ],
         }
     }
@@ -487,9 +496,17 @@ pub(super) mod tests {
         assert_eq!(kinds, ImageKind::ALL);
         // Kernel and initrd alone (a diskless appliance) and in another order decode too.
         let mut boot = m.clone();
-        boot.images.retain(|i| i.kind >= ImageKind::Kernel);
+        boot.images
+            .retain(|i| matches!(i.kind, ImageKind::Kernel | ImageKind::Initrd));
         boot.images.reverse();
         assert_eq!(Manifest::decode(&boot.encode()), Ok(boot));
+        // Extra disks without the first, or disks alone in another order, decode too.
+        let mut disks = m.clone();
+        disks
+            .images
+            .retain(|i| i.kind.is_disk() && i.kind != ImageKind::Disk);
+        disks.images.swap(0, 3);
+        assert_eq!(Manifest::decode(&disks.encode()), Ok(disks));
         for n in 0..b.len() {
             assert!(Manifest::decode(&b[..n]).is_err(), "truncated to {n}");
         }
@@ -506,7 +523,7 @@ pub(super) mod tests {
     fn unknown_image_kind_is_refused_naming_its_code() {
         for base in [sample().encode(), every_kind().encode()] {
             assert_eq!(base[FIRST_KIND_AT], ImageKind::Disk.code());
-            for code in [6u8, 7, 0x80, 0xff] {
+            for code in [13u8, 14, 0x80, 0xff] {
                 let mut b = base.clone();
                 b[FIRST_KIND_AT] = code;
                 let e = Manifest::decode(&reseal(b)).unwrap_err();
@@ -530,7 +547,38 @@ pub(super) mod tests {
         m.images[5] = kernel;
         let e = Manifest::decode(&m.encode()).unwrap_err();
         assert!(e.to_string().contains("kernel appears twice"), "{e}");
+        let mut m = every_kind();
+        m.images[7].kind = ImageKind::Disk1;
+        let e = Manifest::decode(&m.encode()).unwrap_err();
+        assert!(e.to_string().contains("disk1 appears twice"), "{e}");
     }
+
+    #[test]
+    fn extra_disks_keep_the_disk_size_limit() {
+        use super::super::MAX_IMAGE;
+        let mut m = sample();
+        let size = MAX_BOOT_FILE_PLUS;
+        let n = m.chunks_of(size).div_ceil(m.page_chunks as u64) as usize;
+        m.images.push(ImageInfo {
+            kind: ImageKind::Disk7,
+            size,
+            pages: vec![PageRef::Zero; n],
+        });
+        assert_eq!(Manifest::decode(&m.encode()), Ok(m.clone()));
+        // Over 1 PiB is refused, naming the kind (checked before any page is allocated).
+        let mut b = m.encode();
+        let at = b.len() - 32 - n * 56 - 4 - 8;
+        b[at..at + 8].copy_from_slice(&(MAX_IMAGE + 1).to_le_bytes());
+        let e = Manifest::decode(&reseal(b)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("manifest: invalid image size: disk7: 1125899906842625 bytes"),
+            "{e}"
+        );
+    }
+
+    /// Larger than a kernel may be: an extra disk may.
+    const MAX_BOOT_FILE_PLUS: u64 = super::super::MAX_BOOT_FILE + 1;
 
     #[test]
     fn image_count_follows_the_number_of_kinds() {

@@ -12,11 +12,13 @@
 //!
 //! # Images, chunks, index pages
 //!
-//! An appliance has up to six images ([`ImageKind`], each at most once): `disk`, `mem`,
-//! `state`, `machine`, and for direct kernel boot `kernel` and `initrd` (at most
-//! [`MAX_BOOT_FILE`] bytes each). Each image is cut into fixed chunks of `chunk_size` bytes (a power of two, 4 KiB..4 MiB; the last
-//! chunk may be short). A non-zero chunk is stored once, as a zstd frame ("blob") in a pack,
-//! and named by the BLAKE3 hash of its plain bytes. An all-zero chunk is recorded in the index
+//! An appliance has up to thirteen images ([`ImageKind`], each at most once): `disk`, `mem`,
+//! `state`, `machine`, for direct kernel boot `kernel` and `initrd` (at most
+//! [`MAX_BOOT_FILE`] bytes each), and up to seven more disks `disk1` .. `disk7` (so at most
+//! [`MAX_DISKS`] disks, `disk` first). Each image is cut into fixed chunks of `chunk_size`
+//! bytes (a power of two, 4 KiB..4 MiB; the last chunk may be short). A non-zero chunk is
+//! stored once, as a zstd frame ("blob") in a pack, and named by the BLAKE3 hash of its plain
+//! bytes. An all-zero chunk is recorded in the index
 //! and never stored or fetched.
 //!
 //! The chunk table of an image is split into index pages of `page_chunks` entries. Pages are
@@ -43,11 +45,12 @@
 //! # Compatibility
 //!
 //! Version 1 first had the image kinds 0..=3 (`disk`, `mem`, `state`, `machine`); kinds 4
-//! (`kernel`) and 5 (`initrd`) were added later without a version change, because nothing an
-//! earlier reader accepts changed meaning: a manifest without the new kinds is byte for byte
-//! what earlier builds wrote (`va-store/testdata/v1-four-kinds` is checked on every test run),
-//! and an earlier reader given one with them refuses it as a whole (`invalid image kind: 4`,
-//! or `invalid n_images` above 4) instead of misreading it. Likewise this build refuses a
+//! (`kernel`) and 5 (`initrd`) were added later without a version change, and then kinds 6..=12
+//! (`disk1` .. `disk7`, the extra disks) the same way, because nothing an earlier reader
+//! accepts changed meaning: a manifest without the new kinds is byte for byte what earlier
+//! builds wrote (`va-store/testdata/v1-four-kinds` is checked on every test run), and an
+//! earlier reader given one with them refuses it as a whole (`invalid image kind: 4`, or
+//! `unknown image kind 6`, or `invalid n_images` above 4 or 6) instead of misreading it. Likewise this build refuses a
 //! kind code it does not know with [`FormatError::UnknownImageKind`], naming the code. A future
 //! kind can be added the same way; a change to the layout of anything an earlier reader
 //! accepts needs a new [`VERSION`].
@@ -187,9 +190,12 @@ impl<'a> Reader<'a> {
 ///
 /// The declaration order is the canonical order ([`ImageKind::ALL`], the wire codes, the order
 /// in which `va pack` writes the images into the manifest); new kinds go at the end.
+///
+/// An appliance has up to [`MAX_DISKS`] disks: the first is `disk` (code 0), the others
+/// `disk1` .. `disk7` (codes 6..=12); see [`ImageKind::disk`] and [`ImageKind::disk_index`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ImageKind {
-    /// The raw disk.
+    /// The raw disk (the first one).
     Disk,
     /// The guest RAM file.
     Mem,
@@ -202,17 +208,53 @@ pub enum ImageKind {
     /// An initial ramdisk for direct kernel boot (QEMU `-initrd`), at most [`MAX_BOOT_FILE`]
     /// bytes.
     Initrd,
+    /// The second disk.
+    Disk1,
+    /// The third disk.
+    Disk2,
+    /// The fourth disk.
+    Disk3,
+    /// The fifth disk.
+    Disk4,
+    /// The sixth disk.
+    Disk5,
+    /// The seventh disk.
+    Disk6,
+    /// The eighth disk.
+    Disk7,
 }
+
+/// Most disks an appliance may have (`disk`, `disk1` .. `disk7`).
+pub const MAX_DISKS: usize = ImageKind::DISKS.len();
 
 impl ImageKind {
     /// All kinds, in their canonical order (the index of a kind is its wire code).
-    pub const ALL: [ImageKind; 6] = [
+    pub const ALL: [ImageKind; 13] = [
         ImageKind::Disk,
         ImageKind::Mem,
         ImageKind::State,
         ImageKind::Machine,
         ImageKind::Kernel,
         ImageKind::Initrd,
+        ImageKind::Disk1,
+        ImageKind::Disk2,
+        ImageKind::Disk3,
+        ImageKind::Disk4,
+        ImageKind::Disk5,
+        ImageKind::Disk6,
+        ImageKind::Disk7,
+    ];
+
+    /// The disk kinds in disk order: `disk`, `disk1` .. `disk7`.
+    pub const DISKS: [ImageKind; 8] = [
+        ImageKind::Disk,
+        ImageKind::Disk1,
+        ImageKind::Disk2,
+        ImageKind::Disk3,
+        ImageKind::Disk4,
+        ImageKind::Disk5,
+        ImageKind::Disk6,
+        ImageKind::Disk7,
     ];
 
     /// Number of kinds (the most images a manifest may hold).
@@ -227,6 +269,13 @@ impl ImageKind {
             ImageKind::Machine => 3,
             ImageKind::Kernel => 4,
             ImageKind::Initrd => 5,
+            ImageKind::Disk1 => 6,
+            ImageKind::Disk2 => 7,
+            ImageKind::Disk3 => 8,
+            ImageKind::Disk4 => 9,
+            ImageKind::Disk5 => 10,
+            ImageKind::Disk6 => 11,
+            ImageKind::Disk7 => 12,
         }
     }
 
@@ -240,6 +289,22 @@ impl ImageKind {
         Self::ALL.get(c as usize).copied()
     }
 
+    /// Disk number `n` (0 = `disk`, 1 = `disk1`, ...); `None` from [`MAX_DISKS`] on.
+    pub fn disk(n: usize) -> Option<Self> {
+        Self::DISKS.get(n).copied()
+    }
+
+    /// Whether this is one of the disks (`disk`, `disk1` .. `disk7`).
+    pub fn is_disk(self) -> bool {
+        self.disk_index().is_some()
+    }
+
+    /// The disk number of a disk kind (0 for `disk`, 1 for `disk1`, ...); `None` for the
+    /// other kinds.
+    pub fn disk_index(self) -> Option<usize> {
+        Self::DISKS.iter().position(|&k| k == self)
+    }
+
     /// Name used on the command line and in traces.
     pub fn name(self) -> &'static str {
         match self {
@@ -249,6 +314,13 @@ impl ImageKind {
             ImageKind::Machine => "machine",
             ImageKind::Kernel => "kernel",
             ImageKind::Initrd => "initrd",
+            ImageKind::Disk1 => "disk1",
+            ImageKind::Disk2 => "disk2",
+            ImageKind::Disk3 => "disk3",
+            ImageKind::Disk4 => "disk4",
+            ImageKind::Disk5 => "disk5",
+            ImageKind::Disk6 => "disk6",
+            ImageKind::Disk7 => "disk7",
         }
     }
 
@@ -257,7 +329,8 @@ impl ImageKind {
         Self::ALL.into_iter().find(|k| k.name() == s)
     }
 
-    /// The names of all kinds, for messages: `disk, mem, state, machine, kernel, initrd`.
+    /// The names of all kinds, for messages: `disk, mem, state, machine, kernel, initrd,
+    /// disk1, …, disk7`.
     pub fn name_list() -> String {
         Self::ALL.map(Self::name).join(", ")
     }
@@ -272,7 +345,17 @@ impl ImageKind {
     pub fn max_size(self) -> u64 {
         match self {
             ImageKind::Kernel | ImageKind::Initrd => MAX_BOOT_FILE,
-            ImageKind::Disk | ImageKind::Mem | ImageKind::State | ImageKind::Machine => MAX_IMAGE,
+            ImageKind::Disk
+            | ImageKind::Mem
+            | ImageKind::State
+            | ImageKind::Machine
+            | ImageKind::Disk1
+            | ImageKind::Disk2
+            | ImageKind::Disk3
+            | ImageKind::Disk4
+            | ImageKind::Disk5
+            | ImageKind::Disk6
+            | ImageKind::Disk7 => MAX_IMAGE,
         }
     }
 }
@@ -331,27 +414,69 @@ pub(super) mod tests {
         assert_eq!(old, [(0, "disk"), (1, "mem"), (2, "state"), (3, "machine")]);
         assert_eq!(ImageKind::from_name("kernel"), Some(ImageKind::Kernel));
         assert_eq!(ImageKind::from_code(5), Some(ImageKind::Initrd));
-        assert_eq!(ImageKind::COUNT, 6);
-        for c in 6..=u8::MAX {
+        assert_eq!(ImageKind::COUNT, 13);
+        for c in 13..=u8::MAX {
             assert_eq!(ImageKind::from_code(c), None, "code {c}");
         }
         assert_eq!(ImageKind::from_name("floppy"), None);
         assert_eq!(
             ImageKind::name_list(),
-            "disk, mem, state, machine, kernel, initrd"
+            "disk, mem, state, machine, kernel, initrd, disk1, disk2, disk3, disk4, disk5, \
+             disk6, disk7"
         );
         assert_eq!(ImageKind::Kernel.max_size(), 256 << 20);
         assert_eq!(ImageKind::Initrd.max_size(), MAX_BOOT_FILE);
         assert_eq!(ImageKind::Disk.max_size(), MAX_IMAGE);
         let e = FormatError::UnknownImageKind {
             what: "manifest",
-            code: 9,
+            code: 13,
         };
         assert_eq!(
             e.to_string(),
-            "manifest: unknown image kind 9 (this build knows 0 (disk), 1 (mem), 2 (state), \
-             3 (machine), 4 (kernel), 5 (initrd); was the bundle written by a newer vastream?)"
+            "manifest: unknown image kind 13 (this build knows 0 (disk), 1 (mem), 2 (state), \
+             3 (machine), 4 (kernel), 5 (initrd), 6 (disk1), 7 (disk2), 8 (disk3), 9 (disk4), \
+             10 (disk5), 11 (disk6), 12 (disk7); was the bundle written by a newer vastream?)"
         );
+    }
+
+    #[test]
+    fn extra_disks_codes_names_and_order() {
+        assert_eq!(MAX_DISKS, 8);
+        for n in 0..MAX_DISKS {
+            let k = ImageKind::disk(n).unwrap();
+            assert!(k.is_disk());
+            assert_eq!(k.disk_index(), Some(n));
+            assert_eq!(k.max_size(), MAX_IMAGE);
+            let want = if n == 0 {
+                "disk".to_string()
+            } else {
+                format!("disk{n}")
+            };
+            assert_eq!(k.name(), want);
+            assert_eq!(ImageKind::from_name(&want), Some(k));
+            // disk is 0, disk1..disk7 are 6..=12.
+            let code = if n == 0 { 0 } else { 5 + n as u8 };
+            assert_eq!(k.code(), code);
+            assert_eq!(ImageKind::from_code(code), Some(k));
+        }
+        assert_eq!(ImageKind::disk(MAX_DISKS), None);
+        assert_eq!(ImageKind::disk(1), Some(ImageKind::Disk1));
+        assert_eq!(ImageKind::disk(7), Some(ImageKind::Disk7));
+        for k in [
+            ImageKind::Mem,
+            ImageKind::State,
+            ImageKind::Machine,
+            ImageKind::Kernel,
+            ImageKind::Initrd,
+        ] {
+            assert!(!k.is_disk(), "{k}");
+            assert_eq!(k.disk_index(), None);
+        }
+        let disks: Vec<ImageKind> = ImageKind::ALL.into_iter().filter(|k| k.is_disk()).collect();
+        assert_eq!(disks, ImageKind::DISKS);
+        for bad in ["disk0", "disk8", "disk01", "Disk1", "disk 1"] {
+            assert_eq!(ImageKind::from_name(bad), None, "{bad}");
+        }
     }
 
     /// Every single-bit flip of `b`.

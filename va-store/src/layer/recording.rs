@@ -140,7 +140,9 @@ mod tests {
     fn records_first_access_per_chunk_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t");
-        let w = TraceWriter::create(&p, 4096, "abc", [8, 0, 0, 0, 0, 0]).unwrap();
+        let mut chunks = [0u64; ImageKind::COUNT];
+        chunks[ImageKind::Disk.index()] = 8;
+        let w = TraceWriter::create(&p, 4096, "abc", chunks).unwrap();
         let d = Recording::new(
             Arc::new(MemDevice::new(vec![0u8; 8 * 4096], false)),
             w,

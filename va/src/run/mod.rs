@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!   manifest ─► vablk (disk) ─┐  each started with --ready-fd 3 and waited for
+//!            ─► vablk (disk1)─┤  (one vablk per disk: disk, disk1 .. disk7)
 //!            ─► vamem (mem) ──┤
 //!   state, kernel, initrd ────┤  fetched (verified) into the run directory
 //!   QEMU (argv from the machine description) ─► QMP: resume a snapshot, or boot
@@ -31,8 +32,9 @@ use crate::sys::TermSignals;
 
 /// Run an appliance: stream its disk and memory into a QEMU VM started from its description.
 ///
-/// va run reads the appliance's manifest, starts vablk for its disk and vamem for its memory
-/// (as child processes, each waited for until it serves), fetches the device state (and the
+/// va run reads the appliance's manifest, starts vablk for its disk (one vablk per disk when
+/// it has several: disk, disk1, ..., attached to the VM in that order) and vamem for its
+/// memory (as child processes, each waited for until it serves), fetches the device state (and the
 /// kernel and initrd of a disk-only appliance that has them), starts QEMU with the arguments
 /// rendered from the appliance's machine description, and resumes the snapshot (or boots).
 /// The console is this terminal (or --console FILE). Guest writes go to per-appliance overlays
@@ -204,7 +206,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("origin: cannot open the appliance {}", a.url))?;
-    let has = |k| app.manifest().image(k).is_some();
     let hex = app.digest().to_hex();
     let images: Vec<String> = ImageKind::ALL
         .iter()
@@ -231,10 +232,18 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     // They are kept until then, to be read (vanbd --overlay) after a run.
     if a.fresh || snapshot {
         let mut dropped = Vec::new();
-        for f in ["disk.overlay", "mem.overlay"] {
+        // Every disk's overlay (`disk.overlay`, `disk1.overlay` ... `disk7.overlay`, whether
+        // or not this appliance has that disk) and the memory's.
+        let overlays: Vec<String> = ImageKind::DISKS
+            .iter()
+            .map(|k| k.name())
+            .chain(["mem"])
+            .map(|n| format!("{n}.overlay"))
+            .collect();
+        for f in &overlays {
             let p = state_dir.join(f);
             if std::fs::remove_file(&p).is_ok() {
-                dropped.push(f);
+                dropped.push(f.as_str());
             }
             let _ = std::fs::remove_file(state_dir.join(format!("{f}.map")));
         }
@@ -282,32 +291,45 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
 
     // Sidecars, started together, each waited for until it serves.
     let mut sidecars: Vec<Supervised> = Vec::new();
-    let blk_sock = run_path.join("disk.sock");
+    // One vablk per disk, in disk order: `disk.sock`, `disk1.sock`, ...
+    let disks = launch::disks(&app)?;
+    let blk_socks: Vec<PathBuf> = disks
+        .iter()
+        .map(|k| run_path.join(format!("{k}.sock")))
+        .collect();
     let mem_mount = run_path.join("mem");
     let trace = |name: &str| {
         a.record_trace
             .as_ref()
             .map(|_| run_path.join(format!("{name}.trace")))
     };
-    if has(ImageKind::Disk) {
+    for (k, sock) in disks.iter().zip(&blk_socks) {
+        // The first disk's files keep their single-disk names (vablk.json, vablk.log).
+        let name = if *k == ImageKind::Disk {
+            "vablk".to_string()
+        } else {
+            format!("vablk-{k}")
+        };
         let mut cmd = Command::new(sibling("vablk"));
         common(&mut cmd);
-        cmd.arg("--socket")
-            .arg(&blk_sock)
+        cmd.arg("--image")
+            .arg(k.name())
+            .arg("--socket")
+            .arg(sock)
             .arg("--overlay")
-            .arg(state_dir.join("disk.overlay"))
+            .arg(state_dir.join(format!("{k}.overlay")))
             .arg("--stats")
-            .arg(run_path.join("vablk.json"));
+            .arg(run_path.join(format!("{name}.json")));
         if a.prefetch {
             cmd.arg("--prefetch");
         }
-        if let Some(t) = trace("disk") {
+        if let Some(t) = trace(k.name()) {
             cmd.arg("--trace").arg(t);
         }
         sidecars.push(Supervised::start(
-            "vablk",
+            &name,
             &mut cmd,
-            &run_path.join("vablk.log"),
+            &run_path.join(format!("{name}.log")),
             true,
             Stdout::Collect,
             true,
@@ -364,11 +386,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         &machine,
         &Attachments {
             accel: accel.model(),
-            blk_sockets: if has(ImageKind::Disk) {
-                vec![blk_sock.clone()]
-            } else {
-                Vec::new()
-            },
+            blk_sockets: blk_socks.clone(),
             mem_path: snapshot.then(|| mem_mount.join("mem")),
             state: files.state.clone(),
             kernel: files.kernel.clone(),
@@ -544,10 +562,13 @@ fn finish(
     }
     tl.mark("stopped");
     if let Some(t) = &a.record_trace {
-        match summary::merge_traces(
-            &[run_path.join("disk.trace"), run_path.join("mem.trace")],
-            t,
-        ) {
+        let parts: Vec<PathBuf> = ImageKind::DISKS
+            .iter()
+            .map(|k| k.name())
+            .chain(["mem"])
+            .map(|n| run_path.join(format!("{n}.trace")))
+            .collect();
+        match summary::merge_traces(&parts, t) {
             Ok(n) => tl.mark(format_args!("trace: {n} chunks in {}", t.display())),
             Err(e) => eprintln!("va run: cannot write the trace {}: {e:#}", t.display()),
         }

@@ -131,6 +131,35 @@ mod tests {
     }
 
     #[test]
+    fn summary_shows_each_disk() {
+        let disk = |image: &str, fetched: u64| -> Value {
+            serde_json::from_str(&format!(
+                r#"{{"appliance":{{"image":"{image}","image_bytes":2097152,"local_fraction":1.0,
+                    "origin":{{"fetched_bytes":{fetched}}}}},
+                    "device":{{"hits":1,"misses":1,"miss_wait_us":250000}},
+                    "offload":{{"requests":2}}}}"#
+            ))
+            .unwrap()
+        };
+        let s = render(
+            &[
+                ("vablk-disk1".into(), Some(disk("disk1", 1 << 20))),
+                ("vablk".into(), Some(disk("disk", 2 << 20))),
+            ],
+            None,
+            Duration::from_secs(1),
+        );
+        assert!(
+            s.contains("  disk1 1.0 MiB fetched of 2.0 MiB (50.0%)"),
+            "{s}"
+        );
+        assert!(
+            s.contains("  disk  2.0 MiB fetched of 2.0 MiB (100.0%)"),
+            "{s}"
+        );
+    }
+
+    #[test]
     fn traces_merge_in_time_order_with_one_header() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("a");
