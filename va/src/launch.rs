@@ -56,6 +56,48 @@ impl std::fmt::Display for Accel {
     }
 }
 
+/// The VM options `va run` and `va qemu-args` share.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Machine")]
+pub struct MachineArgs {
+    /// Accelerator: kvm when /dev/kvm is usable, else tcg.
+    #[arg(long, value_enum)]
+    pub accel: Option<Accel>,
+    /// vCPUs of a disk-only appliance (a snapshot keeps its own).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub vcpus: Option<u32>,
+    /// RAM of a disk-only appliance (a snapshot keeps its own).
+    #[arg(long, value_name = "SIZE", value_parser = va_store::parse_size)]
+    pub memory: Option<u64>,
+    /// Give the guest user-mode networking (a virtio-net card for a cold boot; a snapshot
+    /// connects it to the network card it was saved with).
+    #[arg(long)]
+    pub net: bool,
+    /// Forward a host port into the guest (implies --net), as QEMU's hostfwd takes it:
+    /// `tcp:127.0.0.1:8080-:80`. Repeatable.
+    #[arg(long, value_name = "RULE")]
+    pub hostfwd: Vec<String>,
+}
+
+impl MachineArgs {
+    /// The accelerator asked for, else the detected one.
+    pub fn accel(&self) -> Accel {
+        self.accel.unwrap_or_else(Accel::detect)
+    }
+
+    /// User-mode networking, if asked for.
+    pub fn user_net(&self) -> Option<qemu_args::UserNet> {
+        (self.net || !self.hostfwd.is_empty()).then(|| qemu_args::UserNet {
+            hostfwd: self.hostfwd.clone(),
+        })
+    }
+
+    /// [`machine`] with these overrides.
+    pub fn machine(&self, app: &Arc<Appliance>, snapshot: bool) -> anyhow::Result<Machine> {
+        machine(app, snapshot, self.vcpus, self.memory)
+    }
+}
+
 /// Whether the appliance is a snapshot (it has memory and device state) or boots from its
 /// disk; refuses bundles that are neither.
 pub fn is_snapshot(app: &Appliance) -> anyhow::Result<bool> {

@@ -4,13 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
-use qemu_args::{Attachments, BootImages, Console, UserNet, Vm};
+use qemu_args::{Attachments, BootImages, Console, Vm};
 use serde_json::json;
 use va_store::appliance::{Appliance, OpenOptions};
 use va_store::format::ImageKind;
 use va_store::Hash;
 
-use crate::launch::{self, Accel};
+use crate::launch;
 
 /// Print the QEMU arguments that run an appliance with its disk on vablk and its memory on
 /// vamem.
@@ -62,24 +62,11 @@ pub struct QemuArgsArgs {
     /// QEMU's QMP socket (`-chardev socket,server=on` + `-mon`); needed to resume a snapshot.
     #[arg(long, value_name = "SOCK")]
     qmp: Option<PathBuf>,
-    /// Accelerator (default: kvm when /dev/kvm is usable, else tcg).
-    #[arg(long, value_enum)]
-    accel: Option<Accel>,
-    /// vCPUs of a disk-only appliance.
-    #[arg(long, value_name = "N")]
-    vcpus: Option<u32>,
-    /// RAM of a disk-only appliance.
-    #[arg(long, value_name = "SIZE", value_parser = va_store::parse_size)]
-    memory: Option<u64>,
+    #[command(flatten)]
+    vm: launch::MachineArgs,
     /// The serial console: `stdio`, `null` or a file path.
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     console: String,
-    /// User-mode networking (see `va run --net`).
-    #[arg(long)]
-    net: bool,
-    /// Host port forwarding, e.g. `tcp:127.0.0.1:8080-:80` (implies --net). Repeatable.
-    #[arg(long, value_name = "RULE")]
-    hostfwd: Vec<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Shell)]
     format: Format,
@@ -118,7 +105,7 @@ pub fn run(a: QemuArgsArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("origin: cannot open the appliance {}", a.url))?;
     let snapshot = launch::is_snapshot(&app)?;
-    let machine = launch::machine(&app, snapshot, a.vcpus, a.memory)?;
+    let machine = a.vm.machine(&app, snapshot)?;
     let disks = launch::disks(&app)?;
     if disks.len() == 1 && a.blk_sock.is_empty() {
         bail!("the appliance has a disk: give --blk-sock (the socket of `vablk --appliance URL`)");
@@ -169,7 +156,7 @@ pub fn run(a: QemuArgsArgs) -> anyhow::Result<()> {
     let vm = Vm::from_machine(
         &machine,
         &Attachments {
-            accel: a.accel.unwrap_or_else(Accel::detect).model(),
+            accel: a.vm.accel().model(),
             blk_sockets: a.blk_sock.clone(),
             mem_path: a.mem_path.clone(),
             state: files.state.clone(),
@@ -181,9 +168,7 @@ pub fn run(a: QemuArgsArgs) -> anyhow::Result<()> {
             },
             qmp: a.qmp.clone(),
             console,
-            net: (a.net || !a.hostfwd.is_empty()).then(|| UserNet {
-                hostfwd: a.hostfwd.clone(),
-            }),
+            net: a.vm.user_net(),
             extra_args: a.extra.clone(),
             ..Attachments::default()
         },

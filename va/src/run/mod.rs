@@ -20,14 +20,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use qemu_args::{Attachments, BootImages, Console, UserNet, Vm};
+use qemu_args::{Attachments, BootImages, Console, Vm};
 use va_store::appliance::{Appliance, OpenOptions};
 use va_store::format::ImageKind;
 use va_store::origin::OriginOptions;
 use va_store::Hash;
 
 use self::child::{Stdout, Supervised, Timestamped};
-use crate::launch::{self, Accel};
+use crate::launch;
 use crate::sys::TermSignals;
 
 /// Run an appliance: stream its disk and memory into a QEMU VM started from its description.
@@ -83,15 +83,8 @@ pub struct RunArgs {
     /// Start from the appliance as packed: discard the overlays of earlier runs first.
     #[arg(long)]
     fresh: bool,
-    /// Accelerator: kvm when /dev/kvm is usable, else tcg.
-    #[arg(long, value_enum)]
-    accel: Option<Accel>,
-    /// vCPUs of a disk-only appliance (a snapshot keeps its own).
-    #[arg(long, value_name = "N")]
-    vcpus: Option<u32>,
-    /// RAM of a disk-only appliance (a snapshot keeps its own).
-    #[arg(long, value_name = "SIZE", value_parser = va_store::parse_size)]
-    memory: Option<u64>,
+    #[command(flatten)]
+    vm: launch::MachineArgs,
     /// Record the working-set trace of this run (disk and memory, in the order first
     /// touched) to FILE, for `va pack --plan`.
     #[arg(long, value_name = "FILE")]
@@ -102,14 +95,6 @@ pub struct RunArgs {
     /// Prefetch nothing: fetch only what the guest touches.
     #[arg(long, conflicts_with = "prefetch")]
     no_prefetch: bool,
-    /// Give the guest user-mode networking (a virtio-net card for a cold boot; a snapshot
-    /// connects it to the network card it was saved with).
-    #[arg(long)]
-    net: bool,
-    /// Forward a host port into the guest (implies --net), as QEMU's hostfwd takes it:
-    /// `tcp:127.0.0.1:8080-:80`. Repeatable.
-    #[arg(long, value_name = "RULE")]
-    hostfwd: Vec<String>,
     /// Readahead of vamem's RAM file: how much a guest's first touch of a page reads (QEMU
     /// runs with libva_preload.so, which drops its MADV_HUGEPAGE, so that this holds). Small
     /// keeps faults and traces page-granular; prefetch brings the rest in large requests.
@@ -222,8 +207,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         images.join(", ")
     ));
     let snapshot = launch::is_snapshot(&app)?;
-    let machine = launch::machine(&app, snapshot, a.vcpus, a.memory)?;
-    let accel = a.accel.unwrap_or_else(Accel::detect);
+    let machine = a.vm.machine(&app, snapshot)?;
+    let accel = a.vm.accel();
 
     let state_dir = state_base.join(&hex[..16]);
     // A snapshot resumes its saved device state, which goes with the RAM and disk as they
@@ -379,9 +364,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
 
     // QEMU, rendered from the machine description (qemu-args).
     let qmp = run_path.join("qmp.sock");
-    let net = (a.net || !a.hostfwd.is_empty()).then(|| UserNet {
-        hostfwd: a.hostfwd.clone(),
-    });
+    let net = a.vm.user_net();
     let vm = Vm::from_machine(
         &machine,
         &Attachments {
