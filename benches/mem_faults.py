@@ -14,6 +14,8 @@ round:
   page                va run's default faults: libva_preload.so drops QEMU's MADV_HUGEPAGE,
                       vamem's readahead is 4 KiB: a fault reads the page it needs; demand only
   hugepage+prefetch   as hugepage, with vamem's prefetch (pack order = logical order here)
+  page+prefetch       page faults, prefetch on (logical order)
+  page128k+...        libva_preload.so, vamem readahead 128 KiB: a fault reads 128 KiB
   page+plan+prefetch  page faults; the appliance repacked with the trace of one page-granular
                       run (va run --record-trace, va pack --plan), prefetch on
 
@@ -94,16 +96,19 @@ def mib(text):
 
 
 MODES = {
-    # name: (bundle, keep QEMU's MADV_HUGEPAGE, prefetch)
-    "hugepage": ("app", True, False),
-    "page": ("app", False, False),
-    "hugepage+prefetch": ("app", True, True),
-    "page+plan+prefetch": ("app-plan", False, True),
+    # name: (bundle, keep QEMU's MADV_HUGEPAGE, prefetch, vamem readahead)
+    "hugepage": ("app", True, False, "4K"),
+    "page": ("app", False, False, "4K"),
+    "hugepage+prefetch": ("app", True, True, "4K"),
+    "page+prefetch": ("app", False, True, "4K"),
+    "page128k+prefetch": ("app", False, True, "128K"),
+    "page+plan+prefetch": ("app-plan", False, True, "4K"),
+    "page128k+plan+prefetch": ("app-plan", False, True, "128K"),
 }
 
 
 def resume(mode, work, base, n, extra=()):
-    bundle, keep, prefetch = MODES[mode]
+    bundle, keep, prefetch, ra = MODES[mode]
     url = base + bundle + "/"
     tag = f"{mode}-{n}"
     console = os.path.join(work, f"{tag}.console")
@@ -114,7 +119,7 @@ def resume(mode, work, base, n, extra=()):
     p = subprocess.Popen([VA, "run", url, "--accel", "tcg",
                           "--cache-dir", os.path.join(work, f"cache-{tag}"),
                           "--state-dir", os.path.join(work, f"state-{tag}"),
-                          "--console", console]
+                          "--console", console, "--mem-read-ahead", ra]
                          + ([] if prefetch else ["--no-prefetch"]) + list(extra),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     ticks, t_done = 0, None
@@ -148,6 +153,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate", default="100mbit")
     ap.add_argument("--rtt", default="40ms")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma-separated subset of: " + ", ".join(MODES))
     ap.add_argument("--out", default=os.path.join(ROOT, "benches", "results", "mem_faults.json"))
     a = ap.parse_args()
     for b in (VA, VABLK, os.path.join(REL, "vamem"), os.path.join(REL, "libva_preload.so")):
@@ -168,7 +175,7 @@ def main():
                         os.path.join(work, "disk.raw"), "--plan", trace,
                         "--out", os.path.join(bundle, "app-plan")],
                        check=True, stdout=subprocess.DEVNULL)
-        modes = list(MODES)
+        modes = a.modes.split(",")
         for n in range(a.rounds):
             for mode in modes if n % 2 == 0 else modes[::-1]:
                 r = resume(mode, work, base, n)
@@ -182,7 +189,7 @@ def main():
     print(f"\nresume of a {ram_mb} MiB guest touching 1 block per MiB of {a.mem_mb} MiB, "
           f"{a.rate}/{a.rtt}, median of {a.rounds}")
     print(f"{'mode':18} {'start->3rd tick':>16} {'mem fetched':>12} {'misses':>7} {'waited':>7}")
-    for mode in MODES:
+    for mode in a.modes.split(","):
         rs = [r for r in runs if r["mode"] == mode]
         med = {k: statistics.median(r[k] for r in rs)
                for k in ("ticks3_s", "mem_fetched_mib", "mem_misses", "mem_waited_s")}

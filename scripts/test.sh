@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export CARGO_TERM_COLOR=never
 echo "[test] building workspace binaries" >&2
-cargo build --workspace --bins
+cargo build --workspace --bins --lib   # --lib: libva_preload.so beside the binaries
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else

@@ -534,6 +534,12 @@ fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
         "{json}"
     );
     assert!(files.join("state").is_file());
+    assert!(
+        v["env"]["LD_PRELOAD"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("/libva_preload.so")),
+        "{json}"
+    );
     let xml = va_ok(&[&common[..], &["--format", "libvirt"]].concat());
     let xml_path = dir.path().join("domain.xml");
     std::fs::write(&xml_path, &xml).unwrap();
@@ -615,7 +621,7 @@ fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
         "vablk ready",
         "vamem ready",
         "fetched state",
-        "resuming the snapshot",
+        "resuming the snapshot (page-granular memory faults)",
         "mem  ",
         "disk  ",
     ] {

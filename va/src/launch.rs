@@ -276,6 +276,15 @@ pub fn run_steps(qmp: &Path, steps: &[Step]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The LD_PRELOAD library that gives page-granular memory faults (crate `va-preload`).
+pub const PRELOAD_LIB: &str = "libva_preload.so";
+
+/// `libva_preload.so` next to `va` (as cargo builds and the install puts it).
+pub fn preload_library() -> Option<PathBuf> {
+    let p = std::env::current_exe().ok()?.with_file_name(PRELOAD_LIB);
+    p.is_file().then_some(p)
+}
+
 /// Asks QEMU to quit over QMP (best effort, within about two seconds: a QEMU that does not
 /// answer is stopped with signals by the caller).
 pub fn quit(qmp: &Path) {

@@ -28,7 +28,9 @@ use crate::launch;
 ///
 /// Formats: `shell` (default) prints the arguments as one shell-quoted line; run it with
 /// `eval "qemu-system-x86_64 $(va qemu-args ...)"` (plain `$(...)` splits a quoted
-/// `-append` line at its spaces). `json` prints `{"argv": [...], "resume": [steps]}`.
+/// `-append` line at its spaces). `json` prints `{"argv": [...], "resume": [steps], "env":
+/// {...}}`: for a snapshot, `env` sets `LD_PRELOAD` to libva_preload.so, which gives
+/// page-granular memory faults (give vamem `--read-ahead 4K` too; `va run` does both).
 /// `libvirt` prints a libvirt domain (`<disk type='vhostuser'>`, shared memory backing on
 /// vamem's file), valid for `virt-xml-validate`.
 #[derive(clap::Args, Debug)]
@@ -186,6 +188,11 @@ pub fn run(a: QemuArgsArgs) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&json!({
                 "argv": vm.argv()?,
                 "resume": vm.resume_steps(),
+                // QEMU's environment: page-granular memory faults on vamem's file.
+                "env": match (snapshot, launch::preload_library()) {
+                    (true, Some(lib)) => json!({ "LD_PRELOAD": lib }),
+                    _ => json!({}),
+                },
             }))?
         ),
         Format::Libvirt => print!("{}", vm.libvirt_xml()?),

@@ -395,7 +395,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut qcmd = Command::new(&a.qemu);
     qcmd.args(&argv);
     // Guest RAM on vamem's file: page-granular faults (see va-preload).
-    let preload = if snapshot { preload_library() } else { None };
+    let preload = if snapshot { launch::preload_library() } else { None };
     if let Some(lib) = &preload {
         let mut v = std::ffi::OsString::from(lib.as_os_str());
         if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
@@ -405,8 +405,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         qcmd.env("LD_PRELOAD", v);
     } else if snapshot {
         eprintln!(
-            "va run: warning: {PRELOAD_LIB} not found next to va: every memory fault reads a \
-             2-4 MiB window (QEMU's MADV_HUGEPAGE)"
+            "va run: warning: {} not found next to va: every memory fault reads a \
+             2-4 MiB window (QEMU's MADV_HUGEPAGE)",
+            launch::PRELOAD_LIB
         );
     }
     // QEMU stays in this process group (a terminal console needs the foreground); its serial
@@ -598,15 +599,6 @@ fn relay_console(
             }
         }
     }))
-}
-
-/// The LD_PRELOAD library that gives page-granular memory faults (crate `va-preload`).
-const PRELOAD_LIB: &str = "libva_preload.so";
-
-/// `libva_preload.so` next to `va` (as cargo builds and the install puts it).
-fn preload_library() -> Option<PathBuf> {
-    let p = std::env::current_exe().ok()?.with_file_name(PRELOAD_LIB);
-    p.is_file().then_some(p)
 }
 
 /// A binary next to this one (`va`), else by name on PATH.
