@@ -104,8 +104,18 @@ kill "$qemu_pid" "$vablk_pid" 2>/dev/null || true; wait "$qemu_pid" "$vablk_pid"
 rm -f "$ram"
 
 say "3. va pack: disk, memory, device state, machine description, kernel and initrd -> one bundle"
-digest=$("$B/va" pack --quiet --disk "$W/disk.img" --mem "$W/snap/mem" --state "$W/snap/state" \
-  --machine "$W/snap/machine.json" --kernel "$G/vmlinuz" --initrd "$G/initrd.gz" --out "$W/site/app")
+# pack_app NAME [ARGS...]: packs the snapshot and its disk into $W/site/NAME; sets $digest.
+pack_app() {
+  local name=$1
+  shift
+  "$B/va" pack --quiet --disk "$W/disk.img" --mem "$W/snap/mem" --state "$W/snap/state" \
+    --machine "$W/snap/machine.json" --kernel "$G/vmlinuz" --initrd "$G/initrd.gz" \
+    --out "$W/site/$name" "$@" >"$W/pack-$name.digest" 2>"$W/pack-$name.log" \
+    || { cat "$W/pack-$name.log" >&2; exit 1; }
+  grep -v '^manifest' "$W/pack-$name.log" | sed 's/^/  /' >&2
+  digest=$(cat "$W/pack-$name.digest")
+}
+pack_app app
 packed=$(du -sb "$W/site/app" | cut -f1)
 alloc=$(($(du -k "$W/disk.img" | cut -f1) << 10))
 memdata=$(($(du -k "$W/snap/mem" | cut -f1) << 10))
@@ -118,26 +128,34 @@ wait_port "$sp"; wait_port "$wp"
 url="http://127.0.0.1:$wp/app/#$digest"
 say "4. origin: va serve behind va wan ($rate, rtt $rtt): $url"
 
-# run_app TAG URL: va run from an empty cache and state; prints the console; lets the service
-# answer a few requests, then stops va run with SIGINT. Sets $first, $fetched (by the first
-# answer) and leaves va run's stderr (timeline, summary) in $W/run-TAG.log.
+# run_app TAG URL [ARGS...]: va run URL ARGS from an empty cache and state; prints the console;
+# lets the service answer a few requests, then stops va run with SIGINT and prints its timeline
+# and summary (stderr, kept in $W/run-TAG.log). Sets $first and $fetched (by the first answer).
 run_app() {
   local tag=$1 u=$2
+  shift 2
   local t0
   t0=$(now)
   "$B/va" run "$u" --accel tcg --cache-dir "$W/cache-$tag" --state-dir "$W/state-$tag" \
-    --console "$W/console-$tag.log" 2>"$W/run-$tag.log" & run_pid=$!
+    --console "$W/console-$tag.log" "$@" 2>"$W/run-$tag.log" & run_pid=$!
   follow "$W/console-$tag.log" "$t0" "VA-APP answer" 4 600 "$run_pid" "$W/run-$tag.log"
   kill -INT "$run_pid"; wait "$run_pid" || { say "va run failed: see $W/run-$tag.log"; exit 1; }
   run_pid=
-  sed -n '/^va run summary/,$p' "$W/run-$tag.log" | sed 's/^/  /' >&2
+  grep -v '^$' "$W/run-$tag.log" | sed 's/^/  /' >&2
 }
 
 say "5. va run from an empty cache: QEMU resumes the warm service while its disk and memory stream"
-run_app streamed "$url"
+run_app streamed "$url" --record-trace "$W/run.trace"
 s_first=$first s_fetched=$fetched
 
-say "6. for comparison: download the whole bundle first (curl, through the same WAN), then va run it locally"
+say "6. va pack --plan: the same images laid out in the order that run touched them; va run again, empty cache"
+app_digest=$digest
+pack_app app2 --plan "$W/run.trace"
+run_app planned "http://127.0.0.1:$wp/app2/#$digest"
+digest=$app_digest
+p_first=$first p_fetched=$fetched
+
+say "7. for comparison: download the whole bundle first (curl, through the same WAN), then va run it locally"
 d0=$(now)
 (cd "$W/site/app" && find . -type f | sort) | while read -r f; do
   mkdir -p "$(dirname "$W/download/app/$f")"
@@ -154,4 +172,5 @@ echo
 printf '%-52s %s\n' "appliance" "disk 2048 MiB ($(mib "$alloc") MiB allocated), RAM $RAM_MIB MiB ($(mib "$memdata") MiB of data); bundle $(mib "$packed") MiB"
 printf '%-52s %6.1f s\n' "cold boot + warm-up (source VM, local disk)" "$cold"
 printf '%-52s %6.1f s, %s MiB fetched by then\n' "streamed: va run from an empty cache -> first answer" "$s_first" "$(mib "$s_fetched")"
+printf '%-52s %6.1f s, %s MiB fetched by then\n' "streamed, trace-planned pack -> first answer" "$p_first" "$(mib "$p_fetched")"
 printf '%-52s %6.1f s (download %s s + va run %.1f s)\n' "download first (curl), then va run -> first answer" "$total" "$dl" "$l_first"
