@@ -145,17 +145,10 @@ run_app() {
 }
 
 say "5. va run from an empty cache: QEMU resumes the warm service while its disk and memory stream"
-run_app streamed "$url" --record-trace "$W/run.trace"
+run_app streamed "$url"
 s_first=$first s_fetched=$fetched
 
-say "6. va pack --plan: the same images laid out in the order that run touched them; va run again, empty cache"
-app_digest=$digest
-pack_app app2 --plan "$W/run.trace"
-run_app planned "http://127.0.0.1:$wp/app2/#$digest"
-digest=$app_digest
-p_first=$first p_fetched=$fetched
-
-say "7. for comparison: download the whole bundle first (curl, through the same WAN), then va run it locally"
+say "6. for comparison: download the whole bundle first (curl, through the same WAN), then va run it locally"
 d0=$(now)
 (cd "$W/site/app" && find . -type f | sort) | while read -r f; do
   mkdir -p "$(dirname "$W/download/app/$f")"
@@ -171,6 +164,5 @@ total=$(awk -v a="$dl" -v b="$l_first" 'BEGIN { printf "%.1f", a + b }')
 echo
 printf '%-52s %s\n' "appliance" "disk 2048 MiB ($(mib "$alloc") MiB allocated), RAM $RAM_MIB MiB ($(mib "$memdata") MiB of data); bundle $(mib "$packed") MiB"
 printf '%-52s %6.1f s\n' "cold boot + warm-up (source VM, local disk)" "$cold"
-printf '%-52s %6.1f s, %s MiB fetched by then\n' "streamed: va run from an empty cache -> first answer" "$s_first" "$(mib "$s_fetched")"
-printf '%-52s %6.1f s, %s MiB fetched by then\n' "streamed, trace-planned pack -> first answer" "$p_first" "$(mib "$p_fetched")"
+printf '%-52s %6.1f s (%s MiB fetched by then)\n' "streamed: va run from an empty cache -> first answer" "$s_first" "$(mib "$s_fetched")"
 printf '%-52s %6.1f s (download %s s + va run %.1f s)\n' "download first (curl), then va run -> first answer" "$total" "$dl" "$l_first"
