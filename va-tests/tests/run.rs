@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use va_tests::{bin, guest, pack, random_disk, Lines, Origin, Proc};
+use va_tests::{bin, guest, random_disk, va_ok, Lines, Origin, Proc};
 
 /// A disk-only appliance (16 MiB of random data) served by `va serve`; its sha256.
 struct Disk {
@@ -15,11 +15,35 @@ struct Disk {
     sha256: String,
 }
 
-fn disk_appliance() -> Disk {
+/// `va pack` of `disk` with the test guest's kernel and initrd and a command line running its
+/// `va.test` list `tests`: an appliance that boots without files from the host.
+fn pack_bootable(disk: &Path, out: &Path, tests: &str) -> String {
+    let g = guest();
+    va_ok(&[
+        "pack",
+        "-q",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--kernel",
+        g.kernel.to_str().unwrap(),
+        "--initrd",
+        g.initrd.to_str().unwrap(),
+        "--append",
+        &format!("console=ttyS0 quiet panic=-1 va.test={tests}"),
+        "--ram",
+        "256M",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .trim()
+    .to_string()
+}
+
+fn disk_appliance(tests: &str) -> Disk {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("disk.raw");
     let sha256 = random_disk(&src, 16, true);
-    pack(&src, &dir.path().join("site/app"));
+    pack_bootable(&src, &dir.path().join("site/app"), tests);
     let origin = Origin::start(&dir.path().join("site"), None);
     Disk {
         dir,
@@ -28,26 +52,23 @@ fn disk_appliance() -> Disk {
     }
 }
 
-/// A running `va run URL --accel tcg ...`, booting the test guest's kernel (`tests` are its
-/// `va.test` list) with the console in DIR/console.
+/// A running `va run URL --accel tcg ...`, with the console in DIR/console.
 struct VaRun {
     proc: Proc,
     console: PathBuf,
 }
 
 impl VaRun {
-    fn start(dir: &Path, url: &str, tests: &str, extra: &[&str]) -> VaRun {
-        Self::start_with(dir, url, tests, extra, |_| {})
+    fn start(dir: &Path, url: &str, extra: &[&str]) -> VaRun {
+        Self::start_with(dir, url, extra, |_| {})
     }
 
     fn start_with(
         dir: &Path,
         url: &str,
-        tests: &str,
         extra: &[&str],
         setup: impl FnOnce(&mut Command),
     ) -> VaRun {
-        let g = guest();
         let console = dir.join("console");
         let mut cmd = Command::new(bin("va"));
         cmd.args(["run", url, "--accel", "tcg"])
@@ -57,14 +78,7 @@ impl VaRun {
             .arg(dir.join("state"))
             .arg("--console")
             .arg(&console)
-            .args(extra)
-            .arg("--")
-            .arg("-kernel")
-            .arg(&g.kernel)
-            .arg("-initrd")
-            .arg(&g.initrd)
-            .arg("-append")
-            .arg(format!("console=ttyS0 quiet panic=-1 va.test={tests}"));
+            .args(extra);
         setup(&mut cmd);
         let (out, err) = (Lines::new(), Lines::new());
         let proc = Proc::spawn_into("va run", &mut cmd, out, err);
@@ -134,9 +148,9 @@ fn assert_nothing_left(run_dir: &Path, pids: &[u32]) {
 
 #[test]
 fn disk_only_appliance_boots_and_reads_its_whole_disk() {
-    let d = disk_appliance();
+    let d = disk_appliance("sha256");
     let url = format!("{}app/", d.origin.url);
-    let mut r = VaRun::start(d.dir.path(), &url, "sha256", &[]);
+    let mut r = VaRun::start(d.dir.path(), &url, &[]);
     let run_dir = r.run_dir();
     let blk = r.pid_of("vablk");
     let st = r.proc.wait_exit(Duration::from_secs(240));
@@ -163,13 +177,87 @@ fn disk_only_appliance_boots_and_reads_its_whole_disk() {
     assert_nothing_left(&run_dir, &[blk]);
 }
 
+/// `va qemu-args` renders what `va run` runs: a disk-only appliance's arguments, given to a
+/// stock QEMU by a shell, boot it from vablk with the bundle's kernel, initrd and command line.
+#[test]
+fn qemu_args_boot_a_disk_only_appliance_from_a_shell() {
+    let d = disk_appliance("sha256");
+    let url = format!("{}app/", d.origin.url);
+    let dir = d.dir.path();
+    let sock = dir.join("vablk.sock");
+    let _vablk = va_tests::Vablk::start(
+        dir,
+        &sock,
+        &[
+            "--appliance",
+            &url,
+            "--cache-dir",
+            dir.join("cache").to_str().unwrap(),
+        ],
+    );
+    let files = dir.join("files");
+    let line = va_ok(&[
+        "qemu-args",
+        &url,
+        "--accel",
+        "tcg",
+        "--blk-sock",
+        sock.to_str().unwrap(),
+        "--fetch-dir",
+        files.to_str().unwrap(),
+    ]);
+    for want in ["-kernel", "-initrd", "va.test=sha256", "vhost-user-blk-pci"] {
+        assert!(line.contains(want), "no {want:?} in {line}");
+    }
+    let g = guest();
+    assert_eq!(
+        std::fs::read(files.join("kernel")).unwrap(),
+        std::fs::read(&g.kernel).unwrap(),
+        "the fetched kernel differs from the packed one"
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "eval \"exec qemu-system-x86_64 {}\" -no-reboot",
+        line.trim()
+    ));
+    let out = va_tests::output_within("qemu from va qemu-args", &mut cmd, Duration::from_secs(180));
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        console.contains(&format!("VA-RESULT sha256 {}", d.sha256)),
+        "{console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without the socket, or the place to put the kernel, it says what is missing.
+    let (ok, _, err) = va_tests::va(&["qemu-args", &url, "--fetch-dir", files.to_str().unwrap()]);
+    assert!(!ok && err.contains("--blk-sock"), "{err}");
+    let (ok, _, err) = va_tests::va(&["qemu-args", &url, "--blk-sock", "/x.sock"]);
+    assert!(!ok && err.contains("--fetch-dir"), "{err}");
+    // JSON: the argv, and no resume steps for a cold boot.
+    let json = va_ok(&[
+        "qemu-args",
+        &url,
+        "--accel",
+        "tcg",
+        "--blk-sock",
+        sock.to_str().unwrap(),
+        "--fetch-dir",
+        files.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["argv"].as_array().unwrap().len() > 10, "{json}");
+    assert_eq!(v["resume"], serde_json::json!([]), "{json}");
+}
+
 #[test]
 fn origin_down_at_start_fails_in_seconds_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let port = va_tests::free_port();
     let url = format!("http://127.0.0.1:{port}/app/");
     let t = Instant::now();
-    let mut r = VaRun::start(dir.path(), &url, "sha256", &["--origin-retries", "1"]);
+    let mut r = VaRun::start(dir.path(), &url, &["--origin-retries", "1"]);
     let st = r.proc.wait_exit(Duration::from_secs(60));
     assert!(!st.success());
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
@@ -185,9 +273,9 @@ const BUSY: &str = "sha256 va.count=100000";
 
 #[test]
 fn killing_vablk_ends_the_run_with_a_clear_message_and_nothing_left() {
-    let d = disk_appliance();
+    let d = disk_appliance(BUSY);
     let url = format!("{}app/", d.origin.url);
-    let mut r = VaRun::start(d.dir.path(), &url, BUSY, &[]);
+    let mut r = VaRun::start(d.dir.path(), &url, &[]);
     let run_dir = r.run_dir();
     let blk = r.pid_of("vablk");
     r.wait_line("guest running", Duration::from_secs(60));
@@ -203,11 +291,11 @@ fn killing_vablk_ends_the_run_with_a_clear_message_and_nothing_left() {
 #[test]
 fn ctrl_c_stops_everything() {
     use std::os::unix::process::CommandExt;
-    let d = disk_appliance();
+    let d = disk_appliance(BUSY);
     let url = format!("{}app/", d.origin.url);
     // As on a terminal: va run (and QEMU, which stays in its group) in a foreground process
     // group that receives the SIGINT; the sidecars are in groups of their own.
-    let mut r = VaRun::start_with(d.dir.path(), &url, BUSY, &[], |c| {
+    let mut r = VaRun::start_with(d.dir.path(), &url, &[], |c| {
         c.process_group(0);
     });
     let run_dir = r.run_dir();
@@ -224,10 +312,10 @@ fn ctrl_c_stops_everything() {
 
 #[test]
 fn sigterm_and_killing_qemu_both_stop_everything() {
-    let d = disk_appliance();
+    let d = disk_appliance(BUSY);
     let url = format!("{}app/", d.origin.url);
     // SIGTERM to va run: a clean stop, status 0.
-    let mut r = VaRun::start(d.dir.path(), &url, BUSY, &[]);
+    let mut r = VaRun::start(d.dir.path(), &url, &[]);
     let run_dir = r.run_dir();
     let blk = r.pid_of("vablk");
     r.wait_line("guest running", Duration::from_secs(60));
@@ -237,7 +325,7 @@ fn sigterm_and_killing_qemu_both_stop_everything() {
     assert_nothing_left(&run_dir, &[blk]);
 
     // QEMU killed: va run says so, status 1; the second run found the first one's overlay.
-    let mut r = VaRun::start(d.dir.path(), &url, BUSY, &[]);
+    let mut r = VaRun::start(d.dir.path(), &url, &[]);
     let run_dir = r.run_dir();
     let blk = r.pid_of("vablk");
     let line = r.wait_line("QEMU started (pid ", Duration::from_secs(60));
@@ -266,7 +354,7 @@ fn a_normal_user_runs_a_disk_only_appliance_from_a_file_origin() {
     std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let src = d.join("disk.raw");
     let sha = random_disk(&src, 8, true);
-    pack(&src, &d.join("site/app"));
+    pack_bootable(&src, &d.join("site/app"), "sha256");
     let run = |args: &[&str]| {
         let st = Command::new("chmod")
             .arg("-R")
@@ -275,7 +363,6 @@ fn a_normal_user_runs_a_disk_only_appliance_from_a_file_origin() {
             .status()
             .unwrap();
         assert!(st.success());
-        let g = guest();
         let url = format!("file://{}", d.join("site/app").display());
         let mut cmd = Command::new("runuser");
         cmd.args(["-u", "nobody", "--", "env"])
@@ -285,14 +372,7 @@ fn a_normal_user_runs_a_disk_only_appliance_from_a_file_origin() {
             .arg(bin("va"))
             .args(["run", &url, "--accel", "tcg", "--console"])
             .arg(d.join("console"))
-            .args(args)
-            .arg("--")
-            .arg("-kernel")
-            .arg(&g.kernel)
-            .arg("-initrd")
-            .arg(&g.initrd)
-            .arg("-append")
-            .arg("console=ttyS0 quiet panic=-1 va.test=sha256");
+            .args(args);
         va_tests::output_within("va run as nobody", &mut cmd, Duration::from_secs(240))
     };
     let out = run(&[]);
@@ -310,6 +390,26 @@ fn a_normal_user_runs_a_disk_only_appliance_from_a_file_origin() {
         &std::fs::metadata(d.join("xdg-cache/vastream")).unwrap(),
     );
     assert_eq!(owner, 65534, "the cache belongs to nobody");
+
+    // --no-cache-write: the guest reads the same disk, and no cache is left anywhere.
+    std::fs::remove_dir_all(d.join("xdg-cache")).unwrap();
+    std::fs::remove_file(d.join("console")).unwrap();
+    let out = run(&["--no-cache-write"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let console = std::fs::read_to_string(d.join("console")).unwrap();
+    assert!(
+        console.contains(&format!("VA-RESULT sha256 {sha}")),
+        "{console}\n{err}"
+    );
+    assert!(!d.join("xdg-cache").exists(), "a cache was written: {err}");
+    let left: Vec<_> = std::fs::read_dir(d.join("xdg-state/vastream"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("run-cache"))
+        .collect();
+    assert!(left.is_empty(), "the run's cache was left: {left:?}");
 }
 
 /// A snapshot appliance: the memcheck guest (64 MiB of random data in its RAM, checked every
@@ -317,7 +417,7 @@ fn a_normal_user_runs_a_disk_only_appliance_from_a_file_origin() {
 /// with RAM in a shared file and its 1 MiB disk on `vablk --file`, saved with `va snapshot`
 /// and packed with that disk.
 fn snapshot_appliance(dir: &Path) -> PathBuf {
-    use va_tests::{va_ok, Boot, Qemu, ShmFile, Vablk};
+    use va_tests::{Boot, Qemu, ShmFile, Vablk};
     let disk = dir.join("disk.raw");
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(1 << 20))
@@ -378,6 +478,83 @@ fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
     let site = snapshot_appliance(dir.path());
     let origin = Origin::start(&site, None);
     let url = format!("{}app/", origin.url);
+    // What va run will execute, printed by va qemu-args: the RAM on vamem's file, the disk on
+    // vablk, -incoming defer and the QMP steps that resume; and the same VM as a libvirt
+    // domain that libvirt's schema accepts.
+    let files = dir.path().join("files");
+    let common = [
+        "qemu-args",
+        &url,
+        "--accel",
+        "tcg",
+        "--blk-sock",
+        "/run/va/disk.sock",
+        "--mem-path",
+        "/run/va/mem/mem",
+        "--qmp",
+        "/run/va/qmp.sock",
+        "--fetch-dir",
+        files.to_str().unwrap(),
+    ];
+    let json = va_ok(&[&common[..], &["--format", "json"]].concat());
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let argv: Vec<&str> = v["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let joined = argv.join(" ");
+    for want in [
+        "memory-backend-file",
+        "mem-path=/run/va/mem/mem",
+        "vhost-user-blk-pci",
+        "-incoming defer",
+    ] {
+        assert!(joined.contains(want), "no {want:?} in {joined}");
+    }
+    assert!(
+        !joined.contains("-kernel"),
+        "a snapshot boots no kernel: {joined}"
+    );
+    let steps: Vec<&str> = v["resume"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["execute"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "migrate-set-capabilities",
+            "migrate-incoming",
+            "query-migrate",
+            "cont"
+        ],
+        "{json}"
+    );
+    assert!(files.join("state").is_file());
+    let xml = va_ok(&[&common[..], &["--format", "libvirt"]].concat());
+    let xml_path = dir.path().join("domain.xml");
+    std::fs::write(&xml_path, &xml).unwrap();
+    let o = va_tests::output_within(
+        "virt-xml-validate",
+        Command::new("virt-xml-validate")
+            .arg(&xml_path)
+            .arg("domain"),
+        Duration::from_secs(60),
+    );
+    assert!(
+        o.status.success(),
+        "{xml}\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        xml.contains("vhostuser") && xml.contains("/run/va/mem/mem"),
+        "{xml}"
+    );
+
     let console = dir.path().join("console");
     let mut cmd = Command::new(bin("va"));
     cmd.args(["run", &url, "--accel", "tcg"])
@@ -475,4 +652,20 @@ fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
         count > first,
         "the last count on disk ({count}) predates the resume ({first})"
     );
+    drop(v);
+
+    // Run it again (from the overlays) and kill vamem: the run ends naming vamem, and its
+    // FUSE mount, QEMU and vablk are gone.
+    let mut r = VaRun::start(dir.path(), &url, &[]);
+    let run_dir = r.run_dir();
+    let blk = r.pid_of("vablk");
+    let mem = r.pid_of("vamem");
+    r.wait_line("guest running", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = Command::new("kill").args(["-9", &mem.to_string()]).status();
+    let st = r.proc.wait_exit(Duration::from_secs(60));
+    let e = r.stderr();
+    assert!(!st.success(), "{e}");
+    assert!(e.contains("vamem exited"), "{e}");
+    assert_nothing_left(&run_dir, &[blk, mem]);
 }

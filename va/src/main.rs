@@ -1,8 +1,10 @@
 //! `va` — the vastream user tool.
 
 mod cat;
+mod launch;
 mod pack_cmd;
 mod progress;
+mod qemu_args_cmd;
 mod qmp;
 mod run;
 mod serve;
@@ -42,6 +44,8 @@ enum Cmd {
     Snapshot(snapshot::SnapshotArgs),
     /// Run an appliance: its disk (vablk) and memory (vamem) streamed into a QEMU VM.
     Run(run::RunArgs),
+    /// Print the QEMU arguments (or libvirt domain, or QMP resume steps) that run an appliance.
+    QemuArgs(qemu_args_cmd::QemuArgsArgs),
 }
 
 fn main() {
@@ -59,6 +63,7 @@ fn main() {
         Cmd::Wan(a) => wan::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Run(a) => run::run(a),
+        Cmd::QemuArgs(a) => qemu_args_cmd::run(a),
     };
     if let Err(e) = r {
         eprintln!("va: error: {e:#}");

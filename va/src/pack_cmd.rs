@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use qemu_args::Machine;
 use va_store::format::ImageKind;
 use va_store::pack::{self, PackInput, PackOptions, Phase};
 
@@ -24,7 +25,8 @@ use crate::progress::byte_progress;
 #[command(
     after_help = "EXAMPLES:\n  va pack --disk disk.raw --out /srv/va/app\n  \
     va pack --disk disk.raw --mem ram.img --state dev.state --machine machine.json --plan boot.trace --out app\n  \
-    va pack --disk v2.raw --out /srv/va/app-v2 --store /srv/va/shared"
+    va pack --disk v2.raw --out /srv/va/app-v2 --store /srv/va/shared\n  \
+    va pack --disk root.raw --kernel vmlinuz --initrd initrd.img --append 'console=ttyS0 root=/dev/vda ro' --ram 2G --out app"
 )]
 pub struct PackArgs {
     /// Raw disk image.
@@ -46,6 +48,22 @@ pub struct PackArgs {
     /// Initial ramdisk for the `--kernel` (QEMU `-initrd`; at most 256 MiB).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     initrd: Option<PathBuf>,
+    /// Kernel command line of the `--kernel` (QEMU `-append`), e.g. `console=ttyS0
+    /// root=/dev/vda ro`. With --ram and --vcpus it makes the appliance's machine description
+    /// (a q35 machine booting the kernel, the disk on vhost-user-blk) unless --machine gives one.
+    #[arg(
+        long,
+        value_name = "CMDLINE",
+        requires = "kernel",
+        conflicts_with = "machine"
+    )]
+    append: Option<String>,
+    /// RAM of a disk-only appliance (default 1G); written to its machine description.
+    #[arg(long, value_name = "SIZE", value_parser = va_store::parse_size, conflicts_with_all = ["machine", "mem"])]
+    ram: Option<u64>,
+    /// vCPUs of a disk-only appliance (default 1); written to its machine description.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024), conflicts_with_all = ["machine", "mem"])]
+    vcpus: Option<u32>,
     /// Output bundle directory (created if missing).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -78,12 +96,33 @@ pub struct PackArgs {
 
 /// Runs `va pack`.
 pub fn run(a: PackArgs) -> anyhow::Result<()> {
+    // A disk-only appliance's machine description, made from --append/--ram/--vcpus.
+    let made_machine = if a.append.is_some() || a.ram.is_some() || a.vcpus.is_some() {
+        let ram = a.ram.unwrap_or(qemu_args::machine::DEFAULT_RAM);
+        if ram == 0 || ram & ((1 << 20) - 1) != 0 {
+            bail!("--ram {ram}: not a whole number of MiB");
+        }
+        let m = Machine::cold_boot(ram, a.vcpus.unwrap_or(1), a.append.clone());
+        let f = tempfile::Builder::new()
+            .prefix("machine-")
+            .suffix(".json")
+            .tempfile()
+            .context("creating the machine description")?;
+        std::fs::write(f.path(), m.to_json())?;
+        Some(f)
+    } else {
+        None
+    };
+    let machine = a
+        .machine
+        .clone()
+        .or_else(|| made_machine.as_ref().map(|f| f.path().to_path_buf()));
     let mut inputs = Vec::new();
     for (kind, p) in [
         (ImageKind::Disk, &a.disk),
         (ImageKind::Mem, &a.mem),
         (ImageKind::State, &a.state),
-        (ImageKind::Machine, &a.machine),
+        (ImageKind::Machine, &machine),
         (ImageKind::Kernel, &a.kernel),
         (ImageKind::Initrd, &a.initrd),
     ] {
@@ -99,8 +138,7 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
     }
     if let Some(m) = &a.machine {
         let text = std::fs::read(m).with_context(|| format!("reading {}", m.display()))?;
-        serde_json_check(&text)
-            .with_context(|| format!("{} is not a JSON machine description", m.display()))?;
+        Machine::parse(&text).with_context(|| format!("{}", m.display()))?;
     }
     if a.mem.is_some() != a.state.is_some() {
         bail!("--mem and --state go together (a RAM image is useless without its device state, and vice versa)");
@@ -153,14 +191,5 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
         r.manifest_len
     );
     println!("{}", r.digest);
-    Ok(())
-}
-
-/// Checks that `text` is a JSON object.
-fn serde_json_check(text: &[u8]) -> anyhow::Result<()> {
-    let v: serde_json::Value = serde_json::from_slice(text)?;
-    if !v.is_object() {
-        bail!("expected a JSON object");
-    }
     Ok(())
 }

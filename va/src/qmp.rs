@@ -101,35 +101,6 @@ impl Qmp {
             }
         }
     }
-
-    /// Polls `query` until its `status` is one of `want` (returned); fails on `failed` or
-    /// after `timeout`.
-    pub(crate) fn wait_status(
-        &mut self,
-        query: &str,
-        want: &[&str],
-        timeout: Duration,
-    ) -> anyhow::Result<String> {
-        let t = Instant::now();
-        loop {
-            let r = self.cmd(query, json!({}))?;
-            let st = r.get("status").and_then(Value::as_str).unwrap_or("");
-            if want.contains(&st) {
-                return Ok(st.to_string());
-            }
-            if st == "failed" {
-                let why = r
-                    .get("error-desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("no reason given");
-                bail!("{query}: failed: {why}");
-            }
-            if t.elapsed() >= timeout {
-                bail!("{query}: still {st:?} after {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 #[cfg(test)]

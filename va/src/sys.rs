@@ -178,6 +178,40 @@ pub fn supervised_child(cmd: &mut std::process::Command, ready: Option<std::os::
     }
 }
 
+/// Whether `path` is a mount point, by `/proc/self/mountinfo`.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    // Field 5 is the mount point, with spaces and such escaped as \ooo.
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| m.replace("\\040", " ") == want)
+}
+
+/// Detaches the (FUSE) mount at `path`, as a crashed vamem leaves it: `umount2(MNT_DETACH)`
+/// when allowed, else `fusermount3 -u -z` / `fusermount -u -z` (a user's own FUSE mount).
+pub fn detach_mount(path: &Path) -> io::Result<()> {
+    if rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).is_ok() {
+        return Ok(());
+    }
+    for tool in ["fusermount3", "fusermount"] {
+        let st = std::process::Command::new(tool)
+            .args(["-u", "-z"])
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status();
+        if matches!(st, Ok(s) if s.success()) {
+            return Ok(());
+        }
+    }
+    Err(io::Error::other(format!(
+        "cannot unmount {}: neither umount2 nor fusermount succeeded",
+        path.display()
+    )))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -11,23 +11,22 @@
 //! ```
 
 mod child;
-mod qemu;
 mod summary;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
+use qemu_args::{Attachments, BootImages, Console, UserNet, Vm};
 use va_store::appliance::{Appliance, OpenOptions};
 use va_store::format::ImageKind;
 use va_store::origin::OriginOptions;
-use va_store::volume::{Volume, VolumeOptions};
-use va_store::{BlockDevice, Hash};
+use va_store::Hash;
 
 use self::child::{Stdout, Supervised, Timestamped};
+use crate::launch::{self, Accel};
 use crate::sys::TermSignals;
 
 /// Run an appliance: stream its disk and memory into a QEMU VM started from its description.
@@ -66,6 +65,12 @@ pub struct RunArgs {
     /// otherwise).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Leave the chunk cache as it was: this run keeps the chunks it fetches in a cache of
+    /// its own (under --state-dir, removed when the run ends) and neither reads nor writes
+    /// --cache-dir. For one-off runs on a host that should keep nothing of the appliance but
+    /// its overlays.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache_write: bool,
     /// Bound of the local cache.
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = va_store::parse_size)]
     cache_size: u64,
@@ -78,7 +83,7 @@ pub struct RunArgs {
     fresh: bool,
     /// Accelerator: kvm when /dev/kvm is usable, else tcg.
     #[arg(long, value_enum)]
-    accel: Option<qemu::Accel>,
+    accel: Option<Accel>,
     /// vCPUs of a disk-only appliance (a snapshot keeps its own).
     #[arg(long, value_name = "N")]
     vcpus: Option<u32>,
@@ -95,6 +100,14 @@ pub struct RunArgs {
     /// Prefetch nothing: fetch only what the guest touches.
     #[arg(long, conflicts_with = "prefetch")]
     no_prefetch: bool,
+    /// Give the guest user-mode networking (a virtio-net card for a cold boot; a snapshot
+    /// connects it to the network card it was saved with).
+    #[arg(long)]
+    net: bool,
+    /// Forward a host port into the guest (implies --net), as QEMU's hostfwd takes it:
+    /// `tcp:127.0.0.1:8080-:80`. Repeatable.
+    #[arg(long, value_name = "RULE")]
+    hostfwd: Vec<String>,
     /// Write the guest's console here instead of this terminal.
     #[arg(long, value_name = "FILE")]
     console: Option<PathBuf>,
@@ -138,10 +151,31 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     // Before any thread exists: SIGINT/SIGTERM are taken synchronously by the supervisor.
     let signals = TermSignals::block().context("blocking SIGINT/SIGTERM")?;
     let tl = Timeline { t0: Instant::now() };
-    let cache_dir = a
-        .cache_dir
+    let state_base = a
+        .state_dir
         .clone()
-        .unwrap_or_else(va_daemon::args::default_cache_dir);
+        .unwrap_or_else(va_daemon::args::default_state_dir);
+    // --no-cache-write: a cache of this run's own, on disk beside the overlays, removed when
+    // the run ends (dropped last, after the sidecars).
+    let _run_cache = if a.no_cache_write {
+        std::fs::create_dir_all(&state_base)
+            .with_context(|| format!("creating {}", state_base.display()))?;
+        Some(
+            tempfile::Builder::new()
+                .prefix("run-cache-")
+                .tempdir_in(&state_base)
+                .with_context(|| format!("creating a run cache in {}", state_base.display()))?,
+        )
+    } else {
+        None
+    };
+    let cache_dir = match &_run_cache {
+        Some(d) => d.path().to_path_buf(),
+        None => a
+            .cache_dir
+            .clone()
+            .unwrap_or_else(va_daemon::args::default_cache_dir),
+    };
     let digest = match &a.digest {
         Some(d) => {
             Some(Hash::from_hex(d).ok_or_else(|| anyhow!("--digest {d:?}: not 64 hex digits"))?)
@@ -181,22 +215,34 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         app.location(),
         images.join(", ")
     ));
-    let snapshot = has(ImageKind::Mem);
-    if snapshot && !has(ImageKind::State) {
-        bail!("the appliance has a memory image but no device state: it cannot be resumed");
-    }
-    if !snapshot && !has(ImageKind::Disk) {
-        bail!("the appliance has neither a disk nor a memory image: nothing to run");
-    }
+    let snapshot = launch::is_snapshot(&app)?;
+    let machine = launch::machine(&app, snapshot, a.vcpus, a.memory)?;
+    let accel = a.accel.unwrap_or_else(Accel::detect);
 
-    let state_dir = a
-        .state_dir
-        .clone()
-        .unwrap_or_else(va_daemon::args::default_state_dir)
-        .join(&hex[..16]);
-    if a.fresh {
+    let state_dir = state_base.join(&hex[..16]);
+    // A snapshot resumes its saved device state, which goes with the RAM and disk as they
+    // were saved: the overlays of an earlier run (RAM and disk as that run left them) cannot
+    // be combined with it, so every run of a snapshot starts from the appliance as packed.
+    // They are kept until then, to be read (vanbd --overlay) after a run.
+    if a.fresh || snapshot {
+        let mut dropped = Vec::new();
         for f in ["disk.overlay", "mem.overlay"] {
-            let _ = std::fs::remove_file(state_dir.join(f));
+            let p = state_dir.join(f);
+            if std::fs::remove_file(&p).is_ok() {
+                dropped.push(f);
+            }
+            let _ = std::fs::remove_file(state_dir.join(format!("{f}.map")));
+        }
+        if !dropped.is_empty() {
+            tl.mark(format_args!(
+                "{}: discarded the previous run's {}",
+                if snapshot {
+                    "a snapshot resumes as it was saved"
+                } else {
+                    "--fresh"
+                },
+                dropped.join(", ")
+            ));
         }
     }
     std::fs::create_dir_all(&state_dir)
@@ -292,43 +338,54 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     }
 
     // The small images QEMU reads itself: fetched (verified) into the run directory.
-    let mut fetched_files = Vec::new();
-    for kind in [ImageKind::State, ImageKind::Machine] {
-        if has(kind) {
-            let bytes = read_image(&app, kind)?;
-            let p = run_path.join(kind.to_string());
-            std::fs::write(&p, &bytes).with_context(|| format!("writing {}", p.display()))?;
-            fetched_files.push((kind, p, bytes.len()));
-        }
-    }
-    if !fetched_files.is_empty() {
-        let what: Vec<String> = fetched_files
+    let files = launch::fetch_files(&app, snapshot, &run_path)?;
+    if !files.written.is_empty() {
+        let what: Vec<String> = files
+            .written
             .iter()
-            .map(|(k, _, n)| format!("{k} {}", human(*n as u64)))
+            .map(|(k, n)| format!("{k} {}", human(*n)))
             .collect();
         tl.mark(format_args!("fetched {}", what.join(", ")));
     }
-    let machine_json = fetched_files
-        .iter()
-        .find(|(k, _, _)| *k == ImageKind::Machine)
-        .map(|(_, p, _)| std::fs::read(p))
-        .transpose()?;
 
-    // QEMU.
-    let plan = qemu::Plan {
-        machine_json: machine_json.as_deref(),
-        accel: a.accel.unwrap_or_else(qemu::Accel::detect),
-        vcpus: a.vcpus,
-        memory: a.memory,
-        blk_socket: has(ImageKind::Disk).then_some(blk_sock.as_path()),
-        mem_path: snapshot.then(|| mem_mount.join("mem")),
-        state: snapshot.then(|| run_path.join("state")),
-        qmp: run_path.join("qmp.sock"),
-        extra: &a.extra,
-    };
-    let rendered = qemu::render(&plan).context("rendering QEMU's arguments")?;
+    // QEMU, rendered from the machine description (qemu-args).
+    let qmp = run_path.join("qmp.sock");
+    let net = (a.net || !a.hostfwd.is_empty()).then(|| UserNet {
+        hostfwd: a.hostfwd.clone(),
+    });
+    let vm = Vm::from_machine(
+        &machine,
+        &Attachments {
+            accel: accel.model(),
+            blk_sockets: if has(ImageKind::Disk) {
+                vec![blk_sock.clone()]
+            } else {
+                Vec::new()
+            },
+            mem_path: snapshot.then(|| mem_mount.join("mem")),
+            state: files.state.clone(),
+            kernel: files.kernel.clone(),
+            initrd: files.initrd.clone(),
+            images: BootImages {
+                kernel: files.kernel.is_some(),
+                initrd: files.initrd.is_some(),
+            },
+            qmp: Some(qmp.clone()),
+            console: Console::Stdio,
+            net,
+            name: Some(format!("va-{}", &hex[..12])),
+            extra_args: a.extra.clone(),
+            ..Attachments::default()
+        },
+    )
+    .context("the appliance's machine cannot be run")?;
+    let argv = vm.argv().context("rendering QEMU's arguments")?;
+    std::fs::write(
+        run_path.join("qemu.args"),
+        qemu_args::shell_join(&argv) + "\n",
+    )?;
     let mut qcmd = Command::new(&a.qemu);
-    qcmd.args(&rendered.argv);
+    qcmd.args(&argv);
     // QEMU stays in this process group (a terminal console needs the foreground); its serial
     // console is relayed through a pipe so that the first guest output is timed.
     let mut qemu_child = Supervised::start(
@@ -344,7 +401,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     tl.mark(format_args!(
         "QEMU started (pid {}, {}): {}",
         qemu_child.pid(),
-        plan.accel,
+        accel,
         if snapshot {
             "resuming the snapshot"
         } else {
@@ -352,9 +409,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         }
     ));
     let started_guest = Instant::now();
-    if let Some(steps) = &rendered.resume {
-        if let Err(e) = qemu::resume(&plan.qmp, steps) {
-            let end = End::Failed(format!("QEMU: resuming the snapshot failed: {e:#}"));
+    let steps = vm.resume_steps();
+    if !steps.is_empty() {
+        if let Err(e) = launch::run_steps(&qmp, &steps) {
+            std::thread::sleep(Duration::from_millis(200));
+            let end = End::Failed(format!(
+                "QEMU: resuming the snapshot failed: {e:#}{}",
+                match qemu_child.try_exited() {
+                    Some(st) => format!(" (QEMU exited, {st}: {})", qemu_child.log_tail()),
+                    None => String::new(),
+                }
+            ));
             return finish(
                 end,
                 &tl,
@@ -394,17 +459,25 @@ fn supervise(signals: &TermSignals, qemu: &mut Supervised, sidecars: &mut [Super
             Ok(None) => {}
             Err(e) => return End::Failed(format!("va run: waiting for signals: {e}")),
         }
+        // A sidecar first: a QEMU that dies at the same moment died of it (a vamem gone makes
+        // QEMU's next access to guest RAM a SIGBUS), and the cause is what the user needs.
+        for s in sidecars.iter_mut() {
+            if let Some(st) = s.try_exited() {
+                return End::Failed(format!("{} exited ({st}): {}", s.name, s.log_tail()));
+            }
+        }
         if let Some(st) = qemu.try_exited() {
+            std::thread::sleep(Duration::from_millis(50));
+            for s in sidecars.iter_mut() {
+                if let Some(st) = s.try_exited() {
+                    return End::Failed(format!("{} exited ({st}): {}", s.name, s.log_tail()));
+                }
+            }
             return if st.success() {
                 End::PoweredOff
             } else {
                 End::Failed(format!("QEMU exited ({st}): {}", qemu.log_tail()))
             };
-        }
-        for s in sidecars.iter_mut() {
-            if let Some(st) = s.try_exited() {
-                return End::Failed(format!("{} exited ({st}): {}", s.name, s.log_tail()));
-            }
         }
     }
 }
@@ -429,7 +502,7 @@ fn finish(
         End::Failed(m) => tl.mark(format_args!("failed: {m}")),
     }
     if qemu.try_exited().is_none() {
-        qemu::quit(&run_path.join("qmp.sock"));
+        launch::quit(&run_path.join("qmp.sock"));
         qemu.stop(Duration::from_secs(10));
     }
     let _ = relay.join();
@@ -438,6 +511,14 @@ fn finish(
     for s in sidecars.iter_mut().rev() {
         let out = s.stop(Duration::from_secs(15));
         stats.push((s.name.clone(), summary::last_json(&out)));
+    }
+    // A vamem that crashed leaves its FUSE mount behind ("transport endpoint is not
+    // connected"): detach it, so that nothing of the run stays mounted.
+    let mount = run_path.join("mem");
+    if crate::sys::is_mounted(&mount) {
+        if let Err(e) = crate::sys::detach_mount(&mount) {
+            eprintln!("va run: {e}");
+        }
     }
     tl.mark("stopped");
     if let Some(t) = &a.record_trace {
@@ -491,22 +572,6 @@ fn relay_console(
             }
         }
     }))
-}
-
-/// Reads a whole small image of the appliance (verified).
-fn read_image(app: &Arc<Appliance>, kind: ImageKind) -> anyhow::Result<Vec<u8>> {
-    let v = Volume::from_appliance(app.clone(), kind, &VolumeOptions::default())?;
-    let n = usize::try_from(v.size()).context("image size")?;
-    if n > 1 << 30 {
-        bail!(
-            "the {kind} image is {}: too large to fetch into memory",
-            human(n as u64)
-        );
-    }
-    let mut buf = vec![0u8; n];
-    v.read(0, &mut buf)
-        .with_context(|| format!("origin: fetching the {kind} image"))?;
-    Ok(buf)
 }
 
 /// A binary next to this one (`va`), else by name on PATH.

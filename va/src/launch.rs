@@ -1,0 +1,224 @@
+//! What `va run` and `va qemu-args` share: the appliance's machine description (or the
+//! cold-boot machine of a disk-only appliance), the small images QEMU reads itself (device
+//! state, kernel, initrd) fetched into a directory, and the QMP steps executed.
+//!
+//! The rendering itself is the `qemu-args` crate's: [`qemu_args::Vm::from_machine`] takes the
+//! [`Machine`] and what the launcher provides ([`qemu_args::Attachments`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use qemu_args::{Machine, Step, WaitState};
+use serde_json::json;
+use va_store::appliance::Appliance;
+use va_store::format::ImageKind;
+use va_store::volume::{Volume, VolumeOptions};
+use va_store::BlockDevice;
+
+use crate::qmp::Qmp;
+
+/// The accelerator, as the command line takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// kvm when /dev/kvm can be opened read-write, else tcg.
+    pub fn detect() -> Accel {
+        let usable = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if usable {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+
+    /// The `qemu-args` value.
+    pub fn model(self) -> qemu_args::Accel {
+        match self {
+            Accel::Kvm => qemu_args::Accel::Kvm,
+            Accel::Tcg => qemu_args::Accel::Tcg,
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model().name())
+    }
+}
+
+/// Whether the appliance is a snapshot (it has memory and device state) or boots from its
+/// disk; refuses bundles that are neither.
+pub fn is_snapshot(app: &Appliance) -> anyhow::Result<bool> {
+    let has = |k| app.manifest().image(k).is_some();
+    let snapshot = has(ImageKind::Mem);
+    if snapshot && !has(ImageKind::State) {
+        bail!("the appliance has a memory image but no device state: it cannot be resumed");
+    }
+    if !snapshot && has(ImageKind::State) {
+        bail!("the appliance has a device state but no memory image: it cannot be resumed");
+    }
+    if !snapshot && !has(ImageKind::Disk) {
+        bail!("the appliance has neither a disk nor a memory image: nothing to run");
+    }
+    Ok(snapshot)
+}
+
+/// The machine to run: the appliance's description (`machine` image), with `--vcpus` and
+/// `--memory` applied to a cold boot; a disk-only appliance without one gets
+/// [`Machine::cold_boot`]. A snapshot keeps its own vCPUs and RAM: overriding them is refused.
+pub fn machine(
+    app: &Arc<Appliance>,
+    snapshot: bool,
+    vcpus: Option<u32>,
+    memory: Option<u64>,
+) -> anyhow::Result<Machine> {
+    let described = app.manifest().image(ImageKind::Machine).is_some();
+    let mut m = if described {
+        let bytes = read_image(app, ImageKind::Machine)?;
+        Machine::parse(&bytes).context("the appliance's machine image")?
+    } else if snapshot {
+        bail!("the appliance is a snapshot without a machine description: it cannot be resumed");
+    } else {
+        Machine::cold_boot(qemu_args::machine::DEFAULT_RAM, 1, None)
+    };
+    if snapshot {
+        if let Some(n) = vcpus.filter(|&n| n != m.vcpus) {
+            bail!(
+                "--vcpus {n}: the snapshot was saved with {} vCPU(s), and a resumed VM keeps them",
+                m.vcpus
+            );
+        }
+        if let Some(b) = memory.filter(|&b| b != m.ram_size) {
+            bail!(
+                "--memory {b}: the snapshot was saved with {} bytes of RAM, and a resumed VM keeps them",
+                m.ram_size
+            );
+        }
+    } else {
+        if let Some(n) = vcpus {
+            m.vcpus = n;
+        }
+        if let Some(b) = memory {
+            m.ram_size = b;
+        }
+    }
+    Ok(m)
+}
+
+/// The small images QEMU reads itself, written to files.
+#[derive(Debug, Default)]
+pub struct Files {
+    /// The device state (a snapshot).
+    pub state: Option<PathBuf>,
+    /// The kernel and initrd (direct kernel boot; never for a snapshot: the ROMs travel in
+    /// the device state).
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// What was written: (image, bytes).
+    pub written: Vec<(ImageKind, u64)>,
+}
+
+/// Fetches (verified) the device state of a snapshot, or the kernel and initrd of a disk-only
+/// appliance, into `dir`, named after their image kinds.
+pub fn fetch_files(app: &Arc<Appliance>, snapshot: bool, dir: &Path) -> anyhow::Result<Files> {
+    let mut files = Files::default();
+    let kinds: &[ImageKind] = if snapshot {
+        &[ImageKind::State]
+    } else {
+        &[ImageKind::Kernel, ImageKind::Initrd]
+    };
+    for &kind in kinds {
+        if app.manifest().image(kind).is_none() {
+            continue;
+        }
+        let bytes = read_image(app, kind)?;
+        let p = dir.join(kind.to_string());
+        write_private(&p, &bytes)?;
+        files.written.push((kind, bytes.len() as u64));
+        match kind {
+            ImageKind::State => files.state = Some(p),
+            ImageKind::Kernel => files.kernel = Some(p),
+            _ => files.initrd = Some(p),
+        }
+    }
+    Ok(files)
+}
+
+/// Writes `bytes` to a new file `p`, readable by its owner only.
+fn write_private(p: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(p);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)
+        .with_context(|| format!("creating {}", p.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", p.display()))
+}
+
+/// Reads a whole small image of the appliance (verified).
+pub fn read_image(app: &Arc<Appliance>, kind: ImageKind) -> anyhow::Result<Vec<u8>> {
+    let v = Volume::from_appliance(app.clone(), kind, &VolumeOptions::default())?;
+    let n = usize::try_from(v.size()).context("image size")?;
+    if n > 1 << 30 {
+        bail!("the {kind} image is {n} bytes: too large to fetch into memory");
+    }
+    let mut buf = vec![0u8; n];
+    v.read(0, &mut buf)
+        .with_context(|| format!("origin: fetching the {kind} image"))?;
+    Ok(buf)
+}
+
+/// Runs QMP `steps` (see [`qemu_args::Vm::resume_steps`]) over the socket at `qmp`.
+pub fn run_steps(qmp: &Path, steps: &[Step]) -> anyhow::Result<()> {
+    let mut q = Qmp::connect_within(qmp, Duration::from_secs(30))?;
+    for s in steps {
+        match s {
+            Step::Qmp { execute, arguments } => {
+                q.cmd(execute, arguments.clone())
+                    .with_context(|| format!("QMP {execute}"))?;
+            }
+            Step::Wait {
+                execute,
+                timeout_secs,
+                ..
+            } => {
+                let deadline = Instant::now() + Duration::from_secs(*timeout_secs);
+                loop {
+                    let ret = q
+                        .cmd(execute, json!({}))
+                        .with_context(|| format!("QMP {execute}"))?;
+                    match s.check(&ret) {
+                        WaitState::Done => break,
+                        WaitState::Failed(why) => return Err(anyhow!("{execute}: {why}")),
+                        WaitState::Pending(now) if Instant::now() > deadline => {
+                            bail!("{execute}: still {now:?} after {timeout_secs}s")
+                        }
+                        WaitState::Pending(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks QEMU to quit over QMP (best effort).
+pub fn quit(qmp: &Path) {
+    if let Ok(mut q) = Qmp::connect_within(qmp, Duration::from_millis(500)) {
+        let _ = q.cmd("quit", json!({}));
+    }
+}
