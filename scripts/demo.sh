@@ -140,6 +140,7 @@ run_app() {
     --console "$W/console-$tag.log" "$@" 2>"$W/run-$tag.log" & run_pid=$!
   follow "$W/console-$tag.log" "$t0" "VA-APP answer" 4 600 "$run_pid" "$W/run-$tag.log"
   kill -INT "$run_pid"; wait "$run_pid" || { say "va run failed: see $W/run-$tag.log"; exit 1; }
+  grep -q 'VA-APP ready' "$W/console-$tag.log" && { say "the service restarted instead of resuming: see $W/console-$tag.log"; exit 1; }
   run_pid=
   grep -v '^$' "$W/run-$tag.log" | sed 's/^/  /' >&2
 }
@@ -163,6 +164,6 @@ total=$(awk -v a="$dl" -v b="$l_first" 'BEGIN { printf "%.1f", a + b }')
 
 echo
 printf '%-52s %s\n' "appliance" "disk 2048 MiB ($(mib "$alloc") MiB allocated), RAM $RAM_MIB MiB ($(mib "$memdata") MiB of data); bundle $(mib "$packed") MiB"
-printf '%-52s %6.1f s\n' "cold boot + warm-up (source VM, local disk)" "$cold"
+printf '%-52s %6.1f s (the source VM)\n' "boot + warm-up from a local disk -> first answer" "$cold"
 printf '%-52s %6.1f s (%s MiB fetched by then)\n' "streamed: va run from an empty cache -> first answer" "$s_first" "$(mib "$s_fetched")"
 printf '%-52s %6.1f s (download %s s + va run %.1f s)\n' "download first (curl), then va run -> first answer" "$total" "$dl" "$l_first"
