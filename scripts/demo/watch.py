@@ -65,6 +65,6 @@ while True:
         print("  (gave up: %s)" % ("timeout" if now - t0 > timeout else "process %d exited" % pid), file=sys.stderr, flush=True)
         sys.exit(1)
     time.sleep(0.05)
-print("first=%.2f" % first)
+print("first=%.1f" % first)  # as the console lines show it
 if got is not None:
     print("fetched=%d" % got)
