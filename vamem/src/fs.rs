@@ -221,7 +221,7 @@ impl Filesystem for MemFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -241,15 +241,20 @@ impl Filesystem for MemFs {
         c.faults.fetch_add(1, Ordering::Relaxed);
         c.fault_bytes.fetch_add(len, Ordering::Relaxed);
         // Local: answered on this thread; otherwise the reply goes to the pool.
-        let pending = with_buffer(len as usize, |buf| match self.dev.read_local(offset, buf) {
-            Ok(LocalRead::Done) => {
-                reply.data(buf);
-                None
-            }
-            Ok(LocalRead::NeedsFetch) => Some(reply),
-            Err(e) => {
-                reply.error(self.failed("read", offset, len, &e));
-                None
+        // A READ caused by our own prefetcher's readahead is not the guest's: it is kept out
+        // of the trace (see pull::is_puller).
+        let ours = crate::pull::is_puller(req.pid());
+        let pending = with_buffer(len as usize, |buf| {
+            match traced(ours, || self.dev.read_local(offset, buf)) {
+                Ok(LocalRead::Done) => {
+                    reply.data(buf);
+                    None
+                }
+                Ok(LocalRead::NeedsFetch) => Some(reply),
+                Err(e) => {
+                    reply.error(self.failed("read", offset, len, &e));
+                    None
+                }
             }
         });
         match pending {
@@ -261,7 +266,7 @@ impl Filesystem for MemFs {
                     (self.dev.clone(), self.counters.clone(), self.errors.clone());
                 self.offload.submit(move || {
                     with_buffer(len as usize, |buf| {
-                        let r = dev.read(offset, buf);
+                        let r = traced(ours, || dev.read(offset, buf));
                         counters.stalled(t);
                         match r {
                             Ok(()) => reply.data(buf),
@@ -393,6 +398,15 @@ fn failed(
     counters.errors.fetch_add(1, Ordering::Relaxed);
     log.log(format_args!("{what} at {offset:#x}+{len}: {e}"));
     errno(e)
+}
+
+/// Runs `f` recorded in the trace, or not when `ours` (a READ of our own prefetcher).
+fn traced<R>(ours: bool, f: impl FnOnce() -> R) -> R {
+    if ours {
+        va_store::layer::untraced(f)
+    } else {
+        f()
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! costs no network.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -63,6 +63,16 @@ pub enum PullError {
     Appliance(#[from] va_store::appliance::ApplianceError),
 }
 
+/// The thread id of the thread that calls `readahead(2)` (0: none yet). The kernel sends the
+/// FUSE READs of a readahead with the caller's thread id, which is how [`crate::fs`] tells
+/// the prefetcher's reads from the guest's (QEMU's) and keeps them out of the trace.
+static PULLER_TID: AtomicU32 = AtomicU32::new(0);
+
+/// Whether a FUSE request from thread `pid` comes from this process's prefetcher.
+pub fn is_puller(pid: u32) -> bool {
+    pid != 0 && pid == PULLER_TID.load(Ordering::Relaxed)
+}
+
 impl Puller {
     /// Starts prefetching the mem image of `app` into the cache and the page cache of `file`.
     pub fn start(
@@ -85,6 +95,7 @@ impl Puller {
         let thread = std::thread::Builder::new()
             .name("vamem-pull".into())
             .spawn(move || {
+                PULLER_TID.store(sys::gettid(), Ordering::Relaxed);
                 if let Err(e) = pull_in_pack_order(&app, pre, &file, &counters, &opts, &s) {
                     tracing::warn!("prefetch stopped: {e:#}");
                 }

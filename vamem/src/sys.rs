@@ -6,6 +6,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+/// The calling thread's id (what the kernel puts in a FUSE request's `pid`).
+pub fn gettid() -> u32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    tid as u32
+}
+
 /// Asks the kernel to read `[offset, offset+len)` of `file` into its page cache
 /// (`readahead(2)`). Pages already cached are left alone: for a FUSE file the kernel sends
 /// READs only for missing pages. Returns when the reads are queued.

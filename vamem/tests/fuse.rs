@@ -337,3 +337,62 @@ fn a_chunk_failing_verification_is_waited_for_never_served() {
         v.log()
     );
 }
+
+/// The trace (`--trace`) holds the reads of others (the guest), never those of vamem's own
+/// prefetcher: a prefetch of the whole image records nothing; a read from this process after
+/// the page cache was dropped is recorded.
+#[test]
+fn the_trace_records_demand_reads_not_the_prefetchers() {
+    use std::os::fd::AsRawFd;
+    let d = tempfile::tempdir().unwrap();
+    let img = ram_image();
+    let b = good_bundle(d.path(), "app", &img);
+    let origin = Origin::start(&b, None);
+    let mnt = d.path().join("mnt");
+    let trace = d.path().join("mem.trace");
+    let args = [
+        "--cache-dir",
+        d.path().join("cache").to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v = Vamem::start(d.path(), &origin.url, &mnt, SIZE, &a);
+    // Three chunks in four are stored (the rest are zero): all of them pushed.
+    let stored = SIZE / 4 * 3;
+    let t = Instant::now();
+    loop {
+        let s = v.stats();
+        if s["transport"]["pushed_bytes"].as_u64().unwrap_or(0) >= stored {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "prefetch stalled: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Drop the file's page cache, then read one page of chunk 5 as a guest would.
+    let f = std::fs::File::open(mnt.join("mem")).unwrap();
+    // SAFETY: an advice on a descriptor this function holds open.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0);
+    let mut page = vec![0u8; 4096];
+    f.read_exact_at(&mut page, 5 * CS as u64).unwrap();
+    assert!(page[..] == img[5 * CS..5 * CS + 4096]);
+    drop(f);
+    v.terminate();
+    let items = va_store::trace::read_plan(&trace).unwrap();
+    assert!(
+        !items.is_empty(),
+        "the demand read of chunk 5 was not recorded"
+    );
+    assert_eq!(items[0].chunk, 5, "{items:?}");
+    assert!(
+        items.len() < (SIZE as usize / CS) / 2,
+        "the prefetcher's reads were recorded: {} chunks",
+        items.len()
+    );
+}

@@ -20,5 +20,5 @@ mod recording;
 mod retrying;
 
 pub use counting::Counting;
-pub use recording::Recording;
+pub use recording::{untraced, Recording};
 pub use retrying::{RetryPolicy, Retrying};

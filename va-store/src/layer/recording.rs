@@ -1,6 +1,10 @@
 //! [`Recording`]: the working-set trace — the first access to every chunk, in order (see
 //! [`crate::trace`] for the file format). Reads and writes are recorded (a partial write reads
 //! its block first, so its chunk belongs to the working set too).
+//!
+//! A trace is the guest's working set: reads a transport makes on its own behalf (vamem's
+//! prefetcher pulling chunks into the page cache) run inside [`untraced`] and are not
+//! recorded.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,6 +13,23 @@ use crate::appliance::Appliance;
 use crate::device::{BlockDevice, DevError, DevStats, Extent, LocalRead};
 use crate::format::ImageKind;
 use crate::trace::{TraceError, TraceWriter};
+
+thread_local! {
+    static UNTRACED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with recording off on this thread: for requests that are not the guest's (a
+/// transport's own prefetch), so that traces hold demand accesses only.
+pub fn untraced<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            UNTRACED.with(|u| u.set(self.0));
+        }
+    }
+    let _restore = Restore(UNTRACED.with(|u| u.replace(true)));
+    f()
+}
 
 /// Records the chunks of image `image` that requests touch.
 pub struct Recording {
@@ -53,7 +74,7 @@ impl Recording {
     }
 
     fn record(&self, offset: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || UNTRACED.with(|u| u.get()) {
             return;
         }
         let first = offset / self.chunk_size;
@@ -133,6 +154,17 @@ mod tests {
         d.flush().unwrap();
         let chunks: Vec<u64> = read_plan(&p).unwrap().iter().map(|i| i.chunk).collect();
         assert_eq!(chunks, vec![5, 0, 1]);
+        // Untraced requests (a transport's own prefetch) are not recorded, nested or not,
+        // and recording resumes after them.
+        untraced(|| {
+            d.read(7 * 4096, &mut b).unwrap();
+            untraced(|| d.read_local(6 * 4096, &mut b).unwrap());
+            d.read(2 * 4096, &mut b).unwrap();
+        });
+        d.read(3 * 4096, &mut b).unwrap();
+        d.flush().unwrap();
+        let chunks: Vec<u64> = read_plan(&p).unwrap().iter().map(|i| i.chunk).collect();
+        assert_eq!(chunks, vec![5, 0, 1, 3]);
         assert!(read_plan(&p)
             .unwrap()
             .iter()
