@@ -5,6 +5,7 @@
 # warm up, saved with `va snapshot`, packed with `va pack` (disk, memory, device state, machine,
 # kernel, initrd), served by `va serve` behind `va wan` (100 Mbit/s, 40 ms), and run with
 # `va run` from an empty cache: the warm service answers within seconds, while the rest streams.
+# That run's trace (what the guest touched first) is packed as the plan and run again.
 # Then the same bundle is downloaded in full through the same WAN and run locally, for comparison.
 #
 #   bash scripts/demo.sh [--rate 100mbit] [--rtt 40ms]
@@ -17,7 +18,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
   --rate) rate=$2; shift 2 ;;
   --rtt) rtt=$2; shift 2 ;;
-  -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
   *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -146,10 +147,17 @@ run_app() {
 }
 
 say "5. va run from an empty cache: QEMU resumes the warm service while its disk and memory stream"
-run_app streamed "$url"
+run_app streamed "$url" --record-trace "$W/run.trace"
 s_first=$first s_fetched=$fetched
 
-say "6. for comparison: download the whole bundle first (curl, through the same WAN), then va run it locally"
+say "6. va pack --plan: the same images laid out in the order that run first touched them; va run again, empty cache"
+app_digest=$digest
+pack_app app2 --plan "$W/run.trace"
+run_app planned "http://127.0.0.1:$wp/app2/#$digest"
+p_first=$first p_fetched=$fetched
+digest=$app_digest
+
+say "7. for comparison: download the whole bundle first (curl, through the same WAN), then va run it locally"
 d0=$(now)
 (cd "$W/site/app" && find . -type f | sort) | while read -r f; do
   mkdir -p "$(dirname "$W/download/app/$f")"
@@ -166,4 +174,5 @@ echo
 printf '%-52s %s\n' "appliance" "disk 2048 MiB ($(mib "$alloc") MiB allocated), RAM $RAM_MIB MiB ($(mib "$memdata") MiB of data); bundle $(mib "$packed") MiB"
 printf '%-52s %6.1f s (the source VM)\n' "boot + warm-up from a local disk -> first answer" "$cold"
 printf '%-52s %6.1f s (%s MiB fetched by then)\n' "streamed: va run from an empty cache -> first answer" "$s_first" "$(mib "$s_fetched")"
+printf '%-52s %6.1f s (%s MiB fetched by then)\n' "streamed, pack laid out by that run's trace" "$p_first" "$(mib "$p_fetched")"
 printf '%-52s %6.1f s (download %s s + va run %.1f s)\n' "download first (curl), then va run -> first answer" "$total" "$dl" "$l_first"
