@@ -174,5 +174,5 @@ echo
 printf '%-52s %s\n' "appliance" "disk 2048 MiB ($(mib "$alloc") MiB allocated), RAM $RAM_MIB MiB ($(mib "$memdata") MiB of data); bundle $(mib "$packed") MiB"
 printf '%-52s %6.1f s (the source VM)\n' "boot + warm-up from a local disk -> first answer" "$cold"
 printf '%-52s %6.1f s (%s MiB fetched by then)\n' "streamed: va run from an empty cache -> first answer" "$s_first" "$(mib "$s_fetched")"
-printf '%-52s %6.1f s (%s MiB fetched by then)\n' "streamed, pack laid out by that run's trace" "$p_first" "$(mib "$p_fetched")"
+printf '%-52s %6.1f s (%s MiB fetched by then)\n' "streamed, trace-ordered pack -> first answer" "$p_first" "$(mib "$p_fetched")"
 printf '%-52s %6.1f s (download %s s + va run %.1f s)\n' "download first (curl), then va run -> first answer" "$total" "$dl" "$l_first"
