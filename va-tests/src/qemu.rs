@@ -205,7 +205,7 @@ impl Boot {
                     .arg(format!("socket,id=vb0,path={}{rc}", socket.display()))
                     .arg("-device")
                     .arg(format!(
-                        "vhost-user-blk-pci,chardev=vb0,num-queues={queues}"
+                        "vhost-user-blk-pci,chardev=vb0,id=vablk0,num-queues={queues}"
                     ));
             }
             Disk::Nbd { port } => {
@@ -526,8 +526,9 @@ pub struct MemcheckSnapshot {
 }
 
 /// Boots the memcheck guest (kernel parameters `params`) with its RAM in /dev/shm, lets it
-/// check its memory 3 times, snapshots it with `va snapshot` and packs that with `va pack`,
-/// all in `dir`.
+/// check its memory 3 times, snapshots it with `va snapshot --allow-other-disks` (its
+/// command disk is a virtio-blk drive, not part of the appliance) and packs that with
+/// `va pack`, all in `dir`.
 pub fn snapshot_memcheck(dir: &Path, params: &str) -> MemcheckSnapshot {
     let disk = dir.join("disk.raw");
     std::fs::File::create(&disk)
@@ -548,6 +549,8 @@ pub fn snapshot_memcheck(dir: &Path, params: &str) -> MemcheckSnapshot {
         &ram.0.display().to_string(),
         "--out",
         &snap.display().to_string(),
+        // The command disk is a raw virtio-blk drive: recorded as an other disk.
+        "--allow-other-disks",
     ]);
     q.kill();
     let bundle = dir.join("bundle");

@@ -216,9 +216,10 @@ pub fn run_steps(qmp: &Path, steps: &[Step]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Asks QEMU to quit over QMP (best effort).
+/// Asks QEMU to quit over QMP (best effort, within about two seconds: a QEMU that does not
+/// answer is stopped with signals by the caller).
 pub fn quit(qmp: &Path) {
-    if let Ok(mut q) = Qmp::connect_within(qmp, Duration::from_millis(500)) {
+    if let Ok(mut q) = Qmp::connect_io(qmp, Duration::from_secs(2)) {
         let _ = q.cmd("quit", json!({}));
     }
 }

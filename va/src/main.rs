@@ -40,7 +40,7 @@ enum Cmd {
     Cat(cat::CatArgs),
     /// User-space WAN emulator: a TCP proxy with bandwidth and latency shaping.
     Wan(wan::WanArgs),
-    /// Save a running VM (RAM in a shared file) as state + mem + machine.json for `va pack`.
+    // Its help (about and long description) is SnapshotArgs's doc comment.
     Snapshot(snapshot::SnapshotArgs),
     /// Run an appliance: its disk (vablk) and memory (vamem) streamed into a QEMU VM.
     Run(run::RunArgs),

@@ -19,11 +19,18 @@ pub(crate) struct Qmp {
 }
 
 impl Qmp {
-    /// Connects to `path` and negotiates capabilities.
+    /// Connects to `path` and negotiates capabilities (replies waited for up to 60 s).
     pub(crate) fn connect(path: &Path) -> anyhow::Result<Qmp> {
+        Self::connect_io(path, Duration::from_secs(60))
+    }
+
+    /// Connects to `path` and negotiates capabilities; every reply is waited for up to
+    /// `io_timeout` (a QEMU whose main loop is stuck must not hold its caller).
+    pub(crate) fn connect_io(path: &Path, io_timeout: Duration) -> anyhow::Result<Qmp> {
         let s = UnixStream::connect(path)
             .with_context(|| format!("connecting to QMP socket {}", path.display()))?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        s.set_read_timeout(Some(io_timeout))?;
+        s.set_write_timeout(Some(io_timeout))?;
         let r = BufReader::new(s.try_clone()?);
         let mut q = Qmp {
             w: s,

@@ -150,11 +150,18 @@ impl TermSignals {
 /// launcher), and, with `ready`, that descriptor as its fd 3 (for `--ready-fd 3`).
 pub fn supervised_child(cmd: &mut std::process::Command, ready: Option<std::os::fd::RawFd>) {
     use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (sigemptyset, sigaddset, pthread_sigmask, dup2) on values it
-    // owns; it allocates nothing and takes no lock.
+    // async-signal-safe functions (sigemptyset, sigaddset, pthread_sigmask, prctl, getppid,
+    // raise, dup2) on values it owns; it allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
+            // If va run itself is killed (SIGKILL: no teardown), the child gets SIGTERM and
+            // stops cleanly instead of living on; if va run is already gone, it stops now.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGTERM);
+            }
             let mut set = MaybeUninit::<libc::sigset_t>::uninit();
             libc::sigemptyset(set.as_mut_ptr());
             let mut set = set.assume_init();

@@ -10,9 +10,17 @@
 //!   ever seeing bad bytes.
 //! * WRITE (page-cache writeback of pages the guest dirtied) → [`BlockDevice::write`] into the
 //!   overlay, so a page the kernel drops and reads again comes back as the guest left it.
-//! * FSYNC / FLUSH → [`BlockDevice::flush`]. FALLOCATE(PUNCH_HOLE) → discard.
+//! * FSYNC → [`BlockDevice::flush`]. FALLOCATE(PUNCH_HOLE) → discard.
 //! * Every open answers FOPEN_KEEP_CACHE: opening the file (vablk, the prefetcher, a host
-//!   reader) must never invalidate pages the guest has in the page cache.
+//!   reader) must never invalidate pages the guest has in the page cache. And FOPEN_NOFLUSH:
+//!   a close neither sends FLUSH nor waits for the file's dirty pages to be written back
+//!   (the kernel's `fuse_flush` does both, unless this flag is set and there is no writeback
+//!   cache). Otherwise a vamem killed while it holds its own file open (the prefetcher does)
+//!   could never finish exiting: its last close would wait for a writeback that only vamem
+//!   can serve, its FUSE connection would stay up, and QEMU would hang on its next fault
+//!   instead of getting an error. Dirty pages are still written back (by the kernel's
+//!   flusher, at FSYNC and at unmount), and durability comes from FSYNC and the clean
+//!   shutdown, never from a close.
 //!
 //! Nothing here ever calls back into QEMU, vablk or the mount itself.
 
@@ -216,7 +224,10 @@ impl Filesystem for MemFs {
         if u64::from(ino) != MEM_INO {
             return reply.error(Errno::EISDIR);
         }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+        );
     }
 
     fn read(
@@ -304,12 +315,8 @@ impl Filesystem for MemFs {
         }
     }
 
-    /// FLUSH (sent on every close of a descriptor) is declined with ENOSYS, which makes the
-    /// kernel stop sending it for this mount ([`crate::serve`] provokes the first one right
-    /// after mounting). A close then never waits for vamem: a vamem killed while it holds its
-    /// own file open (the prefetcher does) could otherwise never finish exiting, its last
-    /// close waiting for an answer from itself. Durability does not depend on it: FSYNC
-    /// flushes the overlay, and so does every clean shutdown.
+    /// FLUSH: not sent for this file (FOPEN_NOFLUSH, see the module docs); should a kernel
+    /// send it anyway, the overlay is flushed.
     fn flush(
         &self,
         _req: &Request,
@@ -318,7 +325,10 @@ impl Filesystem for MemFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS)
+        match self.dev.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.failed("flush", 0, 0, &e)),
+        }
     }
 
     fn fsync(

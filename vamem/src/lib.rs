@@ -109,10 +109,6 @@ pub fn serve(
         counters,
         dev,
     };
-    // One open and close: the kernel's first FLUSH, declined, turns FLUSH off (see fs::flush).
-    if let Err(e) = std::fs::File::open(mp.join(MEM_NAME)) {
-        tracing::warn!("cannot open {}: {e}", mp.join(MEM_NAME).display());
-    }
     match std::fs::metadata(&mp) {
         Ok(m) => {
             let (dir, settings) = mount::tune_bdi(m.dev(), opts.read_ahead / 1024);

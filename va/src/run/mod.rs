@@ -108,6 +108,11 @@ pub struct RunArgs {
     /// `tcp:127.0.0.1:8080-:80`. Repeatable.
     #[arg(long, value_name = "RULE")]
     hostfwd: Vec<String>,
+    /// Readahead of vamem's RAM file: how much a guest's first touch of a page reads (QEMU
+    /// runs with libva_preload.so, which drops its MADV_HUGEPAGE, so that this holds). Small
+    /// keeps faults and traces page-granular; prefetch brings the rest in large requests.
+    #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = va_store::parse_size)]
+    mem_read_ahead: u64,
     /// Write the guest's console here instead of this terminal.
     #[arg(long, value_name = "FILE")]
     console: Option<PathBuf>,
@@ -316,7 +321,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             .arg("--overlay")
             .arg(state_dir.join("mem.overlay"))
             .arg("--stats")
-            .arg(run_path.join("vamem.json"));
+            .arg(run_path.join("vamem.json"))
+            .arg("--read-ahead")
+            .arg(a.mem_read_ahead.to_string());
         if a.no_prefetch {
             cmd.arg("--no-prefetch");
         }
@@ -386,6 +393,21 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     )?;
     let mut qcmd = Command::new(&a.qemu);
     qcmd.args(&argv);
+    // Guest RAM on vamem's file: page-granular faults (see va-preload).
+    let preload = if snapshot { preload_library() } else { None };
+    if let Some(lib) = &preload {
+        let mut v = std::ffi::OsString::from(lib.as_os_str());
+        if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
+            v.push(":");
+            v.push(old);
+        }
+        qcmd.env("LD_PRELOAD", v);
+    } else if snapshot {
+        eprintln!(
+            "va run: warning: {PRELOAD_LIB} not found next to va: every memory fault reads a \
+             2-4 MiB window (QEMU's MADV_HUGEPAGE)"
+        );
+    }
     // QEMU stays in this process group (a terminal console needs the foreground); its serial
     // console is relayed through a pipe so that the first guest output is timed.
     let mut qemu_child = Supervised::start(
@@ -402,10 +424,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         "QEMU started (pid {}, {}): {}",
         qemu_child.pid(),
         accel,
-        if snapshot {
-            "resuming the snapshot"
-        } else {
-            "booting"
+        match (snapshot, &preload) {
+            (true, Some(_)) => "resuming the snapshot (page-granular memory faults)",
+            (true, None) => "resuming the snapshot",
+            _ => "booting",
         }
     ));
     let started_guest = Instant::now();
@@ -572,6 +594,15 @@ fn relay_console(
             }
         }
     }))
+}
+
+/// The LD_PRELOAD library that gives page-granular memory faults (crate `va-preload`).
+const PRELOAD_LIB: &str = "libva_preload.so";
+
+/// `libva_preload.so` next to `va` (as cargo builds and the install puts it).
+fn preload_library() -> Option<PathBuf> {
+    let p = std::env::current_exe().ok()?.with_file_name(PRELOAD_LIB);
+    p.is_file().then_some(p)
 }
 
 /// A binary next to this one (`va`), else by name on PATH.
