@@ -32,7 +32,7 @@ mib() { awk -v a="$1" 'BEGIN { printf "%.0f", a / 1048576 }'; }
 bash scripts/setup.sh
 command -v debootstrap >/dev/null || { say "installing debootstrap"; apt-get install -y -qq debootstrap >/dev/null; }
 say "building (release)"
-cargo build --release -q --bins -p va -p vablk -p vamem
+cargo build --release -q -p va -p vablk -p vamem -p va-preload  # va run preloads libva_preload.so into QEMU
 B=$PWD/target/release
 W=$PWD/target/demo
 G=$PWD/target/guest
