@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The vastream demo: a Debian appliance (a 2 GiB ext4 root filesystem with python3 and a 768 MiB
-# dataset) is packed, served over HTTP behind an emulated 100 Mbit/s, 40 ms WAN, and booted by
-# stock QEMU (TCG) from vablk before it has been downloaded: only the blocks the boot touches
-# cross the WAN. vablk records the boot's working set; the appliance is repacked with that trace
-# as its plan and booted again with prefetch. Then the same image is downloaded in full through
-# the same WAN and booted locally, for comparison.
+# The vastream demo: a warm application, streamed. A Debian appliance (minbase + python3 on a
+# 2 GiB ext4 disk, booted with the test guest's kernel and initrd) runs a small lookup service
+# that loads a 192 MiB data set into memory before it answers. It is booted once and left to
+# warm up, saved with `va snapshot`, packed with `va pack` (disk, memory, device state, machine,
+# kernel, initrd), served by `va serve` behind `va wan` (100 Mbit/s, 40 ms), and run with
+# `va run` from an empty cache: the warm service answers within seconds, while the rest streams.
+# That run's trace (what the guest touched first) is packed as the plan and run again.
+# Then the same bundle is downloaded in full through the same WAN and run locally, for comparison.
 #
 #   bash scripts/demo.sh [--rate 100mbit] [--rtt 40ms]
 #
@@ -16,121 +18,161 @@ while [ $# -gt 0 ]; do
   case "$1" in
   --rate) rate=$2; shift 2 ;;
   --rtt) rtt=$2; shift 2 ;;
-  -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
   *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
-sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
-say() { printf '\033[1m[demo]\033[0m %s\n' "$*" >&2; }
+DATA_MIB=192 RAM_MIB=768
+if [ -t 2 ]; then b=$'\033[1m' n=$'\033[0m'; else b='' n=''; fi
+say() { printf '%s[demo]%s %s\n' "$b" "$n" "$*" >&2; }
+now() { echo "$EPOCHREALTIME"; }
+sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
+mib() { awk -v a="$1" 'BEGIN { printf "%.0f", a / 1048576 }'; }
 
 bash scripts/setup.sh
 command -v debootstrap >/dev/null || { say "installing debootstrap"; apt-get install -y -qq debootstrap >/dev/null; }
 say "building (release)"
-cargo build --release -q --workspace --bins
+cargo build --release -q -p va -p vablk -p vamem -p va-preload  # va run preloads libva_preload.so into QEMU
 B=$PWD/target/release
 W=$PWD/target/demo
+G=$PWD/target/guest
 mkdir -p "$W"
-bash va-tests/guest/build.sh target/guest >&2
+bash va-tests/guest/build.sh "$G" >&2
 
+# --- the appliance's disk: Debian minbase + python3, the service, its data set (built once) ---
 if [ ! -f "$W/root/.complete" ]; then
-  say "building the appliance: Debian bookworm minbase + python3 (debootstrap, once)"
+  say "building the appliance's root filesystem: Debian bookworm minbase + python3 (debootstrap, once)"
   rm -rf "$W/root" "$W/rootfs.img"
   mirror=$(grep -rhs '^URIs:.*debian$' /etc/apt/sources.list.d/ | head -n1 | awk '{print $2}')
   debootstrap --variant=minbase --include=python3-minimal bookworm "$W/root" "${mirror:-http://deb.debian.org/debian}" >"$W/debootstrap.log" 2>&1 \
     || { tail -n 20 "$W/debootstrap.log"; exit 1; }
-  cat >"$W/root/usr/local/bin/va-app" <<'APP'
-#!/bin/sh
-# The appliance's "application": runs as PID 1 after switch_root, then powers off.
-export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
-echo "VA-APP hello from the appliance: $(. /etc/os-release; echo "$PRETTY_NAME"), kernel $(uname -r)"
-python3 -c 'import sys, json, hashlib; print("VA-APP python", sys.version.split()[0], "says", json.dumps({"sha256(vastream)": hashlib.sha256(b"vastream").hexdigest()[:16]}))'
-echo "VA-APP looked up record 1000 of its 768 MiB dataset: $(dd if=/srv/data/records.bin bs=64k skip=1000 count=1 2>/dev/null | sha256sum | cut -c1-16)"
-mount -o remount,rw / 2>/dev/null
-date > /var/tmp/last-boot && sync && echo "VA-APP wrote /var/tmp/last-boot (into the overlay)"
-echo 1 > /proc/sys/kernel/sysrq; echo o > /proc/sysrq-trigger; sleep 10
-APP
-  chmod +x "$W/root/usr/local/bin/va-app"
   touch "$W/root/.complete"
 fi
-if [ ! -f "$W/rootfs.img" ]; then
-  say "making the appliance disk: the root filesystem plus a 768 MiB dataset the app barely touches"
+stamp=$( (cat scripts/demo/va-app scripts/demo/make-records.py; echo "$DATA_MIB") | sha256sum | cut -c1-16)
+if [ ! -f "$W/rootfs.img" ] || [ "$(cat "$W/rootfs.stamp" 2>/dev/null)" != "$stamp" ]; then
+  say "making the appliance disk: the service (/usr/local/bin/va-app) and its $DATA_MIB MiB data set"
+  install -m 755 scripts/demo/va-app "$W/root/usr/local/bin/va-app"
   mkdir -p "$W/root/srv/data"
-  head -c $((768 << 20)) /dev/urandom >"$W/root/srv/data/records.bin"
+  python3 scripts/demo/make-records.py "$W/root/srv/data/records.bin" "$DATA_MIB"
+  rm -f "$W/rootfs.img"
   truncate -s 2G "$W/rootfs.img.tmp"
   mke2fs -q -t ext4 -d "$W/root" -F "$W/rootfs.img.tmp"
   mv "$W/rootfs.img.tmp" "$W/rootfs.img"
-  rm -f "$W/root/srv/data/records.bin"
+  echo "$stamp" >"$W/rootfs.stamp"
 fi
-alloc=$(du -k "$W/rootfs.img" | cut -f1)
-say "appliance disk: $(($(stat -c %s "$W/rootfs.img") >> 20)) MiB, $((alloc >> 10)) MiB allocated"
 
-rm -rf "$W/site" "$W"/cache* "$W"/overlay* "$W"/vablk*.sock
-say "va pack"
-digest=$("$B/va" pack --quiet --disk "$W/rootfs.img" --out "$W/site/app")
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+# --- processes and cleanup ---
+pids=() run_pid=
+ram=/dev/shm/vastream-demo-$$.ram
+cleanup() {
+  [ -n "$run_pid" ] && { kill -INT "$run_pid" 2>/dev/null || true; wait "$run_pid" 2>/dev/null || true; }
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -f "$ram"
+}
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
+# follow CONSOLE T0 PATTERN COUNT TIMEOUT [PID [RUNLOG]]: prints the console's VA-APP lines until
+# COUNT lines with PATTERN; sets $first (seconds from T0 to the first one) and $fetched (bytes
+# fetched from the origin by then, with RUNLOG).
+follow() {
+  local out
+  out=$(python3 scripts/demo/watch.py "$@") || { say "the appliance did not get there: see $1 and $W/*.log"; exit 1; }
+  first=$(sed -n 's/^first=//p' <<<"$out"); fetched=$(sed -n 's/^fetched=//p' <<<"$out")
+}
+rm -rf "$W/snap" "$W/site" "$W/download" "$W"/cache-* "$W"/state-* "$W"/*.sock "$W"/*.qmp "$W"/console-*.log "$W/disk.img"
+
+say "1. boot the appliance (vablk --file serves its disk, RAM in $ram) and let its service warm up"
+cp --sparse=always "$W/rootfs.img" "$W/disk.img"
+"$B/vablk" --file "$W/disk.img" --socket "$W/src.sock" >/dev/null 2>"$W/vablk-src.log" & vablk_pid=$!; pids+=($vablk_pid)
+for _ in $(seq 200); do [ -S "$W/src.sock" ] && break; sleep 0.05; done
+t0=$(now)
+qemu-system-x86_64 -accel tcg -machine q35,memory-backend=mem0 -smp 1 -m "${RAM_MIB}M" \
+  -nodefaults -no-user-config -display none -no-reboot -serial "file:$W/console-source.log" \
+  -object "memory-backend-file,id=mem0,size=${RAM_MIB}M,mem-path=$ram,share=on" \
+  -kernel "$G/vmlinuz" -initrd "$G/initrd.gz" -append "console=ttyS0 quiet panic=-1 va.test=boot" \
+  -chardev "socket,id=vablk0,path=$W/src.sock,reconnect-ms=1000" \
+  -device vhost-user-blk-pci,chardev=vablk0,id=vablk0,num-queues=1 \
+  -qmp "unix:$W/src.qmp,server=on,wait=off" 2>"$W/qemu-source.log" & qemu_pid=$!; pids+=($qemu_pid)
+follow "$W/console-source.log" "$t0" "VA-APP answer" 3 600 "$qemu_pid"
+cold=$first
+
+say "2. va snapshot: stop the VM, save its device state, copy its RAM"
+"$B/va" snapshot --qmp "$W/src.qmp" --ram-file "$ram" --out "$W/snap" 2>&1 | grep -v '^pack it' | sed 's/^/  /' >&2
+kill "$qemu_pid" "$vablk_pid" 2>/dev/null || true; wait "$qemu_pid" "$vablk_pid" 2>/dev/null || true
+rm -f "$ram"
+
+say "3. va pack: disk, memory, device state, machine description, kernel and initrd -> one bundle"
+# pack_app NAME [ARGS...]: packs the snapshot and its disk into $W/site/NAME; sets $digest.
+pack_app() {
+  local name=$1
+  shift
+  "$B/va" pack --quiet --disk "$W/disk.img" --mem "$W/snap/mem" --state "$W/snap/state" \
+    --machine "$W/snap/machine.json" --kernel "$G/vmlinuz" --initrd "$G/initrd.gz" \
+    --out "$W/site/$name" "$@" >"$W/pack-$name.digest" 2>"$W/pack-$name.log" \
+    || { cat "$W/pack-$name.log" >&2; exit 1; }
+  grep -v '^manifest' "$W/pack-$name.log" | sed 's/^/  /' >&2
+  digest=$(cat "$W/pack-$name.digest")
+}
+pack_app app
+packed=$(du -sb "$W/site/app" | cut -f1)
+alloc=$(($(du -k "$W/disk.img" | cut -f1) << 10))
+memdata=$(($(du -k "$W/snap/mem" | cut -f1) << 10))
+say "   disk 2048 MiB ($(mib "$alloc") MiB allocated), memory $RAM_MIB MiB ($(mib "$memdata") MiB of data), bundle $(mib "$packed") MiB"
+
 sp=$(free_port); wp=$(free_port)
 "$B/va" serve --listen "127.0.0.1:$sp" "$W/site" 2>"$W/serve.log" & pids+=($!)
 "$B/va" wan --listen "127.0.0.1:$wp" --upstream "127.0.0.1:$sp" --rate "$rate" --rtt "$rtt" >/dev/null 2>"$W/wan.log" & pids+=($!)
 wait_port "$sp"; wait_port "$wp"
 url="http://127.0.0.1:$wp/app/#$digest"
-say "origin: va serve behind va wan ($rate, rtt $rtt): $url"
+say "4. origin: va serve behind va wan ($rate, rtt $rtt): $url"
 
-# boot_streamed TAG URL [vablk args...]: boots the appliance from vablk (fresh cache and overlay),
-# prints the guest's milestones; sets $boot (seconds) and $fetched (bytes from the origin).
-boot_streamed() {
-  local tag=$1 u=$2; shift 2
-  rm -rf "$W/cache-$tag" "$W/overlay-$tag"* "$W/vablk-$tag.sock"
-  "$B/vablk" --appliance "$u" --socket "$W/vablk-$tag.sock" --cache-dir "$W/cache-$tag" \
-    --overlay "$W/overlay-$tag" --stats "$W/vablk-$tag.stats" "$@" >"$W/vablk-$tag.out" 2>"$W/vablk-$tag.log" &
-  local vablk=$!; pids+=($vablk)
-  for _ in $(seq 200); do [ -S "$W/vablk-$tag.sock" ] && break; sleep 0.05; done
-  local t0 t1
-  t0=$(date +%s.%N)
-  timeout 300 qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot \
-    -object memory-backend-memfd,id=mem0,size=512M,share=on -machine q35,memory-backend=mem0 \
-    -kernel target/guest/vmlinuz -initrd target/guest/initrd.gz \
-    -append "console=ttyS0 quiet panic=-1 va.test=boot" \
-    -chardev "socket,id=vablk0,path=$W/vablk-$tag.sock" -device vhost-user-blk-pci,chardev=vablk0 \
-    2>&1 | tee "$W/console-$tag.log" | while IFS= read -r line; do
-      case "$line" in *VA-APP*|*VA-RESULT*) printf '  +%5.1fs  %s\n' "$(sub "$(date +%s.%N)" "$t0")" "$(printf '%s' "${line#*VA-}" | tr -cd '[:print:]')" ;; esac
-    done
-  t1=$(date +%s.%N)
-  sleep 1.5
-  kill -INT "$vablk" 2>/dev/null || true; wait "$vablk" 2>/dev/null || true
-  grep -q "VA-APP wrote" "$W/console-$tag.log" || { say "the appliance did not run: see $W/console-$tag.log and $W/vablk-$tag.log"; exit 1; }
-  fetched=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d.get("device",{}).get("fetched_bytes",0))' "$W/vablk-$tag.stats" 2>/dev/null || echo 0)
-  boot=$(sub "$t1" "$t0")
+# run_app TAG URL [ARGS...]: va run URL ARGS from an empty cache and state; prints the console;
+# lets the service answer a few requests, then stops va run with SIGINT and prints its timeline
+# and summary (stderr, kept in $W/run-TAG.log). Sets $first and $fetched (by the first answer).
+run_app() {
+  local tag=$1 u=$2
+  shift 2
+  local t0
+  t0=$(now)
+  "$B/va" run "$u" --accel tcg --cache-dir "$W/cache-$tag" --state-dir "$W/state-$tag" \
+    --console "$W/console-$tag.log" "$@" 2>"$W/run-$tag.log" & run_pid=$!
+  follow "$W/console-$tag.log" "$t0" "VA-APP answer" 4 600 "$run_pid" "$W/run-$tag.log"
+  kill -INT "$run_pid"; wait "$run_pid" || { say "va run failed: see $W/run-$tag.log"; exit 1; }
+  grep -q 'VA-APP ready' "$W/console-$tag.log" && { say "the service restarted instead of resuming: see $W/console-$tag.log"; exit 1; }
+  run_pid=
+  grep -v '^$' "$W/run-$tag.log" | sed 's/^/  /' >&2
 }
 
-say "1. vablk streams the disk on demand (empty cache, no plan) -> QEMU (TCG) boots it; vablk records a trace"
-boot_streamed cold "$url" --trace "$W/boot.trace"
-boot1=$boot; fetched1=$fetched
+say "5. va run from an empty cache: QEMU resumes the warm service while its disk and memory stream"
+run_app streamed "$url" --record-trace "$W/run.trace"
+s_first=$first s_fetched=$fetched
 
-say "2. repack with the recorded trace as the plan, boot again with a fresh cache and --prefetch"
-digest2=$("$B/va" pack --quiet --disk "$W/rootfs.img" --plan "$W/boot.trace" --out "$W/site/app2")
-boot_streamed planned "http://127.0.0.1:$wp/app2/#$digest2" --prefetch
-boot2=$boot; fetched2=$fetched
+say "6. va pack --plan: the same images laid out in the order that run first touched them; va run again, empty cache"
+app_digest=$digest
+pack_app app2 --plan "$W/run.trace"
+run_app planned "http://127.0.0.1:$wp/app2/#$digest"
+p_first=$first p_fetched=$fetched
+digest=$app_digest
 
-say "baseline: download the whole image through the same WAN (va cat), then boot it locally"
-c0=$(date +%s.%N)
-"$B/va" cat --quiet "$url" --out "$W/full.raw"
-c1=$(date +%s.%N)
-full=$(sub "$c1" "$c0")
-timeout 300 qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot -machine q35 \
-  -kernel target/guest/vmlinuz -initrd target/guest/initrd.gz -append "console=ttyS0 quiet panic=-1 va.test=boot" \
-  -drive "file=$W/full.raw,format=raw,if=virtio,snapshot=on" >"$W/console-local.log" 2>&1
-c2=$(date +%s.%N)
-localboot=$(sub "$c2" "$c1")
-rm -f "$W/full.raw"
-total=$(awk -v a="$full" -v b="$localboot" 'BEGIN { printf "%.1f", a + b }')
-packed=$(du -sk "$W/site/app" | cut -f1)
+say "7. for comparison: download the whole bundle first (curl, through the same WAN), then va run it locally"
+d0=$(now)
+(cd "$W/site/app" && find . -type f | sort) | while read -r f; do
+  mkdir -p "$(dirname "$W/download/app/$f")"
+  curl -sSf "http://127.0.0.1:$wp/app/${f#./}" -o "$W/download/app/$f"
+done
+d1=$(now)
+dl=$(sub "$d1" "$d0")
+say "   downloaded $(mib "$(du -sb "$W/download/app" | cut -f1)") MiB in $dl s"
+run_app local "file://$W/download/app/#$digest"
+l_first=$first
+total=$(awk -v a="$dl" -v b="$l_first" 'BEGIN { printf "%.1f", a + b }')
+
 echo
-printf '%-44s %s\n' "appliance disk" "2048 MiB ($((alloc >> 10)) MiB allocated, $((packed >> 10)) MiB packed)"
-printf '%-44s %6.1f s, %s MiB fetched over the WAN\n' "1. streamed on demand: boot, run app, halt" "$boot1" "$((fetched1 >> 20))"
-printf '%-44s %6.1f s (%s MiB fetched by then, prefetch running on)\n' "2. streamed, trace-planned pack + prefetch" "$boot2" "$((fetched2 >> 20))"
-printf '%-44s %6.1f s (download %.1f s + boot %.1f s)\n' "download first (va cat), then boot locally" "$total" "$full" "$localboot"
-say "the guest's writes went to the overlays ($W/overlay-*), the bundles were never modified"
+printf '%-52s %s\n' "appliance" "disk 2048 MiB ($(mib "$alloc") MiB allocated), RAM $RAM_MIB MiB ($(mib "$memdata") MiB of data); bundle $(mib "$packed") MiB"
+printf '%-52s %6.1f s (the source VM)\n' "boot + warm-up from a local disk -> first answer" "$cold"
+printf '%-52s %6.1f s (%s MiB fetched by then)\n' "streamed: va run from an empty cache -> first answer" "$s_first" "$(mib "$s_fetched")"
+printf '%-52s %6.1f s (%s MiB fetched by then)\n' "streamed, trace-ordered pack -> first answer" "$p_first" "$(mib "$p_fetched")"
+printf '%-52s %6.1f s (download %s s + va run %.1f s)\n' "download first (curl), then va run -> first answer" "$total" "$dl" "$l_first"
