@@ -98,7 +98,7 @@ pub struct RunArgs {
     /// Readahead of vamem's RAM file: how much a guest's first touch of a page reads (QEMU
     /// runs with libva_preload.so, which drops its MADV_HUGEPAGE, so that this holds). Small
     /// keeps faults and traces page-granular; prefetch brings the rest in large requests.
-    #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = va_store::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "128K", value_parser = va_store::parse_size)]
     mem_read_ahead: u64,
     /// Write the guest's console here instead of this terminal.
     #[arg(long, value_name = "FILE")]
