@@ -395,7 +395,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut qcmd = Command::new(&a.qemu);
     qcmd.args(&argv);
     // Guest RAM on vamem's file: page-granular faults (see va-preload).
-    let preload = if snapshot { launch::preload_library() } else { None };
+    let preload = if snapshot {
+        launch::preload_library()
+    } else {
+        None
+    };
     if let Some(lib) = &preload {
         let mut v = std::ffi::OsString::from(lib.as_os_str());
         if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
