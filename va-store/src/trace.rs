@@ -179,6 +179,134 @@ impl Drop for TraceWriter {
     }
 }
 
+/// One first access of a trace: when (microseconds since start; `None` in a plan without
+/// times) and which chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceEntry {
+    pub time_us: Option<u64>,
+    pub item: PlanItem,
+}
+
+/// A trace read whole: its header line (if any) and its first accesses in file order.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    pub header: Option<String>,
+    pub entries: Vec<TraceEntry>,
+}
+
+impl Trace {
+    /// The chunk size the header names (`chunk_size=N`), if any.
+    pub fn chunk_size(&self) -> Option<u64> {
+        self.header
+            .as_deref()?
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("chunk_size="))?
+            .parse()
+            .ok()
+    }
+
+    /// The appliance digest the header names (`appliance=HEX`), if any.
+    pub fn appliance(&self) -> Option<&str> {
+        self.header
+            .as_deref()?
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("appliance="))
+    }
+
+    /// The set of chunks it touched.
+    pub fn items(&self) -> HashSet<PlanItem> {
+        self.entries.iter().map(|e| e.item).collect()
+    }
+
+    /// The entry's time, or its position when the trace has no times (a plan).
+    fn when(&self, k: usize) -> u64 {
+        self.entries[k].time_us.unwrap_or(k as u64)
+    }
+}
+
+/// Reads a trace (or plan) with its times; duplicates keep their first access.
+pub fn read_trace(path: &Path) -> Result<Trace, TraceError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TraceError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let mut t = Trace::default();
+    for line in text.lines() {
+        if line.starts_with("# vastream-trace") && t.header.is_none() {
+            t.header = Some(line.to_string());
+        }
+    }
+    // The same grammar as a plan (checked there), with the time column kept.
+    let items = parse_plan(text.as_bytes(), path)?;
+    let mut times = std::collections::HashMap::with_capacity(items.len());
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if let [ts, img, idx] = f.as_slice() {
+            if let (Ok(ts), Some(image), Ok(chunk)) = (
+                ts.parse::<u64>(),
+                ImageKind::from_name(img),
+                idx.parse::<u64>(),
+            ) {
+                times.entry(PlanItem { image, chunk }).or_insert(ts);
+            }
+        }
+    }
+    t.entries = items
+        .into_iter()
+        .map(|item| TraceEntry {
+            time_us: times.get(&item).copied(),
+            item,
+        })
+        .collect();
+    Ok(t)
+}
+
+/// One plan from several runs of the same appliance: the chunks seen in more than half of the
+/// runs first, ordered by their typical (median) first-access time, images interleaved; then
+/// the chunks seen in fewer runs, the most often seen first, each group again by typical time.
+pub fn merge_runs(runs: &[Trace]) -> Vec<PlanItem> {
+    let mut seen: std::collections::HashMap<PlanItem, Vec<u64>> = std::collections::HashMap::new();
+    for t in runs {
+        for (k, e) in t.entries.iter().enumerate() {
+            seen.entry(e.item).or_default().push(t.when(k));
+        }
+    }
+    let n = runs.len();
+    let mut v: Vec<(bool, usize, u64, PlanItem)> = seen
+        .into_iter()
+        .map(|(item, mut times)| {
+            times.sort_unstable();
+            let median = times[times.len() / 2];
+            let count = times.len();
+            (2 * count > n, count, median, item)
+        })
+        .collect();
+    v.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then_with(|| {
+                if a.0 {
+                    std::cmp::Ordering::Equal
+                } else {
+                    b.1.cmp(&a.1)
+                }
+            })
+            .then(a.2.cmp(&b.2))
+            .then(a.3.image.index().cmp(&b.3.image.index()))
+            .then(a.3.chunk.cmp(&b.3.chunk))
+    });
+    v.into_iter().map(|x| x.3).collect()
+}
+
+/// How alike two runs are: |A ∩ B| / |A ∪ B| of the chunks they touched (1 when both are
+/// empty).
+pub fn jaccard(a: &HashSet<PlanItem>, b: &HashSet<PlanItem>) -> f64 {
+    let union = a.union(b).count();
+    if union == 0 {
+        return 1.0;
+    }
+    a.intersection(b).count() as f64 / union as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,5 +384,38 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    fn trace_of(lines: &str) -> Trace {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t");
+        std::fs::write(&p, lines).unwrap();
+        read_trace(&p).unwrap()
+    }
+
+    #[test]
+    fn runs_merge_most_seen_first_by_typical_time() {
+        let h = "# vastream-trace v1 chunk_size=65536 appliance=ab\n";
+        let a = trace_of(&format!("{h}10 disk 1\n20 mem 7\n30 disk 2\n40 disk 9\n"));
+        let b = trace_of(&format!("{h}5 mem 7\n15 disk 1\n25 disk 3\n"));
+        let c = trace_of(&format!("{h}12 disk 1\n18 mem 7\n50 disk 2\n"));
+        assert_eq!(a.chunk_size(), Some(65536));
+        assert_eq!(a.appliance(), Some("ab"));
+        assert_eq!(a.entries[1].time_us, Some(20));
+        let plan = merge_runs(&[a.clone(), b.clone(), c]);
+        let names: Vec<String> = plan
+            .iter()
+            .map(|i| format!("{} {}", i.image, i.chunk))
+            .collect();
+        // In all 3 runs: disk 1 (median 12), mem 7 (median 18); in 2: disk 2 (median 50);
+        // in 1: disk 3 (25), disk 9 (40).
+        assert_eq!(names, ["disk 1", "mem 7", "disk 2", "disk 3", "disk 9"]);
+        let j = jaccard(&a.items(), &b.items());
+        assert!((j - 2.0 / 5.0).abs() < 1e-9, "{j}");
+        assert_eq!(jaccard(&HashSet::new(), &HashSet::new()), 1.0);
+        // A plan without times merges by position.
+        let p = trace_of("disk 4\ndisk 5\n");
+        assert_eq!(p.entries[0].time_us, None);
+        assert_eq!(merge_runs(&[p])[0].chunk, 4);
     }
 }

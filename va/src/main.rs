@@ -10,6 +10,7 @@ mod run;
 mod serve;
 mod snapshot;
 mod sys;
+mod trace_cmd;
 mod wan;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Print the QEMU arguments (or libvirt domain, or QMP resume steps) that run an appliance.
     QemuArgs(qemu_args_cmd::QemuArgsArgs),
+    /// Working-set traces: show one, or merge several runs into one plan for `va pack --plan`.
+    Trace(trace_cmd::TraceArgs),
 }
 
 fn main() {
@@ -64,6 +67,7 @@ fn main() {
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Run(a) => run::run(a),
         Cmd::QemuArgs(a) => qemu_args_cmd::run(a),
+        Cmd::Trace(a) => trace_cmd::run(a),
     };
     if let Err(e) = r {
         eprintln!("va: error: {e:#}");
