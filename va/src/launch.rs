@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use qemu_args::{Machine, Step, WaitState};
+use qemu_args::{Attachments, BootImages, Machine, Step, WaitState};
 use serde_json::json;
 use va_store::appliance::Appliance;
 use va_store::format::ImageKind;
@@ -186,6 +186,27 @@ pub struct Files {
     pub initrd: Option<PathBuf>,
     /// What was written: (image, bytes).
     pub written: Vec<(ImageKind, u64)>,
+}
+
+impl Files {
+    /// What the launcher attaches in any case: the accelerator, networking and extra arguments
+    /// of `vm`, and these files (state, kernel, initrd). The caller adds sockets, the RAM file,
+    /// QMP, console and name.
+    pub fn attachments(&self, vm: &MachineArgs, extra: &[String]) -> Attachments {
+        Attachments {
+            accel: vm.accel().model(),
+            state: self.state.clone(),
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            images: BootImages {
+                kernel: self.kernel.is_some(),
+                initrd: self.initrd.is_some(),
+            },
+            net: vm.user_net(),
+            extra_args: extra.to_vec(),
+            ..Attachments::default()
+        }
+    }
 }
 
 /// Fetches (verified) the device state of a snapshot, or the kernel and initrd of a disk-only

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
-use qemu_args::{Attachments, BootImages, Console, Vm};
+use qemu_args::{Attachments, Console, Vm};
 use serde_json::json;
 use va_store::appliance::{Appliance, OpenOptions};
 use va_store::format::ImageKind;
@@ -158,21 +158,11 @@ pub fn run(a: QemuArgsArgs) -> anyhow::Result<()> {
     let vm = Vm::from_machine(
         &machine,
         &Attachments {
-            accel: a.vm.accel().model(),
             blk_sockets: a.blk_sock.clone(),
             mem_path: a.mem_path.clone(),
-            state: files.state.clone(),
-            kernel: files.kernel.clone(),
-            initrd: files.initrd.clone(),
-            images: BootImages {
-                kernel: files.kernel.is_some(),
-                initrd: files.initrd.is_some(),
-            },
             qmp: a.qmp.clone(),
             console,
-            net: a.vm.user_net(),
-            extra_args: a.extra.clone(),
-            ..Attachments::default()
+            ..files.attachments(&a.vm, &a.extra)
         },
     )
     .context("the appliance's machine cannot be run")?;

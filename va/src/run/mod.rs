@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use qemu_args::{Attachments, BootImages, Console, Vm};
+use qemu_args::{Attachments, Console, Vm};
 use va_store::appliance::{Appliance, OpenOptions};
 use va_store::format::ImageKind;
 use va_store::origin::OriginOptions;
@@ -364,26 +364,16 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
 
     // QEMU, rendered from the machine description (qemu-args).
     let qmp = run_path.join("qmp.sock");
-    let net = a.vm.user_net();
     let vm = Vm::from_machine(
         &machine,
         &Attachments {
-            accel: accel.model(),
             blk_sockets: blk_socks.clone(),
             mem_path: snapshot.then(|| mem_mount.join("mem")),
-            state: files.state.clone(),
-            kernel: files.kernel.clone(),
-            initrd: files.initrd.clone(),
-            images: BootImages {
-                kernel: files.kernel.is_some(),
-                initrd: files.initrd.is_some(),
-            },
             qmp: Some(qmp.clone()),
             console: Console::Stdio,
-            net,
             name: Some(format!("va-{}", &hex[..12])),
-            extra_args: a.extra.clone(),
-            ..Attachments::default()
+            accel: accel.model(),
+            ..files.attachments(&a.vm, &a.extra)
         },
     )
     .context("the appliance's machine cannot be run")?;
