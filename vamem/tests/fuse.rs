@@ -396,3 +396,73 @@ fn the_trace_records_demand_reads_not_the_prefetchers() {
         items.len()
     );
 }
+
+/// `kill -9` of a vamem whose prefetcher holds its own file open while a mapping of the file
+/// has a dirty page: vamem exits at once. (The kernel's flush on close waits for the file's
+/// writeback, which only vamem can serve: before opens answered FOPEN_NOFLUSH, such a vamem
+/// never finished exiting, its FUSE connection stayed up, and QEMU hung in its next fault.)
+#[test]
+fn a_killed_vamem_exits_with_dirty_pages_and_its_prefetcher_running() {
+    let d = tempfile::tempdir().unwrap();
+    let img = ram_image();
+    let b = good_bundle(d.path(), "app", &img);
+    // A slow link: the prefetch of 6 MiB takes seconds, so the prefetcher has the file open.
+    let origin = Origin::start(&b, Some(("8mbit", "20ms")));
+    let mnt = d.path().join("mnt");
+    let args = ["--cache-dir", d.path().join("cache").to_str().unwrap()].map(String::from);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v = Vamem::start(d.path(), &origin.url, &mnt, SIZE, &a);
+    let mut m = Map::new(&mnt.join("mem"), SIZE as usize);
+    m.bytes()[17] ^= 0x5a; // faults the page in, then dirties it
+    let s = v.stats();
+    assert!(
+        s["prefetch"]["finished"].as_bool() != Some(true),
+        "the prefetch ended before the kill: {s}"
+    );
+    let pid = v.pid();
+    // SAFETY: a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let t = Instant::now();
+    let exited = loop {
+        // Exited = no thread left but the zombie's own (reaped later by the harness).
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+        if threads <= 1 {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if !exited {
+        // The hang this test is about: abort the FUSE connection (fusectl) so that closing
+        // our mapping's file does not wait forever too.
+        abort_fuse_connection(&mnt);
+    }
+    drop(m);
+    drop(v);
+    assert!(exited, "vamem did not exit within 10 s of SIGKILL");
+}
+
+/// Aborts the FUSE connection mounted at `mnt` through `/sys/fs/fuse/connections/N/abort`.
+fn abort_fuse_connection(mnt: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = mnt.to_string_lossy();
+    let Some(dev) = info
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 4 && f[4] == want)
+        .map(|f| f[2].to_string())
+    else {
+        return;
+    };
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(ctl).map_or(true, |mut d| d.next().is_none()) {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(ctl)
+            .status();
+    }
+    let minor = dev.split(':').nth(1).unwrap_or("");
+    let _ = std::fs::write(ctl.join(minor).join("abort"), "1");
+}
