@@ -19,9 +19,10 @@ pub fn notify_ready(fd: i32) -> io::Result<()> {
             format!("--ready-fd {fd}: no such open descriptor"),
         ));
     }
-    // SAFETY: `fd` is open (checked just above) and was inherited only to carry this message:
-    // nothing else in this process uses it, so taking ownership (and closing it on drop) is
-    // sound. It is called once per process (Daemon::run consumes the Daemon).
+    // `fd` was inherited only to carry this message: nothing else in this process uses it, and
+    // this runs once per process (Daemon::run consumes the Daemon).
+    // Taking ownership (and closing it on drop) is therefore sound.
+    // SAFETY: `fd` is open (checked just above) and owned by no one else in this process.
     let mut f = unsafe { File::from_raw_fd(fd) };
     f.write_all(b"READY=1\n")
 }

@@ -39,12 +39,14 @@ fn drop_hugepage() -> bool {
 /// The caller's contract is the C library's `madvise`: `addr`/`len` name memory the process
 /// may advise on. This function adds no requirement of its own.
 #[no_mangle]
+// SAFETY: exported under the C library's name; its contract is the C library's (see # Safety).
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int {
     if advice == libc::MADV_HUGEPAGE && drop_hugepage() {
         return 0;
     }
-    // SAFETY: the raw system call with the caller's arguments, exactly what the C library's
-    // madvise does; the kernel checks the range. On failure it returns -1 with errno set.
+    // The raw system call with the caller's arguments, exactly what the C library's madvise
+    // does; on failure it returns -1 with errno set.
+    // SAFETY: the kernel checks the range; the caller holds madvise's contract.
     let r: c_long = unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice as c_long) };
     r as c_int
 }

@@ -454,8 +454,8 @@ impl Qemu {
             iov_base: a as *mut libc::c_void,
             iov_len: (b - a) as usize,
         };
-        // SAFETY: `iov` is one valid iovec describing memory of the *other* process; the
-        // kernel only reads `iov` itself here.
+        // `iov` describes memory of the *other* process; the kernel only reads `iov` itself.
+        // SAFETY: `iov` is one valid, live iovec for the duration of the call.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_process_madvise,

@@ -78,8 +78,8 @@ pub fn peer_pid(s: &UnixStream) -> Option<i32> {
         gid: 0,
     };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: the descriptor is owned by `s`, which outlives the call; `cred` and `len` are live,
-    // exclusively borrowed and valid for writes of the sizes passed.
+    // The descriptor is owned by `s`, which outlives the call.
+    // SAFETY: `cred` and `len` are live, exclusively borrowed and valid for writes of the sizes passed.
     let r = unsafe {
         libc::getsockopt(
             s.as_raw_fd(),
@@ -151,9 +151,9 @@ impl TermSignals {
 pub fn supervised_child(cmd: &mut std::process::Command, ready: Option<std::os::fd::RawFd>) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (sigemptyset, sigaddset, pthread_sigmask, prctl, getppid,
-    // raise, dup2) on values it owns; it allocates nothing and takes no lock.
+    // The closure runs in the forked child before exec and calls only async-signal-safe
+    // functions (sigemptyset, sigaddset, pthread_sigmask, prctl, getppid, raise, dup2).
+    // SAFETY: async-signal-safe calls only, on values it owns; no allocation, no lock.
     unsafe {
         cmd.pre_exec(move || {
             // If va run itself is killed (SIGKILL: no teardown), the child gets SIGTERM and
