@@ -37,7 +37,7 @@ pub use images::{
 pub use origin::{nginx, va_serve, va_wan, Origin};
 pub use process::{free_port, output_within, unique, wait_port, wait_until, Lines, Proc};
 pub use qemu::{
-    result, snapshot_memcheck, Boot, Disk, MemcheckSnapshot, Qemu, Ram, ShmFile, BOOT_TIMEOUT,
-    MEMCHECK_RAM_BYTES,
+    result, snapshot_and_pack, snapshot_memcheck, Boot, Disk, MemcheckSnapshot, Qemu, Ram, ShmFile,
+    BOOT_TIMEOUT, MEMCHECK_RAM_BYTES,
 };
 pub use qmp::Qmp;

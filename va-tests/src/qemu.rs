@@ -525,6 +525,49 @@ pub struct MemcheckSnapshot {
     pub bundle: PathBuf,
 }
 
+/// `va snapshot` of the running VM `q` (RAM in the file `ram`; `snapshot_args` added) into
+/// DIR/snap, then `va pack` of its mem, state and machine description (and `disk`) into `out`.
+/// Returns DIR/snap. The VM is left stopped.
+pub fn snapshot_and_pack(
+    q: &Qemu,
+    ram: &Path,
+    dir: &Path,
+    snapshot_args: &[&str],
+    disk: Option<&Path>,
+    out: &Path,
+) -> PathBuf {
+    let snap = dir.join("snap");
+    let s = |p: &str| snap.join(p).display().to_string();
+    let mut args = vec![
+        "snapshot".to_string(),
+        "--qmp".into(),
+        q.qmp_path.display().to_string(),
+        "--ram-file".into(),
+        ram.display().to_string(),
+        "--out".into(),
+        snap.display().to_string(),
+    ];
+    args.extend(snapshot_args.iter().map(|a| a.to_string()));
+    va_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut args = vec![
+        "pack".to_string(),
+        "-q".into(),
+        "--mem".into(),
+        s("mem"),
+        "--state".into(),
+        s("state"),
+        "--machine".into(),
+        s("machine.json"),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    if let Some(d) = disk {
+        args.extend(["--disk".to_string(), d.display().to_string()]);
+    }
+    va_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    snap
+}
+
 /// Boots the memcheck guest (kernel parameters `params`) with its RAM in /dev/shm, lets it
 /// check its memory 3 times, snapshots it with `va snapshot --allow-other-disks` (its
 /// command disk is a virtio-blk drive, not part of the appliance) and packs that with
@@ -539,32 +582,9 @@ pub fn snapshot_memcheck(dir: &Path, params: &str) -> MemcheckSnapshot {
     q.wait_for("3 memory checks", Duration::from_secs(180), |q| {
         q.oks() >= 3
     });
-    let snap = dir.join("snap");
-    let s = |p: &str| snap.join(p).display().to_string();
-    va_ok(&[
-        "snapshot",
-        "--qmp",
-        &q.qmp_path.display().to_string(),
-        "--ram-file",
-        &ram.0.display().to_string(),
-        "--out",
-        &snap.display().to_string(),
-        // The command disk is a raw virtio-blk drive: recorded as an other disk.
-        "--allow-other-disks",
-    ]);
-    q.kill();
+    // The command disk is a raw virtio-blk drive: recorded as an other disk.
     let bundle = dir.join("bundle");
-    va_ok(&[
-        "pack",
-        "-q",
-        "--mem",
-        &s("mem"),
-        "--state",
-        &s("state"),
-        "--machine",
-        &s("machine.json"),
-        "--out",
-        &bundle.display().to_string(),
-    ]);
+    let snap = snapshot_and_pack(&q, &ram.0, dir, &["--allow-other-disks"], None, &bundle);
+    q.kill();
     MemcheckSnapshot { disk, snap, bundle }
 }

@@ -117,6 +117,15 @@ impl VaRun {
         )
     }
 
+    /// `kill -9 PID` of the part `what`: va run then fails (status 1), saying `what exited`.
+    fn kill9_ends_the_run(&mut self, pid: u32, what: &str) {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        let st = self.proc.wait_exit(Duration::from_secs(60));
+        let err = self.stderr();
+        assert!(!st.success(), "{err}");
+        assert!(err.contains(&format!("{what} exited")), "{err}");
+    }
+
     fn console(&self) -> String {
         std::fs::read_to_string(&self.console).unwrap_or_default()
     }
@@ -280,11 +289,7 @@ fn killing_vablk_ends_the_run_with_a_clear_message_and_nothing_left() {
     let blk = r.pid_of("vablk");
     r.wait_line("guest running", Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
-    let _ = Command::new("kill").args(["-9", &blk.to_string()]).status();
-    let st = r.proc.wait_exit(Duration::from_secs(60));
-    let err = r.stderr();
-    assert!(!st.success(), "{err}");
-    assert!(err.contains("vablk exited"), "{err}");
+    r.kill9_ends_the_run(blk, "vablk");
     assert_nothing_left(&run_dir, &[blk]);
 }
 
@@ -336,13 +341,7 @@ fn sigterm_and_killing_qemu_both_stop_everything() {
         .and_then(|s| s.parse().ok())
         .unwrap();
     r.wait_line("guest running", Duration::from_secs(60));
-    let _ = Command::new("kill")
-        .args(["-9", &qemu.to_string()])
-        .status();
-    let st = r.proc.wait_exit(Duration::from_secs(60));
-    let err = r.stderr();
-    assert!(!st.success(), "{err}");
-    assert!(err.contains("QEMU exited"), "{err}");
+    r.kill9_ends_the_run(qemu, "QEMU");
     assert_nothing_left(&run_dir, &[blk, qemu]);
 }
 
@@ -433,34 +432,10 @@ fn snapshot_appliance(dir: &Path) -> PathBuf {
     q.wait_for("3 memory checks", Duration::from_secs(180), |q| {
         q.oks() >= 3
     });
-    let snap = dir.join("snap");
-    va_ok(&[
-        "snapshot",
-        "--qmp",
-        q.qmp_path.to_str().unwrap(),
-        "--ram-file",
-        ram.0.to_str().unwrap(),
-        "--out",
-        snap.to_str().unwrap(),
-    ]);
+    let site = dir.join("site");
+    va_tests::snapshot_and_pack(&q, &ram.0, dir, &[], Some(&disk), &site.join("app"));
     q.kill();
     drop(vablk);
-    let s = |p: &str| snap.join(p).display().to_string();
-    let site = dir.join("site");
-    va_ok(&[
-        "pack",
-        "-q",
-        "--mem",
-        &s("mem"),
-        "--state",
-        &s("state"),
-        "--machine",
-        &s("machine.json"),
-        "--disk",
-        disk.to_str().unwrap(),
-        "--out",
-        site.join("app").to_str().unwrap(),
-    ]);
     site
 }
 
@@ -668,11 +643,7 @@ fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
     let mem = r.pid_of("vamem");
     r.wait_line("guest running", Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(1));
-    let _ = Command::new("kill").args(["-9", &mem.to_string()]).status();
-    let st = r.proc.wait_exit(Duration::from_secs(60));
-    let e = r.stderr();
-    assert!(!st.success(), "{e}");
-    assert!(e.contains("vamem exited"), "{e}");
+    r.kill9_ends_the_run(mem, "vamem");
     assert_nothing_left(&run_dir, &[blk, mem]);
 }
 

@@ -265,6 +265,9 @@ pub fn read_image(app: &Arc<Appliance>, kind: ImageKind) -> anyhow::Result<Vec<u
 
 /// Runs QMP `steps` (see [`qemu_args::Vm::resume_steps`]) over the socket at `qmp`.
 pub fn run_steps(qmp: &Path, steps: &[Step]) -> anyhow::Result<()> {
+    if steps.is_empty() {
+        return Ok(()); // a cold boot: nothing to resume
+    }
     let mut q = Qmp::connect_within(qmp, Duration::from_secs(30))?;
     for s in steps {
         match s {

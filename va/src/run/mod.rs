@@ -428,33 +428,22 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     ));
     let started_guest = Instant::now();
     let steps = vm.resume_steps();
-    if !steps.is_empty() {
-        if let Err(e) = launch::run_steps(&qmp, &steps) {
+    let end = match launch::run_steps(&qmp, &steps) {
+        Err(e) => {
             std::thread::sleep(Duration::from_millis(200));
-            let end = End::Failed(format!(
+            End::Failed(format!(
                 "QEMU: resuming the snapshot failed: {e:#}{}",
                 match qemu_child.try_exited() {
                     Some(st) => format!(" (QEMU exited, {st}: {})", qemu_child.log_tail()),
                     None => String::new(),
                 }
-            ));
-            return finish(
-                end,
-                &tl,
-                qemu_child,
-                sidecars,
-                relay,
-                &console,
-                started_guest,
-                &a,
-                &run_path,
-                rundir,
-            );
+            ))
         }
-    }
-    tl.mark("guest running");
-
-    let end = supervise(&signals, &mut qemu_child, &mut sidecars);
+        Ok(()) => {
+            tl.mark("guest running");
+            supervise(&signals, &mut qemu_child, &mut sidecars)
+        }
+    };
     finish(
         end,
         &tl,
