@@ -204,7 +204,12 @@ enum BlobLocation {
     /// In the spool file, written by the chunk scan.
     Spool { offset: u64, clen: u32, plen: u32 },
     /// In an existing pack of the store (an index into the store's packs).
-    Store { pack: usize, offset: u64, clen: u32 },
+    Store {
+        pack: usize,
+        offset: u64,
+        clen: u32,
+        plen: u32,
+    },
 }
 
 /// The location recorded for a chunk whose compression is still under way (its duplicates
@@ -346,41 +351,55 @@ pub fn pack(
     report.dup_chunks = shared.counts.dup.load(Ordering::Relaxed);
     report.reused_chunks = shared.counts.reused.load(Ordering::Relaxed);
 
-    // Pass 2: order new blobs (plan first, then logical), copy them into packs.
+    // Pass 2: the plan's chunks first (the working set: copied even when the store already
+    // holds them elsewhere, so that it streams as one contiguous range), then the other new
+    // blobs in logical order; copy them into packs.
+    let location = |h: &Hash| unique_chunks.get(h).or_else(|| known.get(h)).copied();
     let mut order: Vec<Hash> = Vec::new();
-    let mut placed: HashMap<Hash, ()> = HashMap::new();
-    let mut push = |h: Hash, order: &mut Vec<Hash>| {
-        if matches!(unique_chunks.get(&h), Some(BlobLocation::Spool { .. }))
-            && placed.insert(h, ()).is_none()
-        {
-            order.push(h);
-        }
-    };
+    let mut placed: HashMap<Hash, usize> = HashMap::new();
+    // Per input image: distinct planned hashes, and the last position in `order` they occupy.
+    let mut ws: Vec<(std::collections::HashSet<Hash>, Option<usize>)> =
+        inputs.iter().map(|_| Default::default()).collect();
     for item in &opts.plan {
-        if let Some(i) = inputs.iter().position(|x| x.kind == item.image) {
-            if let Some(slot) = table[i].get(item.chunk as usize) {
-                report.planned_chunks += 1;
-                if let Some(h) = slot.get() {
-                    push(h, &mut order);
-                }
-            }
-        }
+        let Some(i) = inputs.iter().position(|x| x.kind == item.image) else {
+            continue;
+        };
+        let Some(slot) = table[i].get(item.chunk as usize) else {
+            continue;
+        };
+        report.planned_chunks += 1;
+        let Some(h) = slot.get() else { continue };
+        let at = *placed.entry(h).or_insert_with(|| {
+            order.push(h);
+            order.len() - 1
+        });
+        ws[i].0.insert(h);
+        ws[i].1 = ws[i].1.max(Some(at));
     }
+    let n_ws = order.len();
     for t in &table {
         for slot in t {
             if let Some(h) = slot.get() {
-                push(h, &mut order);
+                if matches!(unique_chunks.get(&h), Some(BlobLocation::Spool { .. }))
+                    && !placed.contains_key(&h)
+                {
+                    placed.insert(h, order.len());
+                    order.push(h);
+                }
             }
         }
     }
     let total_c: u64 = order
         .iter()
-        .map(|h| match unique_chunks.get(h) {
-            Some(BlobLocation::Spool { clen, .. }) => *clen as u64,
-            _ => 0,
+        .map(|h| match location(h) {
+            Some(BlobLocation::Spool { clen, .. } | BlobLocation::Store { clen, .. }) => {
+                clen as u64
+            }
+            None => 0,
         })
         .sum();
-    // Manifest pack list: existing store packs first as referenced, then new ones.
+    // Manifest pack list: the new packs first (so the working set is at its start), then the
+    // store packs as referenced.
     let mut manifest_packs: Vec<PackInfo> = Vec::new();
     let mut store_pack_index: HashMap<usize, u32> = HashMap::new();
     let mut new_blob_refs: HashMap<Hash, BlobRef> = HashMap::new();
@@ -388,24 +407,31 @@ pub fn pack(
     let mut written_c = 0u64;
     let mut last_progress = Instant::now();
     let mut buf = Vec::new();
+    let mut store_files: HashMap<usize, File> = HashMap::new();
     // Blobs of the pack being written: (hash, offset, clen).
     let mut in_open_pack: Vec<(Hash, u64, u32)> = Vec::new();
     for h in &order {
-        let Some(BlobLocation::Spool {
-            offset: off,
-            clen,
-            plen,
-        }) = unique_chunks.get(h).copied()
-        else {
-            continue;
+        let (src, path, off, clen, plen) = match location(h) {
+            Some(BlobLocation::Spool { offset, clen, plen }) => {
+                (&spool_file, packs_dir.join("(spool)"), offset, clen, plen)
+            }
+            Some(BlobLocation::Store {
+                pack,
+                offset,
+                clen,
+                plen,
+            }) => {
+                let path = packs_dir.join(&store_packs[pack].file_name);
+                if let std::collections::hash_map::Entry::Vacant(v) = store_files.entry(pack) {
+                    v.insert(File::open(&path).map_err(io(&path))?);
+                }
+                (&store_files[&pack], path, offset, clen, plen)
+            }
+            None => continue,
         };
         buf.resize(clen as usize, 0);
-        spool_file
-            .read_exact_at(&mut buf, off)
-            .map_err(|source| PackError::Io {
-                path: packs_dir.join("(spool)"),
-                source,
-            })?;
+        src.read_exact_at(&mut buf, off)
+            .map_err(|source| PackError::Io { path, source })?;
         let at = writer.append(h, &buf, plen)?;
         in_open_pack.push((*h, at, clen));
         report.stored_chunks += 1;
@@ -441,6 +467,27 @@ pub fn pack(
         writer.abandon();
     }
     progress(Phase::Write, total_c, total_c);
+    // Where each image's working set ends.
+    let mut working_sets = Vec::new();
+    for (i, (hashes, last)) in ws.iter().enumerate() {
+        let Some(last) = last.filter(|&l| l < n_ws) else {
+            continue;
+        };
+        let end = new_blob_refs
+            .get(&order[last])
+            .ok_or(PackError::ChunkWithoutLocation { hash: order[last] })?;
+        working_sets.push(format::WorkingSet {
+            kind: inputs[i].kind,
+            chunks: hashes.len() as u64,
+            bytes: hashes
+                .iter()
+                .filter_map(|h| new_blob_refs.get(h))
+                .map(|b| b.clen as u64)
+                .sum(),
+            end_pack: end.pack,
+            end_offset: end.offset + end.clen as u64,
+        });
+    }
 
     let mut locate = |h: &Hash, manifest_packs: &mut Vec<PackInfo>| -> Option<BlobRef> {
         if let Some(b) = new_blob_refs.get(h) {
@@ -448,7 +495,9 @@ pub fn pack(
         }
         let located = unique_chunks.get(h).or_else(|| known.get(h)).copied();
         let (si, off, clen) = match located {
-            Some(BlobLocation::Store { pack, offset, clen }) => (pack, offset, clen),
+            Some(BlobLocation::Store {
+                pack, offset, clen, ..
+            }) => (pack, offset, clen),
             _ => return None,
         };
         let idx = *store_pack_index.entry(si).or_insert_with(|| {
@@ -540,6 +589,7 @@ pub fn pack(
         created,
         packs: manifest_packs,
         images,
+        working_sets,
     };
     let bytes = manifest.encode();
     report.manifest_len = bytes.len() as u64;
@@ -664,6 +714,7 @@ fn load_store(dir: &Path) -> Result<(Vec<StorePack>, HashMap<Hash, BlobLocation>
                 pack: si,
                 offset: e.offset,
                 clen: e.clen,
+                plen: e.plen,
             });
         }
     }
@@ -996,20 +1047,36 @@ mod tests {
             panic!()
         };
         assert_eq!(c2.offset, PACK_HEADER_LEN);
+        // The manifest records where mem's working set ends (version 2); disk has none.
+        assert_eq!(
+            m.working_sets,
+            vec![format::WorkingSet {
+                kind: ImageKind::Mem,
+                chunks: 1,
+                bytes: c2.clen as u64,
+                end_pack: c2.pack,
+                end_offset: PACK_HEADER_LEN + c2.clen as u64,
+            }]
+        );
+        assert!(m.working_set(ImageKind::Mem).unwrap().contains(&c2));
+        assert!(m.working_set(ImageKind::Disk).is_none());
+        assert_eq!(fs::read(out.join("manifest")).unwrap()[8], 2);
 
-        // Packing the same images again into a second bundle sharing the store stores nothing new.
+        // Packing the same images again into a second bundle sharing the store: the working set
+        // is written again, at the start of a new pack (contiguity is what makes it stream);
+        // nothing else is stored.
         let out2 = d.path().join("bundle2");
         let r2 = pack(
             &inputs,
             &out2,
             &PackOptions {
                 store: Some(out.clone()),
-                ..opts
+                ..opts.clone()
             },
             &|_, _, _| {},
         )
         .unwrap();
-        assert_eq!(r2.stored_chunks, 0);
+        assert_eq!(r2.stored_chunks, 1);
         assert_eq!(r2.reused_chunks, 4 + 1);
         let m2 = Manifest::decode(&fs::read(out2.join("manifest")).unwrap()).unwrap();
         assert!(
@@ -1019,6 +1086,41 @@ mod tests {
             "{:?}",
             m2.packs
         );
+        let ws2 = *m2.working_set(ImageKind::Mem).unwrap();
+        assert_eq!((ws2.chunks, ws2.end_pack), (1, 0));
+        assert_eq!(
+            m2.packs[0].size,
+            PACK_HEADER_LEN + ws2.bytes + 48 + PACK_TAIL_LEN
+        );
+        // The new copy is the one the index names, and it reads back right.
+        let app = crate::appliance::Appliance::open(
+            out2.to_str().unwrap(),
+            &crate::appliance::OpenOptions::default(),
+        )
+        .unwrap();
+        let ChunkEntry::Stored(b2) = app.entry(ImageKind::Mem, 2).unwrap() else {
+            panic!()
+        };
+        assert!(ws2.contains(&b2) && b2.pack == 0);
+        let mut got = Vec::new();
+        app.fetch_blobs("chunk", &[(b2, 100)], &mut |_, p| got = p.to_vec())
+            .unwrap();
+        assert_eq!(got, mem[cs * 2..]);
+        // Without a plan, nothing new is stored and the manifest stays version 1.
+        let out3 = d.path().join("bundle3");
+        let r3 = pack(
+            &inputs,
+            &out3,
+            &PackOptions {
+                store: Some(out.clone()),
+                plan: Vec::new(),
+                ..opts
+            },
+            &|_, _, _| {},
+        )
+        .unwrap();
+        assert_eq!(r3.stored_chunks, 0);
+        assert_eq!(fs::read(out3.join("manifest")).unwrap()[8], 1);
     }
 
     #[test]

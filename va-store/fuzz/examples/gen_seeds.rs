@@ -10,7 +10,7 @@ use std::path::Path;
 
 use va_store::format::{
     encode_pack_header, encode_pack_table, encode_page, BlobRef, ChunkEntry, ImageInfo, ImageKind,
-    Manifest, PackEntry, PackInfo, PageRef,
+    Manifest, PackEntry, PackInfo, PageRef, WorkingSet,
 };
 use va_store::Hash;
 
@@ -58,6 +58,7 @@ fn manifests() -> Vec<Manifest> {
                 PageRef::Zero,
             ],
         }],
+        working_sets: Vec::new(),
     };
     let multi = Manifest {
         chunk_size: 65536,
@@ -95,6 +96,7 @@ fn manifests() -> Vec<Manifest> {
                 pages: vec![PageRef::Zero],
             },
         ],
+        working_sets: Vec::new(),
     };
     // Direct kernel boot: a disk, a kernel and an initrd (image kinds 4 and 5).
     let boot = Manifest {
@@ -131,6 +133,7 @@ fn manifests() -> Vec<Manifest> {
                 pages: vec![PageRef::Zero],
             },
         ],
+        working_sets: Vec::new(),
     };
     // Several disks: disk, disk1 and disk7 (image kinds 0, 6 and 12), not in code order.
     let disks = Manifest {
@@ -167,8 +170,18 @@ fn manifests() -> Vec<Manifest> {
                 ],
             },
         ],
+        working_sets: Vec::new(),
     };
-    vec![small, multi, boot, disks]
+    // A version 2 manifest: the multi-image one with a recorded working set.
+    let mut planned = multi.clone();
+    planned.working_sets.push(WorkingSet {
+        kind: planned.images[0].kind,
+        chunks: 1,
+        bytes: 90,
+        end_pack: 0,
+        end_offset: 106,
+    });
+    vec![small, multi, boot, disks, planned]
 }
 
 fn main() {

@@ -6,7 +6,7 @@
 //! ```text
 //! off  size  field
 //!   0     8  magic "VASTMANI"
-//!   8     4  version = 1
+//!   8     4  version = 1, or 2 when a working set is recorded
 //!  12     4  flags = 0
 //!  16     4  chunk_size
 //!  20     4  page_chunks (entries per index page, 1..=65536)
@@ -16,6 +16,9 @@
 //!  40        packs:  n_packs × { path_len u16, path [path_len], size u64, hash [32] }
 //!            images: n_images × { kind u8, 0u8 ×3, size u64, n_pages u32,
 //!                                 n_pages × PageRef (56 bytes) }
+//!            version 2 only: n_ws u32 (<= n_images), then
+//!            working sets: n_ws × { kind u8, 0u8 ×3, chunks u64, bytes u64,
+//!                                   end_pack u32, end_offset u64 }
 //!  end-32 32 BLAKE3 of every byte before it (detects truncation and corruption)
 //! kind:    0 disk, 1 mem, 2 state, 3 machine, 4 kernel, 5 initrd, 6..=12 disk1 .. disk7
 //!          (the second to eighth disk; any other code is refused);
@@ -27,6 +30,18 @@
 //! Images are written in the order they were given (`va pack`: the order of the kinds above),
 //! so a manifest of the first four kinds is encoded exactly as before `kernel`, `initrd` and
 //! `disk1` .. `disk7` existed; see the compatibility notes in [`super`].
+//!
+//! # Working sets (version 2)
+//!
+//! `va pack --plan` lays the chunks of a recorded working set first, in plan order (memory and
+//! disks interleaved as the plan says), at the start of the first new pack, and records per image
+//! where that image's part ends: every blob of the image that lies before
+//! `(end_pack, end_offset)` in (pack index, offset) order is in its working set, and nothing
+//! else of the image is. `chunks` and `bytes` (compressed) say how large it is, so a client
+//! knows what "the working set is local" means without reading the index. A manifest without
+//! a working set is written as version 1, byte for byte as before; version 1 reads as "no
+//! working set recorded". A reader that knows only version 1 refuses version 2 as a whole
+//! (`unsupported version 2`).
 //!
 //! A zero `PageRef` has every other field zero. A stored page's `plen` lies between the
 //! smallest and the largest encoding of its entries (see [`super::page`]), and its blob lies
@@ -78,6 +93,29 @@ pub struct ImageInfo {
     pub pages: Vec<PageRef>,
 }
 
+/// Where the working set of one image ends (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkingSet {
+    /// The image.
+    pub kind: ImageKind,
+    /// Distinct stored chunks of the image in the working set.
+    pub chunks: u64,
+    /// Their compressed bytes.
+    pub bytes: u64,
+    /// Index of the pack holding the end.
+    pub end_pack: u32,
+    /// Every blob of the image before this offset of `end_pack` (or in an earlier pack) is in
+    /// the working set.
+    pub end_offset: u64,
+}
+
+impl WorkingSet {
+    /// Whether `b` (a blob of this image) is in the working set.
+    pub fn contains(&self, b: &BlobRef) -> bool {
+        (b.pack, b.offset) < (self.end_pack, self.end_offset)
+    }
+}
+
 /// The decoded manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
@@ -86,7 +124,12 @@ pub struct Manifest {
     pub created: u64,
     pub packs: Vec<PackInfo>,
     pub images: Vec<ImageInfo>,
+    /// The recorded working set of each image that has one (empty: none recorded).
+    pub working_sets: Vec<WorkingSet>,
 }
+
+/// Manifest version with a working-set section.
+pub const MANIFEST_VERSION_WS: u32 = 2;
 
 /// Checks a pack path: relative, `/`-separated, optional leading `../` segments, then plain
 /// segments of `[A-Za-z0-9._-]` that are not `.` or `..`.
@@ -126,6 +169,11 @@ impl Manifest {
         self.images.iter().find(|i| i.kind == kind)
     }
 
+    /// The recorded working set of image `kind`, if any.
+    pub fn working_set(&self, kind: ImageKind) -> Option<&WorkingSet> {
+        self.working_sets.iter().find(|w| w.kind == kind)
+    }
+
     /// Plain length of chunk `idx` of an image of `size` bytes.
     pub fn chunk_len(&self, size: u64, idx: u64) -> u32 {
         let cs = self.chunk_size as u64;
@@ -144,7 +192,12 @@ impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(64 + self.packs.len() * 80 + self.images.len() * 1024);
         b.extend_from_slice(MANIFEST_MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
+        let version = if self.working_sets.is_empty() {
+            VERSION
+        } else {
+            MANIFEST_VERSION_WS
+        };
+        b.extend_from_slice(&version.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes());
         b.extend_from_slice(&self.chunk_size.to_le_bytes());
         b.extend_from_slice(&self.page_chunks.to_le_bytes());
@@ -176,6 +229,17 @@ impl Manifest {
                 }
             }
         }
+        if !self.working_sets.is_empty() {
+            b.extend_from_slice(&(self.working_sets.len() as u32).to_le_bytes());
+            for w in &self.working_sets {
+                b.push(w.kind.code());
+                b.extend_from_slice(&[0, 0, 0]);
+                b.extend_from_slice(&w.chunks.to_le_bytes());
+                b.extend_from_slice(&w.bytes.to_le_bytes());
+                b.extend_from_slice(&w.end_pack.to_le_bytes());
+                b.extend_from_slice(&w.end_offset.to_le_bytes());
+            }
+        }
         let sum = Hash::of(&b);
         b.extend_from_slice(&sum.0);
         b
@@ -204,8 +268,12 @@ impl Manifest {
         }
         let mut r = Reader::new(&buf[8..], W);
         let version = r.u32()?;
-        if version != VERSION {
-            return Err(FormatError::Version { what: W, version });
+        if version != VERSION && version != MANIFEST_VERSION_WS {
+            return Err(FormatError::Version {
+                what: W,
+                version,
+                newest: MANIFEST_VERSION_WS,
+            });
         }
         let (body, sum) = buf.split_at(buf.len() - 32);
         if Hash::of(body).0 != sum {
@@ -266,6 +334,7 @@ impl Manifest {
             created,
             packs,
             images: Vec::new(),
+            working_sets: Vec::new(),
         };
         for _ in 0..n_images {
             let code = r.u8()?;
@@ -360,9 +429,78 @@ impl Manifest {
             }
             images.push(ImageInfo { kind, size, pages });
         }
-        r.end()?;
         m.images = images;
+        if version == MANIFEST_VERSION_WS {
+            m.working_sets = m.decode_working_sets(&mut r)?;
+        }
+        r.end()?;
         Ok(m)
+    }
+
+    /// Decodes the version 2 working-set section (after the images).
+    fn decode_working_sets(&self, r: &mut Reader<'_>) -> Result<Vec<WorkingSet>, FormatError> {
+        const W: &str = "manifest";
+        let n = r.u32()?;
+        if n as usize > self.images.len() {
+            return Err(invalid(
+                W,
+                "n_ws",
+                format!("{n} working sets for {} images", self.images.len()),
+            ));
+        }
+        let mut out: Vec<WorkingSet> = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let code = r.u8()?;
+            let kind = ImageKind::from_code(code)
+                .ok_or(FormatError::UnknownImageKind { what: W, code })?;
+            let Some(img) = self.image(kind) else {
+                return Err(invalid(
+                    W,
+                    "working set",
+                    format!("for {kind}, which has no image"),
+                ));
+            };
+            if out.iter().any(|w| w.kind == kind) {
+                return Err(invalid(W, "working set", format!("{kind} appears twice")));
+            }
+            if r.take(3)? != [0, 0, 0] {
+                return Err(invalid(
+                    W,
+                    "reserved",
+                    format!("{kind} working set: non-zero padding"),
+                ));
+            }
+            let chunks = r.u64()?;
+            let bytes = r.u64()?;
+            let end_pack = r.u32()?;
+            let end_offset = r.u64()?;
+            if chunks > self.chunks_of(img.size) {
+                return Err(invalid(
+                    W,
+                    "working set chunks",
+                    format!("{kind}: {chunks}, more than the image has"),
+                ));
+            }
+            let pack_ok = self
+                .packs
+                .get(end_pack as usize)
+                .is_some_and(|p| (PACK_HEADER_LEN..=p.size).contains(&end_offset));
+            if !pack_ok || bytes > chunks.saturating_mul(zstd_bound(MAX_CHUNK) as u64) {
+                return Err(invalid(
+                    W,
+                    "working set end",
+                    format!("{kind}: pack {end_pack} offset {end_offset}, {bytes} bytes"),
+                ));
+            }
+            out.push(WorkingSet {
+                kind,
+                chunks,
+                bytes,
+                end_pack,
+                end_offset,
+            });
+        }
+        Ok(out)
     }
 
     /// Checks that a blob lies inside its pack's blob area.
@@ -433,6 +571,7 @@ pub(super) mod tests {
                     pages: vec![],
                 },
             ],
+            working_sets: Vec::new(),
         }
     }
 
@@ -484,6 +623,7 @@ pub(super) mod tests {
                 image(ImageKind::Disk6, 1, vec![one(416, b"d6", 1)]),
                 image(ImageKind::Disk7, 65536 * 4, vec![one(466, b"d7", 4)]),
             ],
+            working_sets: Vec::new(),
         }
     }
 
@@ -709,6 +849,76 @@ pub(super) mod tests {
             Manifest::decode(&b),
             Err(FormatError::Version { .. })
         ));
+    }
+
+    #[test]
+    fn working_sets_make_version_2_and_are_checked() {
+        let mut m = sample();
+        let v1 = m.encode();
+        assert_eq!(v1[8], 1);
+        let ws = WorkingSet {
+            kind: ImageKind::Disk,
+            chunks: 3,
+            bytes: 250,
+            end_pack: 0,
+            end_offset: 500,
+        };
+        m.working_sets.push(ws);
+        let v2 = m.encode();
+        assert_eq!(v2[8], MANIFEST_VERSION_WS as u8);
+        assert_eq!(v2.len(), v1.len() + 4 + 32);
+        assert_eq!(Manifest::decode(&v2).unwrap(), m);
+        let inside = |offset| BlobRef {
+            pack: 0,
+            offset,
+            clen: 10,
+            hash: Hash::of(b"x"),
+        };
+        assert!(ws.contains(&inside(490)) && !ws.contains(&inside(500)));
+        // Each field is checked.
+        let bad = |f: &dyn Fn(&mut WorkingSet)| {
+            let mut m = m.clone();
+            f(&mut m.working_sets[0]);
+            Manifest::decode(&m.encode()).unwrap_err()
+        };
+        assert!(matches!(
+            bad(&|w| w.kind = ImageKind::Mem),
+            FormatError::Invalid {
+                field: "working set",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(&|w| w.chunks = 7),
+            FormatError::Invalid {
+                field: "working set chunks",
+                ..
+            }
+        ));
+        for f in [
+            &(|w: &mut WorkingSet| w.end_pack = 1) as &dyn Fn(&mut WorkingSet),
+            &|w| w.end_offset = 1001,
+            &|w| w.end_offset = 3,
+            &|w| w.bytes = u64::MAX,
+        ] {
+            assert!(matches!(
+                bad(f),
+                FormatError::Invalid {
+                    field: "working set end",
+                    ..
+                }
+            ));
+        }
+        let mut twice = m.clone();
+        twice.working_sets.push(ws);
+        assert!(Manifest::decode(&twice.encode()).is_err());
+        // Truncated inside the section (resealed): refused, never a panic.
+        for cut in 1..36 {
+            let body = &v2[..v2.len() - 32 - cut];
+            let mut b = body.to_vec();
+            b.extend_from_slice(&Hash::of(body).0);
+            assert!(Manifest::decode(&b).is_err(), "cut {cut}");
+        }
     }
 
     #[test]

@@ -53,7 +53,10 @@
 //! `unknown image kind 6`, or `invalid n_images` above 4 or 6) instead of misreading it. Likewise this build refuses a
 //! kind code it does not know with [`FormatError::UnknownImageKind`], naming the code. A future
 //! kind can be added the same way; a change to the layout of anything an earlier reader
-//! accepts needs a new [`VERSION`].
+//! accepts needs a new version. The manifest has one: version 2
+//! ([`MANIFEST_VERSION_WS`]) adds the recorded working sets (see [`manifest`]); it is written
+//! only when a working set is recorded, and version 1 is still read. Packs and index pages
+//! are version 1.
 //!
 //! Every decoder here treats its input as untrusted: each field is range-checked, every count
 //! is capped before anything is allocated, and every failure is a [`FormatError`].
@@ -63,8 +66,8 @@ pub mod pack;
 pub mod page;
 
 pub use manifest::{
-    valid_pack_path, ImageInfo, Manifest, PackInfo, PageRef, MANIFEST_MAGIC, MAX_MANIFEST,
-    MAX_PACKS,
+    valid_pack_path, ImageInfo, Manifest, PackInfo, PageRef, WorkingSet, MANIFEST_MAGIC,
+    MANIFEST_VERSION_WS, MAX_MANIFEST, MAX_PACKS,
 };
 pub use pack::{
     decode_pack_table, decode_pack_tail, encode_pack_header, encode_pack_table, PackEntry,
@@ -99,8 +102,13 @@ pub enum FormatError {
     },
     #[error("{what}: bad magic (not a vastream {what}?)")]
     BadMagic { what: &'static str },
-    #[error("{what}: unsupported version {version} (this build reads version {VERSION})")]
-    Version { what: &'static str, version: u32 },
+    #[error("{what}: unsupported version {version} (this build reads versions 1..={newest})")]
+    Version {
+        what: &'static str,
+        version: u32,
+        /// The newest version of this structure that this build reads.
+        newest: u32,
+    },
     #[error("{what}: checksum mismatch (file corrupted or truncated)")]
     Checksum { what: &'static str },
     #[error("{what}: invalid {field}: {detail}")]

@@ -84,7 +84,11 @@ pub fn decode_pack_tail(tail: &[u8], pack_size: u64) -> Result<(u64, u64, Hash),
     }
     let version = r.u32()?;
     if version != VERSION {
-        return Err(FormatError::Version { what: W, version });
+        return Err(FormatError::Version {
+            what: W,
+            version,
+            newest: VERSION,
+        });
     }
     if r.u32()? != 0 {
         return Err(invalid(W, "reserved", "non-zero"));
