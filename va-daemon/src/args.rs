@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use va_store::prefetch::Policy;
+
 /// Where the data comes from, how it is cached and kept, and what the daemon reports.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct DaemonArgs {
@@ -77,15 +79,25 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "SECONDS", help_heading = "Origin")]
     pub retry_for: Option<u64>,
 
-    /// Prefetch the image into the local cache in the background, in pack order (the chunks of
-    /// a `va pack --plan` trace come first). Demand misses always go first: the prefetcher
-    /// starts no request while a read waits for the origin.
-    #[arg(long, overrides_with = "no_prefetch", help_heading = "Working set")]
-    pub prefetch: bool,
+    /// Prefetch in the background, into the local cache, in pack order (the plan order of
+    /// `va pack --plan`): `working-set` fetches the working set recorded in the manifest (for
+    /// an appliance packed without a plan: the whole memory image, nothing of a disk), `all`
+    /// the working set and then the rest, `none` nothing. `--prefetch` alone means `all`.
+    /// Demand misses always go first: no prefetch request starts while a read of this or any
+    /// other process sharing the cache directory waits for the origin. Default: `none` for
+    /// vablk and vanbd, `working-set` for vamem.
+    #[arg(long, value_name = "POLICY", num_args = 0..=1, default_missing_value = "all",
+          overrides_with = "no_prefetch", help_heading = "Working set")]
+    pub prefetch: Option<Policy>,
 
-    /// Do not prefetch: fetch only what is read.
+    /// Do not prefetch: fetch only what is read (`--prefetch none`).
     #[arg(long, overrides_with = "prefetch", help_heading = "Working set")]
     pub no_prefetch: bool,
+
+    /// Another process (`va run`'s scheduler) fetches what `--prefetch` takes, in one order for
+    /// the whole VM; this daemon only follows (vamem still hands cached pages to the kernel).
+    #[arg(long, hide = true, help_heading = "Working set")]
+    pub prefetch_elsewhere: bool,
 
     /// Record the first access to every chunk in this working-set trace file (time, image,
     /// chunk), for `va pack --plan`.
@@ -167,7 +179,13 @@ mod tests {
         assert!(Cli::try_parse_from(["x"]).is_err());
         let c = Cli::try_parse_from(["x", "--appliance", "http://h/a/", "--prefetch"]).unwrap();
         assert_eq!(c.d.appliance.as_deref(), Some("http://h/a/"));
-        assert!(c.d.prefetch && !c.d.no_prefetch);
+        assert!(c.d.prefetch == Some(Policy::All) && !c.d.no_prefetch);
+        let c =
+            Cli::try_parse_from(["x", "--appliance", "/a", "--prefetch", "working-set"]).unwrap();
+        assert_eq!(c.d.prefetch, Some(Policy::WorkingSet));
+        let c = Cli::try_parse_from(["x", "--appliance", "/a", "--prefetch=none"]).unwrap();
+        assert_eq!(c.d.prefetch, Some(Policy::None));
+        assert!(Cli::try_parse_from(["x", "--appliance", "/a", "--prefetch", "most"]).is_err());
         assert_eq!(c.d.cache_size, 10 << 30);
         let c = Cli::try_parse_from(["x", "--file", "/tmp/r", "--cache-size", "1G"]).unwrap();
         assert_eq!(c.d.cache_size, 1 << 30);
@@ -177,6 +195,6 @@ mod tests {
         // The later of --prefetch / --no-prefetch wins.
         let c =
             Cli::try_parse_from(["x", "--appliance", "/a", "--prefetch", "--no-prefetch"]).unwrap();
-        assert!(!c.d.prefetch && c.d.no_prefetch);
+        assert!(c.d.prefetch.is_none() && c.d.no_prefetch);
     }
 }

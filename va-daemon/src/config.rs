@@ -7,6 +7,7 @@ use std::time::Duration;
 use va_store::format::ImageKind;
 use va_store::layer::RetryPolicy;
 use va_store::origin::OriginOptions;
+use va_store::prefetch::Policy;
 use va_store::Hash;
 
 use crate::args::DaemonArgs;
@@ -20,8 +21,8 @@ pub struct Defaults {
     /// default is a disk serves any disk (`disk`, `disk1` .. `disk7`); the others serve only
     /// their default image.
     pub image: ImageKind,
-    /// Prefetch unless told otherwise.
-    pub prefetch: bool,
+    /// What to prefetch unless told otherwise.
+    pub prefetch: Policy,
     /// `--retry-for` when not given.
     pub retry_for: Duration,
 }
@@ -58,8 +59,10 @@ pub struct Config {
     pub overlay: Option<PathBuf>,
     /// Refuse writes.
     pub read_only: bool,
-    /// Prefetch the image in the background.
-    pub prefetch: bool,
+    /// What to prefetch in the background ([`Policy::None`] for a `--file` device).
+    pub prefetch: Policy,
+    /// Another process fetches the prefetch (`va run`): follow the cache only.
+    pub prefetch_elsewhere: bool,
     /// Record a working-set trace here.
     pub trace: Option<PathBuf>,
     /// Write stats here every second.
@@ -139,7 +142,7 @@ impl Defaults {
     pub const fn new(
         daemon: &'static str,
         image: ImageKind,
-        prefetch: bool,
+        prefetch: Policy,
         retry_for: Duration,
     ) -> Defaults {
         Defaults {
@@ -182,10 +185,10 @@ impl Config {
             }
             (None, None) => return Err(ConfigError::NoSource),
         };
-        let prefetch = if args.no_prefetch {
-            false
-        } else {
-            args.prefetch || defaults.prefetch
+        let prefetch = match (&source, args.no_prefetch, args.prefetch) {
+            (Source::File(_), _, _) | (_, true, _) => Policy::None,
+            (_, false, Some(p)) => p,
+            (_, false, None) => defaults.prefetch,
         };
         let retry_for = args
             .retry_for
@@ -193,7 +196,8 @@ impl Config {
             .unwrap_or(defaults.retry_for);
         Ok(Config {
             daemon: defaults.daemon,
-            prefetch: prefetch && matches!(source, Source::Appliance { .. }),
+            prefetch,
+            prefetch_elsewhere: args.prefetch_elsewhere,
             source,
             image,
             overlay: args.overlay,
@@ -214,8 +218,18 @@ mod tests {
 
     #[test]
     fn image_option_picks_a_disk_or_is_refused() {
-        let blk = Defaults::new("vablk", ImageKind::Disk, false, Duration::from_secs(1));
-        let mem = Defaults::new("vamem", ImageKind::Mem, true, Duration::from_secs(1));
+        let blk = Defaults::new(
+            "vablk",
+            ImageKind::Disk,
+            Policy::None,
+            Duration::from_secs(1),
+        );
+        let mem = Defaults::new(
+            "vamem",
+            ImageKind::Mem,
+            Policy::WorkingSet,
+            Duration::from_secs(1),
+        );
         let args = |image: Option<&str>| DaemonArgs {
             appliance: Some("http://h/a/".into()),
             image: image.map(str::to_string),
@@ -249,6 +263,11 @@ mod tests {
     }
 
     fn defaults(prefetch: bool) -> Defaults {
+        let prefetch = if prefetch {
+            Policy::WorkingSet
+        } else {
+            Policy::None
+        };
         Defaults {
             daemon: "t",
             image: ImageKind::Mem,
@@ -265,7 +284,15 @@ mod tests {
             ..DaemonArgs::default()
         };
         let c = Config::from_args(args.clone(), &defaults(true)).unwrap();
-        assert!(c.prefetch);
+        assert_eq!(c.prefetch, Policy::WorkingSet);
+        let all = DaemonArgs {
+            prefetch: Some(Policy::All),
+            ..args.clone()
+        };
+        assert_eq!(
+            Config::from_args(all, &defaults(false)).unwrap().prefetch,
+            Policy::All
+        );
         assert_eq!(c.image, ImageKind::Mem);
         assert_eq!(c.retry.retry_for, Duration::from_secs(7));
         match &c.source {
@@ -280,7 +307,7 @@ mod tests {
             ..args.clone()
         };
         let c = Config::from_args(no, &defaults(true)).unwrap();
-        assert!(!c.prefetch);
+        assert_eq!(c.prefetch, Policy::None);
         assert_eq!(c.retry.retry_for, Duration::ZERO);
         let bad = DaemonArgs {
             digest: Some("xyz".into()),
@@ -292,11 +319,11 @@ mod tests {
         ));
         let file = DaemonArgs {
             file: Some("/r".into()),
-            prefetch: true,
+            prefetch: Some(Policy::All),
             ..DaemonArgs::default()
         };
         let c = Config::from_args(file, &defaults(true)).unwrap();
-        assert!(!c.prefetch, "a file is never prefetched");
+        assert_eq!(c.prefetch, Policy::None, "a file is never prefetched");
         assert!(matches!(
             Config::from_args(DaemonArgs::default(), &defaults(false)),
             Err(ConfigError::NoSource)

@@ -6,7 +6,7 @@ use va_store::appliance::{Appliance, ApplianceError, OpenOptions};
 use va_store::file::{FileDevice, FileDeviceError};
 use va_store::format::ImageKind;
 use va_store::layer::{Counting, Recording, Retrying};
-use va_store::prefetch::{PrefetchOptions, Prefetcher};
+use va_store::prefetch::{Policy, PrefetchOptions, Prefetcher};
 use va_store::trace::TraceError;
 use va_store::volume::{Volume, VolumeError, VolumeOptions};
 use va_store::BlockDevice;
@@ -73,17 +73,19 @@ impl Served {
     /// asks for it (a `--file` device has nothing to prefetch).
     pub fn start_prefetch(&self, config: &Config) -> Option<Prefetcher> {
         let app = self.appliance.as_ref()?;
-        if !config.prefetch {
+        if config.prefetch == Policy::None || config.prefetch_elsewhere {
             return None;
         }
         tracing::info!(
-            "prefetching the {} image in pack order in the background",
+            "prefetching ({}) the {} image in pack order in the background",
+            config.prefetch,
             self.image
         );
         Some(Prefetcher::start(
             app.clone(),
             PrefetchOptions {
                 images: vec![self.image],
+                policy: config.prefetch,
                 ..PrefetchOptions::default()
             },
         ))

@@ -557,6 +557,13 @@ impl Appliance {
         self.demand.load(Ordering::Acquire)
     }
 
+    /// Whether a demand fetch is waiting for the origin in this process or in any other
+    /// process sharing the cache directory (the disk and memory daemons of one VM, `va run`):
+    /// background prefetching holds back while it is.
+    pub fn demand_waiting(&self) -> bool {
+        self.demand_in_flight() > 0 || self.cache.as_ref().is_some_and(|c| c.demand_anywhere())
+    }
+
     /// Delivers the plain bytes of every distinct blob in `want` to `sink` (in any order),
     /// from the local cache when present there, else from the origin (coalesced, verified,
     /// cached). Each distinct hash is delivered exactly once. `what` names the blobs in
@@ -569,6 +576,7 @@ impl Appliance {
     ) -> Result<(), ApplianceError> {
         self.demand.fetch_add(1, Ordering::AcqRel);
         let _g = DemandGuard(&self.demand);
+        let _shared = self.cache.as_ref().map(|c| c.demand_begin());
         self.fetch_blobs_inner(what, want, sink)
     }
 

@@ -15,6 +15,8 @@
 //!     ├── usage                 16 bytes: total bytes charged for all chunk files (u64 LE) and
 //!     │                         that value XOR "vastream" (u64 LE, a check); also the flock
 //!     │                         that serialises creating, evicting and rescanning chunk files
+//!     ├── demand                empty; its flock says a demand fetch is waiting for the origin
+//!     │                         in some process (see [`demand`]: prefetchers hold back)
 //!     ├── tmp/<hex>.<pid>.<n>   chunks being written (stale ones older than 1 h are removed)
 //!     └── chunks/<2 hex>/<64 hex>   one file per chunk: exactly its plain bytes; the name is the
 //!                               lower-case hex BLAKE3, the directory its first byte
@@ -61,6 +63,7 @@
 //! on a local SSD; callers that care can insert off the guest's latency path, since they
 //! already hold the bytes.)
 
+mod demand;
 pub(crate) mod sys;
 
 use std::fs::{self, File};
@@ -238,6 +241,13 @@ pub struct ChunkCache {
     /// Recency clock (µs since the Unix epoch, bumped to stay strictly increasing).
     clock: AtomicU64,
     touch_after_us: u64,
+    /// The cross-process "demand fetch in flight" signal (None: the file could not be opened).
+    demand: Option<demand::DemandSignal>,
+}
+
+/// A demand fetch in flight, until dropped (see [`ChunkCache::demand_begin`]).
+pub struct DemandMark<'a> {
+    _guard: Option<demand::DemandGuard<'a>>,
 }
 
 fn system_us(t: SystemTime) -> u64 {
@@ -376,6 +386,14 @@ impl ChunkCache {
             known_total: AtomicU64::new(0),
             clock: AtomicU64::new(0),
             touch_after_us: TOUCH_AFTER_US,
+            demand: {
+                let p = root.join("demand");
+                demand::DemandSignal::open(&p)
+                    .inspect_err(|e| {
+                        tracing::warn!("chunk cache {}: {e}: prefetch will not yield to other processes' misses", p.display())
+                    })
+                    .ok()
+            },
         };
         {
             let mut l = cache.lock_usage()?;
@@ -457,6 +475,21 @@ impl ChunkCache {
             }
         }
         Ok(true)
+    }
+
+    /// Marks a demand fetch (a read waiting for the origin) of this process as in flight until
+    /// the returned guard drops; every process sharing the directory sees it
+    /// ([`ChunkCache::demand_anywhere`]).
+    pub fn demand_begin(&self) -> DemandMark<'_> {
+        DemandMark {
+            _guard: self.demand.as_ref().map(|d| d.enter()),
+        }
+    }
+
+    /// Whether some process sharing this directory (this one included) has a demand fetch in
+    /// flight: prefetchers start no request while it is true.
+    pub fn demand_anywhere(&self) -> bool {
+        self.demand.as_ref().is_some_and(|d| d.anywhere())
     }
 
     /// Whether chunk `h` is cached (by this or another process).

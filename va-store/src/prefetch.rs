@@ -1,11 +1,17 @@
-//! The background prefetcher: pulls an appliance's chunks into the local cache in pack order
-//! (which is the plan order `va pack --plan` laid down: a recorded working set first), with
-//! large coalesced range requests, while demand misses always go first.
+//! The background prefetcher (the scheduler of one VM's link): pulls an appliance's chunks
+//! into the local cache in pack order, which is the plan order `va pack --plan` laid down
+//! (the recorded working set first, memory and disks interleaved), with large coalesced range
+//! requests, while demand misses always go first.
 //!
-//! Priority: every demand fetch (a guest read that missed) holds [`DemandGuard`] on the
-//! appliance; prefetch workers do not start a new request while any demand fetch is in flight,
-//! so a miss never queues behind prefetch traffic on the link (it only shares it with at most
-//! the requests already under way).
+//! What it fetches is a [`Policy`]: the recorded working set of each image (the manifest says
+//! where it ends; an appliance packed without a plan has none recorded, and then its memory
+//! image counts as its working set, its disks do not), everything (the working set first,
+//! then the rest), or nothing.
+//!
+//! Priority: every demand fetch (a read that missed) marks itself in flight on the appliance
+//! and on the shared cache directory ([`Appliance::demand_waiting`]: seen by every process of
+//! the VM); prefetch workers start no new request while one is, so a miss never queues behind
+//! prefetch traffic on the link (it only shares it with the requests already under way).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,11 +22,61 @@ use crate::appliance::{Appliance, ApplianceError};
 use crate::format::{BlobRef, ChunkEntry, ImageKind};
 use crate::sync::lock;
 
+/// What a prefetcher fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Nothing: only demand fetches.
+    None,
+    /// The recorded working set of each image (for an appliance packed without a plan: its
+    /// memory image whole, nothing of its disks).
+    #[default]
+    WorkingSet,
+    /// The working set first, then every other chunk.
+    All,
+}
+
+impl Policy {
+    /// The names `--prefetch` takes.
+    pub const NAMES: [&'static str; 3] = ["working-set", "all", "none"];
+
+    /// The option value of this policy.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::None => "none",
+            Policy::WorkingSet => "working-set",
+            Policy::All => "all",
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Policy, String> {
+        match s {
+            "none" => Ok(Policy::None),
+            "working-set" | "ws" => Ok(Policy::WorkingSet),
+            "all" => Ok(Policy::All),
+            _ => Err(format!(
+                "unknown prefetch policy {s:?} (one of: {})",
+                Policy::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
 /// Prefetch parameters.
 #[derive(Debug, Clone)]
 pub struct PrefetchOptions {
     /// Images to prefetch (in this order when they share a pack position).
     pub images: Vec<ImageKind>,
+    /// What to fetch of them.
+    pub policy: Policy,
     /// Parallel range requests.
     pub workers: usize,
     /// Bytes per range request (compressed). Small enough that a demand miss arriving while
@@ -32,6 +88,7 @@ impl Default for PrefetchOptions {
     fn default() -> Self {
         PrefetchOptions {
             images: vec![ImageKind::Disk],
+            policy: Policy::All,
             workers: 3,
             batch_bytes: 1 << 20,
         }
@@ -51,6 +108,16 @@ pub struct PrefetchStats {
     pub yields: u64,
     /// The whole plan has been processed.
     pub finished: bool,
+    /// Chunks of the working set (part of `planned`).
+    pub ws_planned: u64,
+    /// Chunks of the working set fetched (or found cached) so far.
+    pub ws_done: u64,
+    /// Compressed bytes the prefetcher fetched for the working set.
+    pub ws_bytes: u64,
+    /// The whole working set is local.
+    pub ws_local: bool,
+    /// Milliseconds from the start until the working set was local (0 until then).
+    pub ws_ms: u64,
 }
 
 /// The live state of a prefetcher, shared with whoever reports its progress.
@@ -62,6 +129,11 @@ pub struct PrefetchProgress {
     bytes: AtomicU64,
     yields: AtomicU64,
     finished: AtomicBool,
+    ws_planned: AtomicU64,
+    ws_done: AtomicU64,
+    ws_bytes: AtomicU64,
+    ws_local: AtomicBool,
+    ws_ms: AtomicU64,
     error: Mutex<Option<String>>,
 }
 
@@ -74,6 +146,11 @@ impl PrefetchProgress {
             bytes: self.bytes.load(Ordering::Relaxed),
             yields: self.yields.load(Ordering::Relaxed),
             finished: self.finished.load(Ordering::Acquire),
+            ws_planned: self.ws_planned.load(Ordering::Relaxed),
+            ws_done: self.ws_done.load(Ordering::Relaxed),
+            ws_bytes: self.ws_bytes.load(Ordering::Relaxed),
+            ws_local: self.ws_local.load(Ordering::Acquire),
+            ws_ms: self.ws_ms.load(Ordering::Relaxed),
         }
     }
 
@@ -160,29 +237,69 @@ impl Drop for Prefetcher {
     }
 }
 
-/// Lists the stored chunks of `images` that are not cached, in pack order, without duplicates.
+/// One blob to prefetch: where it is, its plain length, whether it is in the working set.
+#[derive(Clone, Copy)]
+struct Item {
+    blob: BlobRef,
+    plen: u32,
+    ws: bool,
+}
+
+/// Whether the policy takes blob `b` of image `kind`, and whether it is in the working set.
+pub fn wanted(
+    m: &crate::format::Manifest,
+    policy: Policy,
+    kind: ImageKind,
+    b: &BlobRef,
+) -> Option<bool> {
+    let ws = match m.working_set(kind) {
+        Some(w) => w.contains(b),
+        None => kind == ImageKind::Mem && m.working_sets.is_empty(),
+    };
+    match policy {
+        Policy::None => None,
+        Policy::WorkingSet => ws.then_some(true),
+        Policy::All => Some(ws),
+    }
+}
+
+/// Lists the stored chunks of `images` the policy takes, in pack order, without duplicates.
 fn plan(
     app: &Appliance,
     opts: &PrefetchOptions,
     s: &PrefetchProgress,
-) -> Result<Vec<(BlobRef, u32)>, ApplianceError> {
+) -> Result<Vec<Item>, ApplianceError> {
     let m = app.manifest();
-    let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::new();
+    let mut seen = std::collections::HashMap::new();
+    let mut out: Vec<Item> = Vec::new();
     for &kind in &opts.images {
         let Some(img) = m.image(kind) else { continue };
         for c in 0..m.chunks_of(img.size) {
             if s.stop.load(Ordering::Acquire) {
                 return Ok(out);
             }
-            if let ChunkEntry::Stored(b) = app.entry(kind, c)? {
-                if seen.insert(b.hash) {
-                    out.push((b, m.chunk_len(img.size, c)));
+            if let ChunkEntry::Stored(blob) = app.entry(kind, c)? {
+                let Some(ws) = wanted(m, opts.policy, kind, &blob) else {
+                    continue;
+                };
+                match seen.entry(blob.hash) {
+                    std::collections::hash_map::Entry::Occupied(o) => {
+                        let i: usize = *o.get();
+                        out[i].ws |= ws;
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(out.len());
+                        out.push(Item {
+                            blob,
+                            plen: m.chunk_len(img.size, c),
+                            ws,
+                        });
+                    }
                 }
             }
         }
     }
-    out.sort_by_key(|(b, _)| (b.pack, b.offset));
+    out.sort_by_key(|i| (!i.ws, i.blob.pack, i.blob.offset));
     Ok(out)
 }
 
@@ -191,23 +308,37 @@ fn prefetch_in_pack_order(
     opts: &PrefetchOptions,
     s: &Arc<PrefetchProgress>,
 ) -> Result<(), ApplianceError> {
-    if app.cache().is_none() {
+    if app.cache().is_none() || opts.policy == Policy::None {
         return Ok(());
     }
+    let t0 = Instant::now();
     let all = plan(app, opts, s)?;
+    let n_ws = all.iter().filter(|i| i.ws).count() as u64;
     s.planned.store(all.len() as u64, Ordering::Relaxed);
-    // Cut into batches of neighbouring blobs.
-    let mut batches: Vec<Vec<(BlobRef, u32)>> = Vec::new();
-    let mut cur: Vec<(BlobRef, u32)> = Vec::new();
+    s.ws_planned.store(n_ws, Ordering::Relaxed);
+    let ws_finished = || {
+        s.ws_ms
+            .store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+        s.ws_local.store(true, Ordering::Release);
+    };
+    if n_ws == 0 {
+        ws_finished();
+    }
+    // Cut into batches of neighbouring blobs (the working set never shares a batch with the
+    // rest).
+    let mut batches: Vec<Vec<Item>> = Vec::new();
+    let mut cur: Vec<Item> = Vec::new();
     let mut cur_bytes = 0u64;
     for item in all {
-        let breaks =
-            cur.last().is_some_and(|(l, _)| l.pack != item.0.pack) || cur_bytes >= opts.batch_bytes;
+        let breaks = cur
+            .last()
+            .is_some_and(|l| l.blob.pack != item.blob.pack || l.ws != item.ws)
+            || cur_bytes >= opts.batch_bytes;
         if breaks {
             batches.push(std::mem::take(&mut cur));
             cur_bytes = 0;
         }
-        cur_bytes += item.0.clen as u64;
+        cur_bytes += item.blob.clen as u64;
         cur.push(item);
     }
     if !cur.is_empty() {
@@ -220,8 +351,8 @@ fn prefetch_in_pack_order(
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 let Some(batch) = batches.get(i) else { return };
-                // Demand first: wait while any demand fetch is in flight.
-                while app.demand_in_flight() > 0 && !s.stop.load(Ordering::Acquire) {
+                // Demand first: wait while any demand fetch of the VM is in flight.
+                while app.demand_waiting() && !s.stop.load(Ordering::Acquire) {
                     s.yields.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -230,8 +361,8 @@ fn prefetch_in_pack_order(
                 }
                 let want: Vec<(BlobRef, u32)> = batch
                     .iter()
-                    .filter(|(b, _)| !app.is_cached(&b.hash))
-                    .copied()
+                    .filter(|i| !app.is_cached(&i.blob.hash))
+                    .map(|i| (i.blob, i.plen))
                     .collect();
                 let before = app.stats().fetched_bytes;
                 if !want.is_empty() {
@@ -241,11 +372,16 @@ fn prefetch_in_pack_order(
                         return;
                     }
                 }
-                s.bytes.fetch_add(
-                    app.stats().fetched_bytes.saturating_sub(before),
-                    Ordering::Relaxed,
-                );
+                let got = app.stats().fetched_bytes.saturating_sub(before);
+                s.bytes.fetch_add(got, Ordering::Relaxed);
                 s.done.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                if batch[0].ws {
+                    s.ws_bytes.fetch_add(got, Ordering::Relaxed);
+                    let n = batch.len() as u64;
+                    if s.ws_done.fetch_add(n, Ordering::AcqRel) + n == n_ws {
+                        ws_finished();
+                    }
+                }
             });
         }
     });
@@ -319,5 +455,117 @@ mod tests {
         let p2 = Prefetcher::start(app.clone(), PrefetchOptions::default());
         assert!(p2.wait(Duration::from_secs(20)));
         assert_eq!(app.stats().fetched_bytes, before);
+    }
+
+    #[test]
+    fn working_set_policy_fetches_the_recorded_working_set_only() {
+        let d = tempfile::tempdir().unwrap();
+        let mut data = vec![0u8; 32 * 4096];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / 4096) as u8 ^ (i % 253) as u8 ^ 0x5a;
+        }
+        let (disk, mem) = (d.path().join("disk"), d.path().join("mem"));
+        std::fs::write(&disk, &data).unwrap();
+        data.reverse();
+        std::fs::write(&mem, &data).unwrap();
+        let plan: Vec<crate::trace::PlanItem> = [
+            (ImageKind::Mem, 7),
+            (ImageKind::Disk, 3),
+            (ImageKind::Mem, 1),
+        ]
+        .into_iter()
+        .map(|(image, chunk)| crate::trace::PlanItem { image, chunk })
+        .collect();
+        let out = d.path().join("b");
+        pack(
+            &[
+                PackInput {
+                    kind: ImageKind::Disk,
+                    path: disk,
+                },
+                PackInput {
+                    kind: ImageKind::Mem,
+                    path: mem,
+                },
+            ],
+            &out,
+            &PackOptions {
+                chunk_size: 4096,
+                page_chunks: 16,
+                plan,
+                ..Default::default()
+            },
+            &|_, _, _| {},
+        )
+        .unwrap();
+        let open = |cache: &str| {
+            Appliance::open(
+                out.to_str().unwrap(),
+                &OpenOptions {
+                    cache_dir: Some(d.path().join(cache)),
+                    cache_size: 1 << 30,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let cached = |app: &Appliance, kind, c| match app.entry(kind, c).unwrap() {
+            ChunkEntry::Stored(b) => app.is_cached(&b.hash),
+            ChunkEntry::Zero => true,
+        };
+        let images = vec![ImageKind::Disk, ImageKind::Mem];
+        let app = open("c1");
+        let p = Prefetcher::start(
+            app.clone(),
+            PrefetchOptions {
+                images: images.clone(),
+                policy: Policy::WorkingSet,
+                ..Default::default()
+            },
+        );
+        assert!(p.wait(Duration::from_secs(20)));
+        let st = p.stats();
+        assert_eq!(
+            (st.planned, st.done, st.ws_planned, st.ws_done),
+            (3, 3, 3, 3)
+        );
+        assert!(st.ws_local && st.ws_bytes > 0 && p.error().is_none());
+        assert!(cached(&app, ImageKind::Mem, 7) && cached(&app, ImageKind::Disk, 3));
+        assert!(!cached(&app, ImageKind::Mem, 2) && !cached(&app, ImageKind::Disk, 4));
+        // All: the working set first, then the rest.
+        let app = open("c2");
+        let p = Prefetcher::start(
+            app.clone(),
+            PrefetchOptions {
+                images: images.clone(),
+                policy: Policy::All,
+                ..Default::default()
+            },
+        );
+        assert!(p.wait(Duration::from_secs(20)));
+        let st = p.stats();
+        assert_eq!((st.planned, st.ws_planned, st.ws_done), (64, 3, 3));
+        assert!(st.ws_local && st.ws_ms <= p.elapsed().as_millis() as u64);
+        assert!(
+            (0..32).all(|c| cached(&app, ImageKind::Disk, c) && cached(&app, ImageKind::Mem, c))
+        );
+        // None: nothing.
+        let app = open("c3");
+        let p = Prefetcher::start(
+            app.clone(),
+            PrefetchOptions {
+                images,
+                policy: Policy::None,
+                ..Default::default()
+            },
+        );
+        assert!(p.wait(Duration::from_secs(20)));
+        assert_eq!(p.stats().planned, 0);
+        assert_eq!(app.stats().fetched_bytes, 0);
+        assert_eq!("ws".parse::<Policy>().unwrap(), Policy::WorkingSet);
+        assert!("some"
+            .parse::<Policy>()
+            .unwrap_err()
+            .contains("working-set, all, none"));
     }
 }

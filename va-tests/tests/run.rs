@@ -537,6 +537,7 @@ fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
     );
 
     let console = dir.path().join("console");
+    let run_stats = dir.path().join("run.json");
     let mut cmd = Command::new(bin("va"));
     cmd.args(["run", &url, "--accel", "tcg"])
         .arg("--cache-dir")
@@ -544,7 +545,9 @@ fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .arg("--console")
-        .arg(&console);
+        .arg(&console)
+        .arg("--stats")
+        .arg(&run_stats);
     let mut r = Proc::spawn("va run", &mut cmd);
     let err = |r: &Proc| r.err.text();
     let rd_line = r
@@ -603,6 +606,19 @@ fn snapshot_appliance_resumes_with_memory_and_disk_streamed_together() {
         assert!(e.contains(want), "no {want:?} in:\n{e}");
     }
     assert_nothing_left(&run_dir, &[]);
+    // One scheduler (va run's) fetched the memory (packed without a plan: memory is the
+    // working set); vamem fetched none of it itself and handed the cached chunks to the kernel.
+    let rs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&run_stats).unwrap()).unwrap();
+    let p = &rs["prefetch"];
+    assert!(
+        p["ws_planned"].as_u64().unwrap() > 0 && p["ws_local"] == true,
+        "{rs:#}"
+    );
+    assert!(e.contains("working set local after"), "{e}");
+    let vamem = &rs["sidecars"]["vamem"];
+    assert_eq!(vamem["prefetch"]["planned"], 0, "{rs:#}");
+    assert!(vamem["transport"]["pushes"].as_u64().unwrap() > 0, "{rs:#}");
     // The guest's disk writes after the resume are in the appliance's overlay: read it back
     // through vanbd on the same overlay.
     let state = std::fs::read_dir(dir.path().join("state"))

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use va_daemon::{Daemon, DaemonArgs, Defaults, Offload};
 use va_store::format::ImageKind;
+use va_store::prefetch::Policy;
 use vablk::config::device_id;
 use vablk::ringlog::{self, RingLog};
 use vablk::server::BlkServer;
@@ -83,7 +84,12 @@ struct Args {
     poll_us: u64,
 }
 
-const DEFAULTS: Defaults = Defaults::new("vablk", ImageKind::Disk, false, Duration::from_secs(300));
+const DEFAULTS: Defaults = Defaults::new(
+    "vablk",
+    ImageKind::Disk,
+    Policy::None,
+    Duration::from_secs(300),
+);
 
 fn main() -> ExitCode {
     let args = Args::parse();

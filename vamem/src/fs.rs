@@ -66,6 +66,9 @@ va_daemon::counters! {
         pushes,
         /// Prefetch: the bytes those calls covered.
         pushed_bytes,
+        /// Prefetch: time spent in those calls, i.e. the page-cache step of cached chunks
+        /// (microseconds; divide by pushed_bytes for its cost per MiB).
+        push_us,
     }
 }
 

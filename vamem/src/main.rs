@@ -10,6 +10,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use va_daemon::{open_device, Config, Daemon, DaemonArgs, Defaults, Offload, OpenError};
 use va_store::appliance::{Appliance, ApplianceError};
 use va_store::format::ImageKind;
+use va_store::prefetch::Policy;
 use va_store::sync::lock;
 use va_store::volume::{Volume, VolumeError, VolumeOptions};
 use va_store::BlockDevice;
@@ -30,9 +31,11 @@ use vamem::ServeOptions;
 /// A fault whose chunk cannot be fetched or verified waits and retries for --retry-for seconds
 /// (default 300) rather than ever serving bad bytes (QEMU would take an error as SIGBUS).
 ///
-/// Unless --no-prefetch, the RAM image is prefetched in pack (plan) order into the local
-/// cache (demand misses first) and pulled into the kernel page cache with readahead, which
-/// never replaces a page the guest already has.
+/// The RAM image's working set (--prefetch working-set, the default: what the manifest
+/// records, or the whole image for an appliance packed without a plan; --prefetch all: then the
+/// rest; --no-prefetch: nothing) is prefetched in pack (plan) order into the local cache
+/// (demand misses first) and pulled into the kernel page cache with readahead, which never
+/// replaces a page the guest already has.
 ///
 /// Before mounting, vamem checks that the appliance has a RAM image and that its machine
 /// description and device state match it; a stale mount from a crashed run is detached, and a
@@ -65,7 +68,12 @@ struct Args {
     prefetch_workers: u32,
 }
 
-const DEFAULTS: Defaults = Defaults::new("vamem", ImageKind::Mem, true, Duration::from_secs(300));
+const DEFAULTS: Defaults = Defaults::new(
+    "vamem",
+    ImageKind::Mem,
+    Policy::WorkingSet,
+    Duration::from_secs(300),
+);
 
 fn main() -> ExitCode {
     // `--miss-workers` was vamem's name for the miss pool size.
@@ -139,7 +147,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         mem_size >> 20,
         app.location()
     );
-    let puller = if config.prefetch {
+    let puller = if config.prefetch != Policy::None {
         Some(Puller::start(
             app.clone(),
             mounted.file(),
@@ -147,6 +155,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             PullOptions {
                 window: u64::from(read_ahead),
                 workers: args.prefetch_workers as usize,
+                policy: config.prefetch,
+                fetch: !config.prefetch_elsewhere,
                 ..Default::default()
             },
         )?)

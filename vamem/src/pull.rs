@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use va_store::appliance::Appliance;
 use va_store::format::{ChunkEntry, ImageKind};
-use va_store::prefetch::{PrefetchOptions, PrefetchProgress, Prefetcher};
+use va_store::prefetch::{self, Policy, PrefetchOptions, PrefetchProgress, Prefetcher};
 
 use crate::fs::FuseCounters;
 use crate::sys;
@@ -31,6 +31,11 @@ pub struct PullOptions {
     pub workers: usize,
     /// Compressed bytes per prefetch request.
     pub batch_bytes: u64,
+    /// What to pull.
+    pub policy: Policy,
+    /// Fetch into the cache here (false: another process, `va run`'s scheduler, fetches;
+    /// the puller hands chunks to the kernel as they appear in the shared cache).
+    pub fetch: bool,
 }
 
 impl Default for PullOptions {
@@ -39,6 +44,8 @@ impl Default for PullOptions {
             window: 1 << 20,
             workers: 2,
             batch_bytes: 2 << 20,
+            policy: Policy::WorkingSet,
+            fetch: true,
         }
     }
 }
@@ -87,6 +94,11 @@ impl Puller {
             app.clone(),
             PrefetchOptions {
                 images: vec![ImageKind::Mem],
+                policy: if opts.fetch {
+                    opts.policy
+                } else {
+                    Policy::None
+                },
                 workers: opts.workers,
                 batch_bytes: opts.batch_bytes,
             },
@@ -132,8 +144,13 @@ impl Drop for Puller {
     }
 }
 
-/// Stored chunks of the mem image in pack order: (chunk index, hash).
-fn order(app: &Appliance, stop: &AtomicBool) -> Result<Vec<(u64, va_store::Hash)>, PullError> {
+/// Stored chunks of the mem image the policy takes, in pack order (the working set first):
+/// (chunk index, hash).
+fn order(
+    app: &Appliance,
+    policy: Policy,
+    stop: &AtomicBool,
+) -> Result<Vec<(u64, va_store::Hash)>, PullError> {
     let m = app.manifest();
     let img = app.image(ImageKind::Mem)?;
     let mut v = Vec::new();
@@ -142,11 +159,13 @@ fn order(app: &Appliance, stop: &AtomicBool) -> Result<Vec<(u64, va_store::Hash)
             break;
         }
         if let ChunkEntry::Stored(b) = app.entry(ImageKind::Mem, c)? {
-            v.push((b.pack, b.offset, c, b.hash));
+            if let Some(ws) = prefetch::wanted(m, policy, ImageKind::Mem, &b) {
+                v.push((!ws, b.pack, b.offset, c, b.hash));
+            }
         }
     }
-    v.sort_by_key(|x| (x.0, x.1, x.2));
-    Ok(v.into_iter().map(|x| (x.2, x.3)).collect())
+    v.sort_by_key(|x| (x.0, x.1, x.2, x.3));
+    Ok(v.into_iter().map(|x| (x.3, x.4)).collect())
 }
 
 fn pull_in_pack_order(
@@ -163,12 +182,18 @@ fn pull_in_pack_order(
         path: file.clone(),
         source,
     })?;
-    let list = order(app, stop)?;
+    let list = order(app, opts.policy, stop)?;
     let cs = app.manifest().chunk_size as u64;
     let size = app.image(ImageKind::Mem)?.size;
     let cache = app.cache().cloned();
     tracing::info!(
-        "prefetch: {} stored chunks of the mem image, in pack order",
+        "prefetch ({}{}): {} stored chunks of the mem image, in pack order",
+        opts.policy,
+        if opts.fetch {
+            ""
+        } else {
+            ", fetched by the launcher"
+        },
         list.len()
     );
     // Runs of consecutive chunks, pulled once every chunk of the run is local.
@@ -177,10 +202,14 @@ fn pull_in_pack_order(
         let (mut off, stop_at) = (first * cs, (end * cs).min(size));
         while off < stop_at {
             let len = opts.window.min(stop_at - off);
+            let t = Instant::now();
             match sys::readahead(&f, off, len) {
                 Ok(()) => {
                     counters.pushes.fetch_add(1, Ordering::Relaxed);
                     counters.pushed_bytes.fetch_add(len, Ordering::Relaxed);
+                    counters
+                        .push_us
+                        .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
                 }
                 Err(e) => tracing::warn!("readahead at {off:#x}: {e}"),
             }
@@ -188,10 +217,10 @@ fn pull_in_pack_order(
         }
     };
     for (c, hash) in list {
-        // Wait for the chunk to be cached (or for the prefetcher to end: then the readahead
-        // fetches it on demand).
+        // Wait for the chunk to be cached (or for this process's prefetcher to end: then the
+        // readahead fetches it on demand; when another process fetches, wait for it).
         if let Some(cache) = &cache {
-            while !cache.contains(&hash) && !pre.stats().finished {
+            while !cache.contains(&hash) && (!opts.fetch || !pre.stats().finished) {
                 if stop.load(Ordering::Acquire) {
                     return Ok(());
                 }
@@ -218,12 +247,18 @@ fn pull_in_pack_order(
         tracing::warn!("cache prefetch: {e}");
     }
     let s = counters.snapshot();
+    let mib = s.pushed_bytes as f64 / (1 << 20) as f64;
     tracing::info!(
-        "prefetch done in {:.1}s: {:.1} MiB fetched, {} readahead calls over {:.1} MiB",
+        "prefetch done in {:.1}s: {:.1} MiB fetched, {} readahead calls over {mib:.1} MiB \
+         ({:.2} ms per MiB into the page cache)",
         t0.elapsed().as_secs_f64(),
         app.stats().fetched_bytes.saturating_sub(before) as f64 / (1 << 20) as f64,
         s.pushes,
-        s.pushed_bytes as f64 / (1 << 20) as f64
+        if mib > 0.0 {
+            s.push_us as f64 / 1e3 / mib
+        } else {
+            0.0
+        }
     );
     Ok(())
 }

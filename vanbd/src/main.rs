@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use va_daemon::{Daemon, DaemonArgs, Defaults, Offload};
 use va_store::format::ImageKind;
+use va_store::prefetch::Policy;
 use vanbd::transmission::ConnConfig;
 use vanbd::{Export, Server, ServerConfig};
 
@@ -95,7 +96,12 @@ struct ServeArgs {
     min_block_size: u32,
 }
 
-const DEFAULTS: Defaults = Defaults::new("vanbd", ImageKind::Disk, false, Duration::from_secs(30));
+const DEFAULTS: Defaults = Defaults::new(
+    "vanbd",
+    ImageKind::Disk,
+    Policy::None,
+    Duration::from_secs(30),
+);
 
 /// A `--min-block-size` that is not a block size.
 #[derive(Debug, thiserror::Error)]

@@ -38,6 +38,11 @@ pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
     Ok(flock(file, FlockOperation::LockExclusive)?)
 }
 
+/// Takes a shared `flock` on `file`, waiting while someone holds it exclusively.
+pub(crate) fn lock_shared(file: &File) -> io::Result<()> {
+    Ok(flock(file, FlockOperation::LockShared)?)
+}
+
 /// Tries to take an exclusive `flock` on `file` without waiting.
 pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<TryLock> {
     match flock(file, FlockOperation::NonBlockingLockExclusive) {

@@ -24,6 +24,7 @@ use qemu_args::{Attachments, Console, Vm};
 use va_store::appliance::{Appliance, OpenOptions};
 use va_store::format::ImageKind;
 use va_store::origin::OriginOptions;
+use va_store::prefetch::{Policy, PrefetchOptions, Prefetcher};
 use va_store::Hash;
 
 use self::child::{Stdout, Supervised, Timestamped};
@@ -89,12 +90,20 @@ pub struct RunArgs {
     /// touched) to FILE, for `va pack --plan`.
     #[arg(long, value_name = "FILE")]
     record_trace: Option<PathBuf>,
-    /// Prefetch the disk too (memory is prefetched unless --no-prefetch).
-    #[arg(long)]
-    prefetch: bool,
-    /// Prefetch nothing: fetch only what the guest touches.
+    /// What va run's scheduler fetches ahead of the guest, for disk and memory together, in
+    /// the plan order `va pack --plan` laid down, in large range requests, always after the
+    /// guest's own misses: `working-set` the working set the manifest records (an appliance
+    /// packed without a plan: its memory, not its disks), `all` the working set and then
+    /// everything else, `none` nothing (only what the guest touches).
+    #[arg(long, value_name = "POLICY", default_value = "working-set")]
+    prefetch: Policy,
+    /// Prefetch nothing (`--prefetch none`).
     #[arg(long, conflicts_with = "prefetch")]
     no_prefetch: bool,
+    /// Write the run's counters (the scheduler's progress, each sidecar's final stats, the
+    /// time to the first guest output) to FILE as JSON when the run ends.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
     /// Readahead of vamem's RAM file: how much a guest's first touch of a page reads (QEMU
     /// runs with libva_preload.so, which drops its MADV_HUGEPAGE, so that this holds). Small
     /// keeps faults and traces page-granular; prefetch brings the rest in large requests.
@@ -274,6 +283,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             .env("VA_LOG", "info");
     };
 
+    let policy = if a.no_prefetch {
+        Policy::None
+    } else {
+        a.prefetch
+    };
     // Sidecars, started together, each waited for until it serves.
     let mut sidecars: Vec<Supervised> = Vec::new();
     // One vablk per disk, in disk order: `disk.sock`, `disk1.sock`, ...
@@ -305,9 +319,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             .arg(state_dir.join(format!("{k}.overlay")))
             .arg("--stats")
             .arg(run_path.join(format!("{name}.json")));
-        if a.prefetch {
-            cmd.arg("--prefetch");
-        }
+        follow_scheduler(&mut cmd, policy);
         if let Some(t) = trace(k.name()) {
             cmd.arg("--trace").arg(t);
         }
@@ -331,9 +343,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             .arg(run_path.join("vamem.json"))
             .arg("--read-ahead")
             .arg(a.mem_read_ahead.to_string());
-        if a.no_prefetch {
-            cmd.arg("--no-prefetch");
-        }
+        follow_scheduler(&mut cmd, policy);
         if let Some(t) = trace("mem") {
             cmd.arg("--trace").arg(t);
         }
@@ -350,6 +360,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         s.wait_ready(Duration::from_secs(120))?;
         tl.mark(format_args!("{} ready (pid {})", s.name, s.pid()));
     }
+    // One scheduler for the VM's link: disk and memory in one order (the plan's), demand
+    // misses of every sidecar first (they signal through the shared cache directory).
+    let scheduler = start_scheduler(&app, &disks, snapshot, policy, &tl);
 
     // The small images QEMU reads itself: fetched (verified) into the run directory.
     let files = launch::fetch_files(&app, snapshot, &run_path)?;
@@ -441,7 +454,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         Ok(()) => {
             tl.mark("guest running");
-            supervise(&signals, &mut qemu_child, &mut sidecars)
+            supervise(
+                &signals,
+                &mut qemu_child,
+                &mut sidecars,
+                scheduler.as_ref(),
+                &tl,
+            )
         }
     };
     finish(
@@ -455,12 +474,78 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         &a,
         &run_path,
         rundir,
+        scheduler,
     )
 }
 
-/// Waits for the first way out: a signal, QEMU exiting, a sidecar exiting.
-fn supervise(signals: &TermSignals, qemu: &mut Supervised, sidecars: &mut [Supervised]) -> End {
+/// Tells a sidecar what the scheduler prefetches: it fetches none of it itself (vamem hands
+/// the memory chunks to the kernel as they arrive in the cache).
+fn follow_scheduler(cmd: &mut Command, policy: Policy) {
+    cmd.arg(format!("--prefetch={policy}"))
+        .arg("--prefetch-elsewhere");
+}
+
+/// Starts the VM's scheduler (None for `--prefetch none`).
+fn start_scheduler(
+    app: &std::sync::Arc<Appliance>,
+    disks: &[ImageKind],
+    snapshot: bool,
+    policy: Policy,
+    tl: &Timeline,
+) -> Option<Prefetcher> {
+    if policy == Policy::None {
+        return None;
+    }
+    let mut images = disks.to_vec();
+    if snapshot {
+        images.push(ImageKind::Mem);
+    }
+    let m = app.manifest();
+    let (chunks, bytes) = m
+        .working_sets
+        .iter()
+        .filter(|w| images.contains(&w.kind))
+        .fold((0, 0), |(c, b), w| (c + w.chunks, b + w.bytes));
+    tl.mark(format_args!(
+        "prefetch ({policy}): {}",
+        if m.working_sets.is_empty() {
+            "no working set recorded (packed without --plan): memory first".to_string()
+        } else {
+            format!(
+                "working set of {chunks} chunks, {} compressed, in plan order",
+                human(bytes)
+            )
+        }
+    ));
+    Some(Prefetcher::start(
+        app.clone(),
+        PrefetchOptions {
+            images,
+            policy,
+            workers: 3,
+            batch_bytes: 1 << 20,
+        },
+    ))
+}
+
+/// Waits for the first way out: a signal, QEMU exiting, a sidecar exiting. Marks on the
+/// timeline when the scheduler has made the working set local.
+fn supervise(
+    signals: &TermSignals,
+    qemu: &mut Supervised,
+    sidecars: &mut [Supervised],
+    scheduler: Option<&Prefetcher>,
+    tl: &Timeline,
+) -> End {
+    let mut ws_marked = false;
     loop {
+        if let Some(p) = scheduler.filter(|_| !ws_marked) {
+            let st = p.stats();
+            if st.ws_local {
+                ws_marked = true;
+                tl.mark(summary::working_set_line(&st, &p.error()));
+            }
+        }
         match signals.wait(Duration::from_millis(100)) {
             Ok(Some(sig)) => return End::Signal(sig),
             Ok(None) => {}
@@ -502,6 +587,7 @@ fn finish(
     a: &RunArgs,
     run_path: &Path,
     rundir: tempfile::TempDir,
+    mut scheduler: Option<Prefetcher>,
 ) -> anyhow::Result<()> {
     match &end {
         End::PoweredOff => tl.mark("the guest powered off"),
@@ -513,6 +599,10 @@ fn finish(
         qemu.stop(Duration::from_secs(10));
     }
     let _ = relay.join();
+    let prefetch = scheduler.as_mut().map(|p| {
+        p.stop();
+        (p.stats(), p.error())
+    });
     // vamem after QEMU (nothing maps its file any more), then vablk.
     let mut stats = Vec::new();
     for s in sidecars.iter_mut().rev() {
@@ -543,7 +633,16 @@ fn finish(
     let first_output = console
         .first()
         .map(|t| t.saturating_duration_since(started_guest));
-    eprint!("{}", summary::render(&stats, first_output, tl.t0.elapsed()));
+    eprint!(
+        "{}",
+        summary::render(&stats, prefetch.as_ref(), first_output, tl.t0.elapsed())
+    );
+    if let Some(f) = &a.stats {
+        let j = summary::json(&stats, prefetch.as_ref(), first_output, tl.t0.elapsed());
+        if let Err(e) = std::fs::write(f, format!("{j:#}\n")) {
+            eprintln!("va run: cannot write --stats {}: {e}", f.display());
+        }
+    }
     drop(rundir);
     match end {
         End::PoweredOff | End::Signal(_) => Ok(()),

@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::Value;
 
+use va_store::prefetch::PrefetchStats;
+
 use super::human;
 
 /// The last line of a daemon's stdout, parsed (its final stats), if it is JSON.
@@ -23,10 +25,14 @@ fn n(v: &Value, path: &str) -> u64 {
 /// guest waited for them, the cache hit rate; and the time to the first guest output.
 pub fn render(
     stats: &[(String, Option<Value>)],
+    prefetch: Option<&(PrefetchStats, Option<String>)>,
     first_output: Option<Duration>,
     total: Duration,
 ) -> String {
     let mut s = String::from("\nva run summary\n");
+    if let Some((st, err)) = prefetch {
+        let _ = writeln!(s, "  {}", working_set_line(st, err));
+    }
     for (name, st) in stats {
         let Some(st) = st else {
             let _ = writeln!(s, "  {name:6} no counters (it did not exit cleanly)");
@@ -75,6 +81,65 @@ pub fn render(
     s
 }
 
+/// The scheduler's progress in one line: the working set local or not, how fast it came.
+pub fn working_set_line(st: &PrefetchStats, err: &Option<String>) -> String {
+    let mut l = if st.ws_planned == 0 && st.ws_local {
+        "prefetch: no working set to fetch".to_string()
+    } else if st.ws_local {
+        let secs = st.ws_ms as f64 / 1e3;
+        format!(
+            "working set local after {secs:.2}s: {} chunks, {} fetched ({:.1} Mbit/s)",
+            st.ws_planned,
+            human(st.ws_bytes),
+            if secs > 0.0 {
+                st.ws_bytes as f64 * 8.0 / secs / 1e6
+            } else {
+                0.0
+            }
+        )
+    } else {
+        format!(
+            "working set not local: {} of {} chunks, {} fetched",
+            st.ws_done,
+            st.ws_planned,
+            human(st.ws_bytes)
+        )
+    };
+    if st.planned > st.ws_planned {
+        let _ = write!(
+            l,
+            "; then {} of {} further chunks",
+            st.done.saturating_sub(st.ws_done),
+            st.planned - st.ws_planned
+        );
+    }
+    if let Some(e) = err {
+        let _ = write!(l, " (stopped: {e})");
+    }
+    l
+}
+
+/// The counters of the run as one JSON object (`va run --stats`).
+pub fn json(
+    stats: &[(String, Option<Value>)],
+    prefetch: Option<&(PrefetchStats, Option<String>)>,
+    first_output: Option<Duration>,
+    total: Duration,
+) -> Value {
+    let sidecars: serde_json::Map<String, Value> = stats
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone().unwrap_or(Value::Null)))
+        .collect();
+    serde_json::json!({
+        "format": "va-run-stats-v1",
+        "prefetch": prefetch.map(|(st, _)| st),
+        "prefetch_error": prefetch.and_then(|(_, e)| e.clone()),
+        "sidecars": sidecars,
+        "first_output_s": first_output.map(|d| d.as_secs_f64()),
+        "total_s": total.as_secs_f64(),
+    })
+}
+
 /// Merges the traces the sidecars recorded (each `# header` line kept once, entries ordered
 /// by time) into `out`; returns the number of entries.
 pub fn merge_traces(parts: &[PathBuf], out: &Path) -> anyhow::Result<usize> {
@@ -118,8 +183,44 @@ mod tests {
                 "transport":{"miss_faults":7,"stall_us":1500000}}"#,
         )
         .unwrap();
+        let ws = PrefetchStats {
+            planned: 10,
+            done: 6,
+            ws_planned: 4,
+            ws_done: 4,
+            ws_bytes: 1 << 20,
+            ws_local: true,
+            ws_ms: 800,
+            ..Default::default()
+        };
+        let s = render(
+            &[("vamem".into(), Some(v.clone())), ("vablk".into(), None)],
+            Some(&(ws, None)),
+            Some(Duration::from_millis(1500)),
+            Duration::from_secs(3),
+        );
+        assert!(
+            s.contains("working set local after 0.80s: 4 chunks, 1.0 MiB fetched (10.5 Mbit/s); then 2 of 6 further chunks"),
+            "{s}"
+        );
+        let j = json(
+            &[("vamem".into(), Some(v.clone()))],
+            Some(&(ws, None)),
+            None,
+            Duration::from_secs(3),
+        );
+        assert_eq!(j["prefetch"]["ws_ms"], 800);
+        assert_eq!(j["sidecars"]["vamem"]["transport"]["miss_faults"], 7);
+        let not = PrefetchStats {
+            ws_local: false,
+            ws_done: 1,
+            ..ws
+        };
+        assert!(working_set_line(&not, &Some("origin down".into()))
+            .starts_with("working set not local: 1 of 4 chunks"));
         let s = render(
             &[("vamem".into(), Some(v)), ("vablk".into(), None)],
+            None,
             Some(Duration::from_millis(1500)),
             Duration::from_secs(3),
         );
@@ -146,6 +247,7 @@ mod tests {
                 ("vablk-disk1".into(), Some(disk("disk1", 1 << 20))),
                 ("vablk".into(), Some(disk("disk", 2 << 20))),
             ],
+            None,
             None,
             Duration::from_secs(1),
         );
