@@ -10,10 +10,13 @@
 //!   "device": {                        // va_store::DevStats: the device stack
 //!     "reads", "read_bytes", "writes", "write_bytes", "flushes", "discards", "write_zeroes",
 //!     "failed", "retries",             // requests as the transport asked them
-//!     "hits", "misses", "zero_reads", "overlay_reads", "miss_wait_us", "fetched_bytes"
+//!     "hits", "misses", "zero_reads", "overlay_reads", "miss_wait_us", "fetched_bytes",
+//!     "read_around"                    // chunks fetched ahead of sequential misses
 //!   },
 //!   "offload": { "requests", "in_flight", "wait_us", "wait_max_us", "throttled" },
-//!   "prefetch": null | { "planned", "done", "bytes", "yields", "finished" },
+//!   "prefetch": null | { "planned", "done", "bytes", "yields", "finished",
+//!                        "ws_planned", "ws_done", "ws_bytes", "ws_local", "ws_ms" },
+//!                                      // ws_*: the recorded working set (ws_local: all here)
 //!   "appliance": null | {              // null when serving --file
 //!     "digest", "location", "image", "image_bytes",
 //!     "local_bytes", "local_fraction", // what reads without the network, 0.0 ..= 1.0

@@ -193,6 +193,8 @@ pub struct DevStats {
     pub miss_wait_us: u64,
     /// Compressed bytes fetched from the origin (demand and prefetch).
     pub fetched_bytes: u64,
+    /// Chunks fetched ahead of sequential misses (read-around), not asked for.
+    pub read_around: u64,
 }
 
 /// A byte-addressed block device. All methods may be called concurrently from many threads.

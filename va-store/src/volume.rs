@@ -22,6 +22,7 @@
 //! blocks. Flush makes the overlay durable.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -51,7 +52,13 @@ pub struct VolumeOptions {
     pub digest: Option<Hash>,
     /// How to talk to the origin (timeouts, retries).
     pub origin: crate::origin::OriginOptions,
+    /// Largest read-around on sequential misses, in bytes (`None`: [`DEFAULT_READ_AROUND`];
+    /// `Some(0)`: off).
+    pub read_around: Option<u64>,
 }
+
+/// Default bound of the read-around on sequential misses.
+pub const DEFAULT_READ_AROUND: u64 = 1 << 20;
 
 /// Errors opening a volume.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +92,20 @@ struct StoreCounters {
     zero_reads: Counter,
     overlay_reads: Counter,
     miss_wait_us: Counter,
+    read_around: Counter,
+}
+
+/// Read-around state: a miss that starts where the previous miss (with its read-around) ended
+/// is sequential, and doubles the window; any other miss closes it. Relaxed: two threads
+/// racing only make one window a little off.
+#[derive(Default)]
+struct ReadAround {
+    /// Largest window, in chunks (0: off).
+    max: u64,
+    /// The chunk after the last one fetched for the previous miss (0: no miss yet).
+    next: AtomicU64,
+    /// The current window, in chunks.
+    window: AtomicU64,
 }
 
 /// An opened image.
@@ -97,6 +118,7 @@ pub struct Volume {
     read_only: bool,
     stripes: Vec<Mutex<()>>,
     c: StoreCounters,
+    ra: ReadAround,
 }
 
 /// The kind of an appliance failure, for the transports: the origin being unreachable or a
@@ -173,8 +195,9 @@ impl Volume {
             }
             None => None,
         };
+        let cs = app.manifest().chunk_size as u64;
         Ok(Volume {
-            cs: app.manifest().chunk_size as u64,
+            cs,
             app,
             kind,
             size,
@@ -182,6 +205,10 @@ impl Volume {
             overlay,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             c: StoreCounters::default(),
+            ra: ReadAround {
+                max: opts.read_around.unwrap_or(DEFAULT_READ_AROUND) / cs,
+                ..Default::default()
+            },
         })
     }
 
@@ -348,6 +375,7 @@ impl Volume {
         if misses.is_empty() {
             return Ok(());
         }
+        self.read_around(first, last, &mut misses)?;
         let t = Instant::now();
         let mut filled = 0usize;
         let r = self.app.fetch_blobs("chunk", &misses, &mut |b, plain| {
@@ -369,6 +397,60 @@ impl Volume {
                 "internal: a fetched chunk was shorter than its index says",
             ));
         }
+        Ok(())
+    }
+
+    /// A guest that strays from the plan and reads sequentially would pay a round trip per
+    /// miss: when this miss (of chunks `first..=last`) starts where the previous one ended
+    /// (or within a window of it, the chunks between being local), the next `window` stored chunks that are not local are fetched with it (the window
+    /// doubling per sequential miss up to the bound); they land in the cache, not in `buf`.
+    /// Chunks of the recorded working set are left to the scheduler.
+    fn read_around(
+        &self,
+        first: u64,
+        last: u64,
+        misses: &mut Vec<(BlobRef, u32)>,
+    ) -> Result<(), DevError> {
+        if self.ra.max == 0 {
+            return Ok(());
+        }
+        // Sequential: the miss starts at the end of the previous one, or a little after it
+        // when the chunks between were local (zero, cached, deduplicated).
+        let (next, window) = (
+            self.ra.next.load(Ordering::Relaxed),
+            self.ra.window.load(Ordering::Relaxed),
+        );
+        let sequential = next != 0 && (next..=next + window.max(2)).contains(&first);
+        let window = if sequential {
+            (window * 2).clamp(2, self.ra.max)
+        } else {
+            0
+        };
+        self.ra.window.store(window, Ordering::Relaxed);
+        let chunks = self.size.div_ceil(self.cs);
+        let end = (last + 1 + window).min(chunks);
+        let ws = self.app.manifest().working_set(self.kind);
+        let mut c = last + 1;
+        while c < end {
+            // Only chunks whose index page is already here: a read-around never waits for
+            // an index page.
+            if !self.app.page_loaded(self.kind, c) {
+                break;
+            }
+            if let ChunkEntry::Stored(b) = self.entry(c)? {
+                // The recorded working set is the scheduler's to stream, in plan order.
+                let planned = ws.is_some_and(|w| w.contains(&b));
+                if !planned
+                    && !self.app.is_cached(&b.hash)
+                    && !misses.iter().any(|(x, _)| x.hash == b.hash)
+                {
+                    misses.push((b, self.app.chunk_len(self.kind, c)));
+                    self.c.read_around.add(1);
+                }
+            }
+            c += 1;
+        }
+        self.ra.next.store(c, Ordering::Relaxed);
         Ok(())
     }
 
@@ -584,6 +666,7 @@ impl BlockDevice for Volume {
             overlay_reads: self.c.overlay_reads.get(),
             miss_wait_us: self.c.miss_wait_us.get(),
             fetched_bytes: self.app.stats().fetched_bytes,
+            read_around: self.c.read_around.get(),
             ..DevStats::default()
         }
     }

@@ -32,12 +32,20 @@ fn make_image(path: &Path, chunks: usize, seed: u64) -> Vec<u8> {
 }
 
 fn packed(dir: &Path, chunks: usize) -> (Vec<u8>, std::path::PathBuf, va_store::pack::PackReport) {
+    packed_with(dir, chunks, 8)
+}
+
+fn packed_with(
+    dir: &Path,
+    chunks: usize,
+    page_chunks: u32,
+) -> (Vec<u8>, std::path::PathBuf, va_store::pack::PackReport) {
     let src = dir.join("disk.raw");
     let data = make_image(&src, chunks, 7);
     let out = dir.join("bundle");
     let opts = PackOptions {
         chunk_size: CS as u32,
-        page_chunks: 8,
+        page_chunks,
         ..Default::default()
     };
     let r = pack(
@@ -347,4 +355,55 @@ fn first_access_needs_at_most_256k() {
     let mut b = [1u8; 4096];
     v.read((50 << 30) + (512 << 20), &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 0));
+}
+
+/// A guest reading sequentially through what the plan did not cover pays a round trip per
+/// few chunks, not per chunk: each miss that continues the previous one fetches a doubling
+/// window ahead with it (read-around). Reads that jump around get none.
+#[test]
+fn sequential_misses_read_around_and_random_ones_do_not() {
+    let d = tempfile::tempdir().unwrap();
+    // One index page for the whole image (a read-around never waits for an index page).
+    let (data, out, _) = packed_with(d.path(), 200, 256);
+    let open = |cache: &str, read_around: Option<u64>| {
+        Volume::open(
+            out.to_str().unwrap(),
+            "disk",
+            &VolumeOptions {
+                cache_dir: Some(d.path().join(cache)),
+                cache_size: 64 << 20,
+                read_around,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let sweep = |v: &Volume| {
+        for pos in (0..data.len()).step_by(CS) {
+            let n = CS.min(data.len() - pos);
+            let mut buf = vec![0u8; n];
+            v.read(pos as u64, &mut buf).unwrap();
+            assert!(buf == data[pos..pos + n], "mismatch at {pos}");
+        }
+        v.stats()
+    };
+    let off = sweep(&open("c-off", Some(0)));
+    let on = sweep(&open("c-on", None));
+    assert_eq!(off.read_around, 0);
+    // 16 KiB chunks, 1 MiB bound: at most 64 chunks ahead.
+    assert!(on.read_around > 0, "{on:?}");
+    assert!(
+        on.misses * 4 <= off.misses,
+        "read-around: {} misses, without: {}",
+        on.misses,
+        off.misses
+    );
+    // Every other chunk, backwards: no miss continues the previous one.
+    let v = open("c-random", None);
+    for c in (0..200usize).rev().step_by(2) {
+        let mut buf = vec![0u8; 100];
+        v.read((c * CS) as u64, &mut buf).unwrap();
+        assert!(buf == data[c * CS..c * CS + 100]);
+    }
+    assert_eq!(v.stats().read_around, 0);
 }
