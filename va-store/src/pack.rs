@@ -185,6 +185,8 @@ pub struct PackReport {
     pub manifest_len: u64,
     /// Chunks of the plan that exist in the images.
     pub planned_chunks: u64,
+    /// Where each image's working set ends (recorded in the manifest; empty without a plan).
+    pub working_sets: Vec<format::WorkingSet>,
     /// Wall time of the run.
     pub elapsed: Duration,
 }
@@ -583,6 +585,7 @@ pub fn pack(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    report.working_sets = working_sets.clone();
     let manifest = Manifest {
         chunk_size: cs,
         page_chunks: opts.page_chunks,

@@ -17,7 +17,10 @@ use crate::progress::byte_progress;
 /// image, across images and across bundles sharing a `--store` are stored once). Chunks are laid
 /// out in the order given by `--plan` (a trace recorded by vablk/vamem, or a list of
 /// `image chunk` lines), then in logical order, so that a prefetcher reads a working set with a
-/// few large range requests.
+/// few large range requests. The plan's chunks (the working set) are written first and
+/// contiguous even when the --store already holds them, and the manifest (then version 2)
+/// records where each image's working set ends: `va run --prefetch working-set` fetches
+/// exactly that.
 ///
 /// Output: DIR/manifest (its BLAKE3 digest, printed at the end, is the appliance identity:
 /// pin it with `URL#<digest>`) and the pack files, in DIR/packs/ or STORE/packs/.
@@ -201,7 +204,20 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
         mib(r.stored_compressed)
     );
     if !a.plan.is_empty() {
-        eprintln!("plan: {} chunks placed first", r.planned_chunks);
+        let per_image: Vec<String> = r
+            .working_sets
+            .iter()
+            .map(|w| format!("{} {} chunks, {:.1} MiB", w.kind, w.chunks, mib(w.bytes)))
+            .collect();
+        eprintln!(
+            "plan: {} chunks placed first; working set recorded in the manifest: {}",
+            r.planned_chunks,
+            if per_image.is_empty() {
+                "none (the plan names no stored chunk)".to_string()
+            } else {
+                per_image.join("; ")
+            }
+        );
     }
     eprintln!(
         "manifest: {} ({} bytes)",

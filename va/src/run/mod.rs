@@ -100,8 +100,10 @@ pub struct RunArgs {
     /// Prefetch nothing (`--prefetch none`).
     #[arg(long, conflicts_with = "prefetch")]
     no_prefetch: bool,
-    /// Write the run's counters (the scheduler's progress, each sidecar's final stats, the
-    /// time to the first guest output) to FILE as JSON when the run ends.
+    /// Write the run's counters to FILE as JSON (`va-run-stats-v1`): twice a second while the
+    /// VM runs (the scheduler's progress, the bytes va run fetched, the recorded working
+    /// set), and at the end with each sidecar's final stats and the time to the first guest
+    /// output.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
     /// Readahead of vamem's RAM file: how much a guest's first touch of a page reads (QEMU
@@ -362,7 +364,14 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     // One scheduler for the VM's link: disk and memory in one order (the plan's), demand
     // misses of every sidecar first (they signal through the shared cache directory).
-    let scheduler = start_scheduler(&app, &disks, snapshot, policy, &tl);
+    let mut counters = RunCounters {
+        app: app.clone(),
+        scheduler: start_scheduler(&app, &disks, snapshot, policy, &tl),
+        ws: recorded_working_set(&app, &disks, snapshot),
+        file: a.stats.clone(),
+        t0: tl.t0,
+        written: None,
+    };
 
     // The small images QEMU reads itself: fetched (verified) into the run directory.
     let files = launch::fetch_files(&app, snapshot, &run_path)?;
@@ -454,13 +463,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         Ok(()) => {
             tl.mark("guest running");
-            supervise(
-                &signals,
-                &mut qemu_child,
-                &mut sidecars,
-                scheduler.as_ref(),
-                &tl,
-            )
+            supervise(&signals, &mut qemu_child, &mut sidecars, &mut counters, &tl)
         }
     };
     finish(
@@ -474,7 +477,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         &a,
         &run_path,
         rundir,
-        scheduler,
+        counters,
     )
 }
 
@@ -483,6 +486,25 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
 fn follow_scheduler(cmd: &mut Command, policy: Policy) {
     cmd.arg(format!("--prefetch={policy}"))
         .arg("--prefetch-elsewhere");
+}
+
+/// The images the scheduler serves: the disks, and the memory of a snapshot.
+fn scheduled_images(disks: &[ImageKind], snapshot: bool) -> Vec<ImageKind> {
+    let mut images = disks.to_vec();
+    if snapshot {
+        images.push(ImageKind::Mem);
+    }
+    images
+}
+
+/// The recorded working set of the images run: (chunks, compressed bytes).
+fn recorded_working_set(app: &Appliance, disks: &[ImageKind], snapshot: bool) -> (u64, u64) {
+    let images = scheduled_images(disks, snapshot);
+    app.manifest()
+        .working_sets
+        .iter()
+        .filter(|w| images.contains(&w.kind))
+        .fold((0, 0), |(c, b), w| (c + w.chunks, b + w.bytes))
 }
 
 /// Starts the VM's scheduler (None for `--prefetch none`).
@@ -496,19 +518,10 @@ fn start_scheduler(
     if policy == Policy::None {
         return None;
     }
-    let mut images = disks.to_vec();
-    if snapshot {
-        images.push(ImageKind::Mem);
-    }
-    let m = app.manifest();
-    let (chunks, bytes) = m
-        .working_sets
-        .iter()
-        .filter(|w| images.contains(&w.kind))
-        .fold((0, 0), |(c, b), w| (c + w.chunks, b + w.bytes));
+    let (chunks, bytes) = recorded_working_set(app, disks, snapshot);
     tl.mark(format_args!(
         "prefetch ({policy}): {}",
-        if m.working_sets.is_empty() {
+        if app.manifest().working_sets.is_empty() {
             "no working set recorded (packed without --plan): memory first".to_string()
         } else {
             format!(
@@ -520,12 +533,70 @@ fn start_scheduler(
     Some(Prefetcher::start(
         app.clone(),
         PrefetchOptions {
-            images,
+            images: scheduled_images(disks, snapshot),
             policy,
             workers: 3,
             batch_bytes: 1 << 20,
         },
     ))
+}
+
+/// va run's own counters: the scheduler and what this process fetched; written to --stats
+/// twice a second while the VM runs, and with the sidecars' final counters at the end.
+struct RunCounters {
+    app: std::sync::Arc<Appliance>,
+    scheduler: Option<Prefetcher>,
+    ws: (u64, u64),
+    file: Option<PathBuf>,
+    t0: Instant,
+    written: Option<Instant>,
+}
+
+impl RunCounters {
+    fn prefetch(&self) -> Option<(va_store::prefetch::PrefetchStats, Option<String>)> {
+        self.scheduler.as_ref().map(|p| (p.stats(), p.error()))
+    }
+
+    fn own(&self) -> summary::Own {
+        summary::Own {
+            fetched_bytes: self.app.stats().fetched_bytes,
+            ws_chunks: self.ws.0,
+            ws_bytes: self.ws.1,
+        }
+    }
+
+    /// Writes the counters (atomically: a temporary file renamed over FILE).
+    fn write(
+        &self,
+        sidecars: Option<&[(String, Option<serde_json::Value>)]>,
+        first: Option<Duration>,
+    ) {
+        let Some(f) = &self.file else { return };
+        let j = summary::json(
+            sidecars,
+            self.prefetch().as_ref(),
+            self.own(),
+            first,
+            self.t0.elapsed(),
+        );
+        let tmp = f.with_extension("tmp");
+        let r = std::fs::write(&tmp, format!("{j:#}\n")).and_then(|()| std::fs::rename(&tmp, f));
+        if let Err(e) = r {
+            eprintln!("va run: cannot write --stats {}: {e}", f.display());
+        }
+    }
+
+    /// Writes the live counters if half a second has passed since the last time.
+    fn tick(&mut self) {
+        if self.file.is_some()
+            && self
+                .written
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(500))
+        {
+            self.written = Some(Instant::now());
+            self.write(None, None);
+        }
+    }
 }
 
 /// Waits for the first way out: a signal, QEMU exiting, a sidecar exiting. Marks on the
@@ -534,12 +605,13 @@ fn supervise(
     signals: &TermSignals,
     qemu: &mut Supervised,
     sidecars: &mut [Supervised],
-    scheduler: Option<&Prefetcher>,
+    counters: &mut RunCounters,
     tl: &Timeline,
 ) -> End {
     let mut ws_marked = false;
     loop {
-        if let Some(p) = scheduler.filter(|_| !ws_marked) {
+        counters.tick();
+        if let Some(p) = counters.scheduler.as_ref().filter(|_| !ws_marked) {
             let st = p.stats();
             if st.ws_local {
                 ws_marked = true;
@@ -587,7 +659,7 @@ fn finish(
     a: &RunArgs,
     run_path: &Path,
     rundir: tempfile::TempDir,
-    mut scheduler: Option<Prefetcher>,
+    mut counters: RunCounters,
 ) -> anyhow::Result<()> {
     match &end {
         End::PoweredOff => tl.mark("the guest powered off"),
@@ -599,10 +671,10 @@ fn finish(
         qemu.stop(Duration::from_secs(10));
     }
     let _ = relay.join();
-    let prefetch = scheduler.as_mut().map(|p| {
+    if let Some(p) = counters.scheduler.as_mut() {
         p.stop();
-        (p.stats(), p.error())
-    });
+    }
+    let prefetch = counters.prefetch();
     // vamem after QEMU (nothing maps its file any more), then vablk.
     let mut stats = Vec::new();
     for s in sidecars.iter_mut().rev() {
@@ -637,12 +709,7 @@ fn finish(
         "{}",
         summary::render(&stats, prefetch.as_ref(), first_output, tl.t0.elapsed())
     );
-    if let Some(f) = &a.stats {
-        let j = summary::json(&stats, prefetch.as_ref(), first_output, tl.t0.elapsed());
-        if let Err(e) = std::fs::write(f, format!("{j:#}\n")) {
-            eprintln!("va run: cannot write --stats {}: {e}", f.display());
-        }
-    }
+    counters.write(Some(&stats), first_output);
     drop(rundir);
     match end {
         End::PoweredOff | End::Signal(_) => Ok(()),

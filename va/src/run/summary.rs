@@ -119,19 +119,35 @@ pub fn working_set_line(st: &PrefetchStats, err: &Option<String>) -> String {
     l
 }
 
-/// The counters of the run as one JSON object (`va run --stats`).
+/// What `va run` itself knows: the bytes it fetched (device state, kernel, initrd, and the
+/// scheduler's prefetch) and the size of the recorded working set of the images it runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Own {
+    pub fetched_bytes: u64,
+    pub ws_chunks: u64,
+    pub ws_bytes: u64,
+}
+
+/// The counters of the run as one JSON object (`va run --stats`): while running (`sidecars`
+/// None: theirs are in their own stats files) and at the end.
 pub fn json(
-    stats: &[(String, Option<Value>)],
+    stats: Option<&[(String, Option<Value>)]>,
     prefetch: Option<&(PrefetchStats, Option<String>)>,
+    own: Own,
     first_output: Option<Duration>,
     total: Duration,
 ) -> Value {
-    let sidecars: serde_json::Map<String, Value> = stats
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone().unwrap_or(Value::Null)))
-        .collect();
+    let sidecars = stats.map(|stats| {
+        stats
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone().unwrap_or(Value::Null)))
+            .collect::<serde_json::Map<String, Value>>()
+    });
     serde_json::json!({
         "format": "va-run-stats-v1",
+        "running": stats.is_none(),
+        "fetched_bytes": own.fetched_bytes,
+        "working_set": { "chunks": own.ws_chunks, "bytes": own.ws_bytes },
         "prefetch": prefetch.map(|(st, _)| st),
         "prefetch_error": prefetch.and_then(|(_, e)| e.clone()),
         "sidecars": sidecars,
@@ -203,12 +219,21 @@ mod tests {
             s.contains("working set local after 0.80s: 4 chunks, 1.0 MiB fetched (10.5 Mbit/s); then 2 of 6 further chunks"),
             "{s}"
         );
+        let own = Own {
+            fetched_bytes: 5,
+            ws_chunks: 4,
+            ws_bytes: 1 << 20,
+        };
         let j = json(
-            &[("vamem".into(), Some(v.clone()))],
+            Some(&[("vamem".into(), Some(v.clone()))]),
             Some(&(ws, None)),
+            own,
             None,
             Duration::from_secs(3),
         );
+        assert_eq!(j["running"], false);
+        assert_eq!(j["working_set"]["bytes"], 1 << 20);
+        assert!(json(None, None, own, None, Duration::ZERO)["sidecars"].is_null());
         assert_eq!(j["prefetch"]["ws_ms"], 800);
         assert_eq!(j["sidecars"]["vamem"]["transport"]["miss_faults"], 7);
         let not = PrefetchStats {
