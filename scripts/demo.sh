@@ -8,17 +8,19 @@
 # That run's trace (what the guest touched first) is packed as the plan and run again.
 # Then the same bundle is downloaded in full through the same WAN and run locally, for comparison.
 #
-#   bash scripts/demo.sh [--rate 100mbit] [--rtt 40ms]
+#   bash scripts/demo.sh [--rate 100mbit] [--rtt 40ms] [--prepare-only]
 #
-# Work files live in target/demo/ (the root filesystem is built once and kept).
+# Work files live in target/demo/ (the root filesystem is built once and kept). --prepare-only
+# stops after step 3 (snapshot and pack; benches/startup.py starts from there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rate=100mbit; rtt=40ms
+rate=100mbit; rtt=40ms; prepare_only=
 while [ $# -gt 0 ]; do
   case "$1" in
+  --prepare-only) prepare_only=1; shift ;;
   --rate) rate=$2; shift 2 ;;
   --rtt) rtt=$2; shift 2 ;;
-  -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
   *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -121,6 +123,10 @@ packed=$(du -sb "$W/site/app" | cut -f1)
 alloc=$(($(du -k "$W/disk.img" | cut -f1) << 10))
 memdata=$(($(du -k "$W/snap/mem" | cut -f1) << 10))
 say "   disk 2048 MiB ($(mib "$alloc") MiB allocated), memory $RAM_MIB MiB ($(mib "$memdata") MiB of data), bundle $(mib "$packed") MiB"
+if [ -n "$prepare_only" ]; then
+  echo "$stamp" >"$W/snap/.stamp"
+  exit 0
+fi
 
 sp=$(free_port); wp=$(free_port)
 "$B/va" serve --listen "127.0.0.1:$sp" "$W/site" 2>"$W/serve.log" & pids+=($!)

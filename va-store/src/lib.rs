@@ -34,6 +34,7 @@ pub mod overlay;
 pub mod pack;
 pub mod prefetch;
 pub mod ratelog;
+pub mod repack;
 pub mod sync;
 pub mod testing;
 pub mod trace;

@@ -45,6 +45,9 @@ pub enum PackError {
     /// The options or inputs cannot be packed (the message says why).
     #[error("{0}")]
     Invalid(String),
+    /// Reading the bundle being repacked failed (its origin, or verification).
+    #[error("reading the bundle: {0}")]
+    Source(#[from] crate::appliance::ApplianceError),
     /// An input is larger than its kind allows ([`ImageKind::max_size`]: 256 MiB for a kernel
     /// or an initrd, 1 PiB otherwise).
     #[error("{path}: {size} bytes is too large for a {kind} image (at most {limit} bytes, {} MiB)", limit >> 20)]
@@ -106,7 +109,7 @@ impl PackError {
     }
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PackError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PackError + '_ {
     move |source| PackError::Io {
         path: path.to_path_buf(),
         source,
@@ -357,11 +360,7 @@ pub fn pack(
     // holds them elsewhere, so that it streams as one contiguous range), then the other new
     // blobs in logical order; copy them into packs.
     let location = |h: &Hash| unique_chunks.get(h).or_else(|| known.get(h)).copied();
-    let mut order: Vec<Hash> = Vec::new();
-    let mut placed: HashMap<Hash, usize> = HashMap::new();
-    // Per input image: distinct planned hashes, and the last position in `order` they occupy.
-    let mut ws: Vec<(std::collections::HashSet<Hash>, Option<usize>)> =
-        inputs.iter().map(|_| Default::default()).collect();
+    let mut layout = PlanLayout::new(inputs.len());
     for item in &opts.plan {
         let Some(i) = inputs.iter().position(|x| x.kind == item.image) else {
             continue;
@@ -370,22 +369,18 @@ pub fn pack(
             continue;
         };
         report.planned_chunks += 1;
-        let Some(h) = slot.get() else { continue };
-        let at = *placed.entry(h).or_insert_with(|| {
-            order.push(h);
-            order.len() - 1
-        });
-        ws[i].0.insert(h);
-        ws[i].1 = ws[i].1.max(Some(at));
+        if let Some(h) = slot.get() {
+            layout.add(i, h);
+        }
     }
-    let n_ws = order.len();
+    let mut order = layout.order.clone();
+    let mut placed: std::collections::HashSet<Hash> = order.iter().copied().collect();
     for t in &table {
         for slot in t {
             if let Some(h) = slot.get() {
                 if matches!(unique_chunks.get(&h), Some(BlobLocation::Spool { .. }))
-                    && !placed.contains_key(&h)
+                    && placed.insert(h)
                 {
-                    placed.insert(h, order.len());
                     order.push(h);
                 }
             }
@@ -469,27 +464,8 @@ pub fn pack(
         writer.abandon();
     }
     progress(Phase::Write, total_c, total_c);
-    // Where each image's working set ends.
-    let mut working_sets = Vec::new();
-    for (i, (hashes, last)) in ws.iter().enumerate() {
-        let Some(last) = last.filter(|&l| l < n_ws) else {
-            continue;
-        };
-        let end = new_blob_refs
-            .get(&order[last])
-            .ok_or(PackError::ChunkWithoutLocation { hash: order[last] })?;
-        working_sets.push(format::WorkingSet {
-            kind: inputs[i].kind,
-            chunks: hashes.len() as u64,
-            bytes: hashes
-                .iter()
-                .filter_map(|h| new_blob_refs.get(h))
-                .map(|b| b.clen as u64)
-                .sum(),
-            end_pack: end.pack,
-            end_offset: end.offset + end.clen as u64,
-        });
-    }
+    let kinds: Vec<ImageKind> = inputs.iter().map(|x| x.kind).collect();
+    let working_sets = layout.working_sets(&kinds, &new_blob_refs)?;
 
     let mut locate = |h: &Hash, manifest_packs: &mut Vec<PackInfo>| -> Option<BlobRef> {
         if let Some(b) = new_blob_refs.get(h) {
@@ -520,32 +496,149 @@ pub fn pack(
     };
 
     // Index pages.
-    let mut images = Vec::new();
+    let kinds: Vec<(ImageKind, u64)> = inputs
+        .iter()
+        .map(|x| x.kind)
+        .zip(sizes.iter().copied())
+        .collect();
+    let images = write_index(
+        &kinds,
+        &mut |i, c, packs| match table[i][c as usize].get() {
+            None => Ok(ChunkEntry::Zero),
+            Some(h) => locate(&h, packs)
+                .map(ChunkEntry::Stored)
+                .ok_or(PackError::ChunkWithoutLocation { hash: h }),
+        },
+        &IndexTarget {
+            chunk_size: cs,
+            page_chunks: opts.page_chunks,
+            level: opts.level,
+            dir: &packs_dir,
+            rel: &rel_packs,
+        },
+        &mut manifest_packs,
+        &mut report,
+    )?;
+    report.working_sets = working_sets.clone();
+    write_manifest(
+        out,
+        Manifest {
+            chunk_size: cs,
+            page_chunks: opts.page_chunks,
+            created: 0,
+            packs: manifest_packs,
+            images,
+            working_sets,
+        },
+        &mut report,
+    )?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// The working set's layout: the plan's distinct chunks in plan order, and per image which of
+/// them it has and the last position they occupy.
+pub(crate) struct PlanLayout {
+    pub order: Vec<Hash>,
+    placed: HashMap<Hash, usize>,
+    per_image: Vec<(std::collections::HashSet<Hash>, Option<usize>)>,
+}
+
+impl PlanLayout {
+    pub(crate) fn new(images: usize) -> PlanLayout {
+        PlanLayout {
+            order: Vec::new(),
+            placed: HashMap::new(),
+            per_image: (0..images).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// A planned chunk `h` of image number `i` (placed once, at its first mention).
+    pub(crate) fn add(&mut self, i: usize, h: Hash) {
+        let order = &mut self.order;
+        let at = *self.placed.entry(h).or_insert_with(|| {
+            order.push(h);
+            order.len() - 1
+        });
+        let (hashes, last) = &mut self.per_image[i];
+        hashes.insert(h);
+        *last = (*last).max(Some(at));
+    }
+
+    /// Where each image's working set ends, once its blobs are written (`refs`), for the
+    /// manifest.
+    pub(crate) fn working_sets(
+        &self,
+        kinds: &[ImageKind],
+        refs: &HashMap<Hash, BlobRef>,
+    ) -> Result<Vec<format::WorkingSet>, PackError> {
+        let mut out = Vec::new();
+        for (i, (hashes, last)) in self.per_image.iter().enumerate() {
+            let Some(last) = *last else { continue };
+            let h = self.order[last];
+            let end = refs
+                .get(&h)
+                .ok_or(PackError::ChunkWithoutLocation { hash: h })?;
+            out.push(format::WorkingSet {
+                kind: kinds[i],
+                chunks: hashes.len() as u64,
+                bytes: hashes
+                    .iter()
+                    .filter_map(|h| refs.get(h))
+                    .map(|b| b.clen as u64)
+                    .sum(),
+                end_pack: end.pack,
+                end_offset: end.offset + end.clen as u64,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The index entry of chunk `c` of image number `i` (it may name further packs in the list).
+pub(crate) type EntryOf<'a> =
+    dyn FnMut(usize, u64, &mut Vec<PackInfo>) -> Result<ChunkEntry, PackError> + 'a;
+
+/// Where index pages go.
+pub(crate) struct IndexTarget<'a> {
+    pub chunk_size: u32,
+    pub page_chunks: u32,
+    pub level: i32,
+    /// The packs directory.
+    pub dir: &'a Path,
+    /// Its path relative to the bundle directory (`packs/`).
+    pub rel: &'a str,
+}
+
+/// Encodes the index pages of `images` (kind, size) from `entry(image, chunk, packs)` (which
+/// may name further packs in `packs`), one page at a time, writes them into one new index pack
+/// (named in `packs`) and returns the manifest's image list.
+pub(crate) fn write_index(
+    images: &[(ImageKind, u64)],
+    entry: &mut EntryOf<'_>,
+    to: &IndexTarget<'_>,
+    packs: &mut Vec<PackInfo>,
+    report: &mut PackReport,
+) -> Result<Vec<ImageInfo>, PackError> {
+    let pc = to.page_chunks as u64;
+    let mut out = Vec::new();
     let mut page_blobs: Vec<(Hash, Vec<u8>, u32, usize, usize)> = Vec::new(); // hash, zstd, plen, image, page
-    for (i, input) in inputs.iter().enumerate() {
-        let n = chunk_counts[i];
-        let n_pages = n.div_ceil(opts.page_chunks as u64);
+    for (i, &(kind, size)) in images.iter().enumerate() {
+        let n = size.div_ceil(to.chunk_size as u64);
+        let n_pages = n.div_ceil(pc);
         let mut pages = Vec::with_capacity(n_pages as usize);
         for p in 0..n_pages {
-            let start = p * opts.page_chunks as u64;
-            let end = (start + opts.page_chunks as u64).min(n);
-            let mut entries = Vec::with_capacity((end - start) as usize);
-            for c in start..end {
-                match table[i][c as usize].get() {
-                    None => entries.push(ChunkEntry::Zero),
-                    Some(h) => {
-                        let b = locate(&h, &mut manifest_packs)
-                            .ok_or(PackError::ChunkWithoutLocation { hash: h })?;
-                        entries.push(ChunkEntry::Stored(b));
-                    }
-                }
-            }
+            let start = p * pc;
+            let end = (start + pc).min(n);
+            let entries = (start..end)
+                .map(|c| entry(i, c, packs))
+                .collect::<Result<Vec<ChunkEntry>, PackError>>()?;
             if entries.iter().all(|e| *e == ChunkEntry::Zero) {
                 pages.push(PageRef::Zero);
             } else {
                 let plain = format::encode_page(&entries);
                 let h = Hash::of(&plain);
-                let z = zstd::bulk::compress(&plain, opts.level).map_err(|source| {
+                let z = zstd::bulk::compress(&plain, to.level).map_err(|source| {
                     PackError::Compress {
                         what: "index page",
                         source,
@@ -555,21 +648,17 @@ pub fn pack(
                 pages.push(PageRef::Zero); // placeholder, filled below
             }
         }
-        images.push(ImageInfo {
-            kind: input.kind,
-            size: sizes[i],
-            pages,
-        });
+        out.push(ImageInfo { kind, size, pages });
     }
     if !page_blobs.is_empty() {
-        let mut w = PackWriter::new(&packs_dir)?;
+        let mut w = PackWriter::new(to.dir)?;
         let mut at = Vec::new();
         for (h, z, plen, _, _) in &page_blobs {
             at.push(w.append(h, z, *plen)?);
         }
-        let idx = finish_pack(w, &rel_packs, &packs_dir, &mut manifest_packs, &mut report)?;
+        let idx = finish_pack(w, to.rel, to.dir, packs, report)?;
         for ((h, z, plen, i, p), off) in page_blobs.iter().zip(at) {
-            images[*i].pages[*p] = PageRef::Stored {
+            out[*i].pages[*p] = PageRef::Stored {
                 blob: BlobRef {
                     pack: idx,
                     offset: off,
@@ -580,30 +669,29 @@ pub fn pack(
             };
         }
     }
+    Ok(out)
+}
 
-    let created = std::time::SystemTime::now()
+/// Stamps `m` with the time, writes it as DIR/manifest (atomically: last, so that a crash
+/// leaves no manifest naming missing data) and notes its size and digest in the report.
+pub(crate) fn write_manifest(
+    out: &Path,
+    mut m: Manifest,
+    report: &mut PackReport,
+) -> Result<(), PackError> {
+    m.created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    report.working_sets = working_sets.clone();
-    let manifest = Manifest {
-        chunk_size: cs,
-        page_chunks: opts.page_chunks,
-        created,
-        packs: manifest_packs,
-        images,
-        working_sets,
-    };
-    let bytes = manifest.encode();
+    let bytes = m.encode();
     report.manifest_len = bytes.len() as u64;
     report.digest = Hash::of(&bytes);
     fsutil::write_atomic(&out.join("manifest"), &bytes)?;
-    report.elapsed = started.elapsed();
-    Ok(report)
+    Ok(())
 }
 
 /// Finishes a pack, names it in the manifest's pack list and the report; returns its index.
-fn finish_pack(
+pub(crate) fn finish_pack(
     w: PackWriter,
     rel: &str,
     dir: &Path,
@@ -618,7 +706,7 @@ fn finish_pack(
 
 /// Records the final location of the blobs just written to pack `idx` (taking them out of
 /// `written`).
-fn record_blob_refs(
+pub(crate) fn record_blob_refs(
     written: &mut Vec<(Hash, u64, u32)>,
     idx: u32,
     out: &mut HashMap<Hash, BlobRef>,
@@ -640,8 +728,9 @@ fn file_name_of(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
 }
 
-/// The path of `to` relative to `from` (both directories), ending in `/`.
-fn relative_dir(from: &Path, to: &Path) -> Result<String, PackError> {
+/// The path of directory `to` relative to directory `from` (both must exist), ending in `/`:
+/// how a manifest in `from` names packs in `to`.
+pub fn relative_dir(from: &Path, to: &Path) -> Result<String, PackError> {
     let from = fs::canonicalize(from).map_err(io(from))?;
     let to = fs::canonicalize(to).map_err(io(to))?;
     let a: Vec<Component<'_>> = from.components().collect();
@@ -883,7 +972,7 @@ fn is_hole(f: &File, off: u64, len: u64) -> bool {
 }
 
 /// Writes one pack file: header, blobs, table, tail; named by its hash when finished.
-struct PackWriter {
+pub(crate) struct PackWriter {
     dir: PathBuf,
     tmp: PathBuf,
     out: BufWriter<File>,
@@ -893,7 +982,7 @@ struct PackWriter {
 }
 
 impl PackWriter {
-    fn new(dir: &Path) -> Result<Self, PackError> {
+    pub(crate) fn new(dir: &Path) -> Result<Self, PackError> {
         let tmp = dir.join(format!(
             ".new-{}-{:x}.pack.tmp",
             std::process::id(),
@@ -923,12 +1012,12 @@ impl PackWriter {
         Ok(())
     }
 
-    fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.len
     }
 
     /// Appends a blob; returns its offset.
-    fn append(&mut self, h: &Hash, z: &[u8], plen: u32) -> Result<u64, PackError> {
+    pub(crate) fn append(&mut self, h: &Hash, z: &[u8], plen: u32) -> Result<u64, PackError> {
         let at = self.len;
         self.put(z)?;
         self.entries.push(PackEntry {
@@ -959,7 +1048,7 @@ impl PackWriter {
         })
     }
 
-    fn abandon(self) {
+    pub(crate) fn abandon(self) {
         let _ = fs::remove_file(&self.tmp);
     }
 }

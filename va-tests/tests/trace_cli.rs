@@ -66,3 +66,89 @@ fn merge_orders_by_runs_then_typical_time_and_show_summarises() {
     ]);
     assert!(!ok && err.contains("different appliances"), "{err}");
 }
+
+/// `va repack` of a bundle on an HTTP origin: only the working-set pack, an index pack and
+/// the manifest are new; uploaded into the bundle's directory, the new appliance reads back
+/// the same bytes, with its working set recorded and laid out first.
+#[test]
+fn repack_over_http_uploads_only_the_working_set_and_reads_back_the_same() {
+    use std::io::Write;
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.raw");
+    let mut data = vec![0u8; 4 << 20];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&disk, &data).unwrap();
+    let site = d.path().join("site");
+    let app = site.join("app");
+    let (digest, _) = va_tests::pack(&disk, &app);
+    let old_packs: Vec<_> = std::fs::read_dir(app.join("packs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let origin = va_tests::Origin::start(&site, None);
+    let url = format!("{}app/#{digest}", origin.url);
+    let plan = d.path().join("plan");
+    std::fs::File::create(&plan)
+        .unwrap()
+        .write_all(b"disk 40\ndisk 3\ndisk 41\n")
+        .unwrap();
+    let up = d.path().join("upload");
+    let (ok, out, err) = va(&[
+        "repack",
+        &url,
+        "--plan",
+        plan.to_str().unwrap(),
+        "--out",
+        up.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("working set: disk 3 chunks"), "{err}");
+    assert!(err.contains("upload "), "{err}");
+    let new_digest = out.trim().to_string();
+    assert_ne!(new_digest, digest);
+    let new: Vec<_> = std::fs::read_dir(up.join("packs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(new.len(), 2, "a working-set pack and an index pack");
+    let ws_pack = new
+        .iter()
+        .map(|e| e.metadata().unwrap().len())
+        .min()
+        .unwrap();
+    assert!(
+        ws_pack < 3 * 65536 + 4096,
+        "working-set pack of {ws_pack} bytes"
+    );
+    // Upload: the new packs and the manifest into the bundle's directory.
+    for e in new {
+        std::fs::copy(e.path(), app.join("packs").join(e.file_name())).unwrap();
+    }
+    std::fs::copy(up.join("manifest"), app.join("manifest")).unwrap();
+    let got = d.path().join("got");
+    let new_url = format!("{}app/#{new_digest}", origin.url);
+    va_tests::va_ok(&["cat", &new_url, "-q", "--out", got.to_str().unwrap()]);
+    assert!(std::fs::read(&got).unwrap() == data);
+    for p in old_packs {
+        assert!(app.join("packs").join(p).exists());
+    }
+    // An empty plan is refused with a clear error.
+    std::fs::write(&plan, "").unwrap();
+    let (ok, _, err) = va(&[
+        "repack",
+        &new_url,
+        "--plan",
+        plan.to_str().unwrap(),
+        "--out",
+        up.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("the plan names no chunk"), "{err}");
+}

@@ -6,6 +6,7 @@ mod pack_cmd;
 mod progress;
 mod qemu_args_cmd;
 mod qmp;
+mod repack_cmd;
 mod run;
 mod serve;
 mod snapshot;
@@ -49,6 +50,8 @@ enum Cmd {
     QemuArgs(qemu_args_cmd::QemuArgsArgs),
     /// Working-set traces: show one, or merge several runs into one plan for `va pack --plan`.
     Trace(trace_cmd::TraceArgs),
+    /// Lay out an existing bundle again with a working-set plan, reusing its packs.
+    Repack(repack_cmd::RepackArgs),
 }
 
 fn main() {
@@ -68,6 +71,7 @@ fn main() {
         Cmd::Run(a) => run::run(a),
         Cmd::QemuArgs(a) => qemu_args_cmd::run(a),
         Cmd::Trace(a) => trace_cmd::run(a),
+        Cmd::Repack(a) => repack_cmd::run(a),
     };
     if let Err(e) = r {
         eprintln!("va: error: {e:#}");
