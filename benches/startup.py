@@ -338,11 +338,18 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="abcdef")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--reuse-plan", action="store_true",
+                    help="keep the recorded plan and planned bundle of the last run (quick iterations)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "startup.json"))
     a = ap.parse_args()
     prepare(not a.no_build)
     os.makedirs(BW, exist_ok=True)
-    show, digests = record_and_plan()
+    saved = os.path.join(BW, "plan.json")
+    if a.reuse_plan and os.path.exists(saved):
+        show, digests = json.load(open(saved))
+    else:
+        show, digests = record_and_plan()
+        json.dump([show, digests], open(saved, "w"))
     site = os.path.join(BW, "site")
     serve_port = free_port()
     serve = subprocess.Popen([os.path.join(B, "va"), "serve", "--listen", f"127.0.0.1:{serve_port}", site],

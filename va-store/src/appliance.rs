@@ -518,6 +518,50 @@ impl Appliance {
         ))
     }
 
+    /// Loads every index page of `kinds` not loaded yet, in one coalesced fetch (they are
+    /// neighbours in the index pack): a prefetcher about to walk whole images needs them all,
+    /// and one request beats one round trip per page.
+    pub fn load_pages(&self, kinds: &[ImageKind]) -> Result<(), ApplianceError> {
+        let mut want: Vec<(BlobRef, u32)> = Vec::new();
+        let mut slots: Vec<(usize, u64, BlobRef)> = Vec::new();
+        for &kind in kinds {
+            let Ok(ii) = self.image_index(kind) else {
+                continue;
+            };
+            for (p, r) in self.manifest.images[ii].pages.iter().enumerate() {
+                if let PageRef::Stored { blob, plen } = *r {
+                    if self.pages[ii][p].get().is_none() {
+                        want.push((blob, plen));
+                        slots.push((ii, p as u64, blob));
+                    }
+                }
+            }
+        }
+        if want.is_empty() {
+            return Ok(());
+        }
+        let mut plain: HashMap<Hash, Vec<u8>> = HashMap::new();
+        self.fetch_blobs("index page", &want, &mut |b, bytes| {
+            plain.insert(b.hash, bytes.to_vec());
+        })?;
+        for (ii, p, blob) in slots {
+            let Some(bytes) = plain.get(&blob.hash) else {
+                continue;
+            };
+            let img = &self.manifest.images[ii];
+            let entries = self.manifest.decode_page(img, p, bytes).map_err(|source| {
+                ApplianceError::Format {
+                    location: self
+                        .origin
+                        .describe(&self.manifest.packs[blob.pack as usize].path),
+                    source,
+                }
+            })?;
+            let _ = self.pages[ii][p as usize].set(Arc::new(entries));
+        }
+        Ok(())
+    }
+
     /// Plain length of chunk `chunk` of image `kind`.
     pub fn chunk_len(&self, kind: ImageKind, chunk: u64) -> u32 {
         self.manifest

@@ -10,10 +10,11 @@
 //!
 //! Priority: every demand fetch (a read that missed) marks itself in flight on the appliance
 //! and on the shared cache directory ([`Appliance::demand_waiting`]: seen by every process of
-//! the VM); prefetch workers start no new request while one is, so a miss never queues behind
-//! prefetch traffic on the link (it only shares it with the requests already under way).
+//! the VM); while one is, the prefetcher keeps at most one request on the link (instead of
+//! its usual several), so a miss shares the link with at most that one, and the link does not
+//! fall idle while the guest waits.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -102,7 +103,7 @@ pub struct PrefetchStats {
     pub planned: u64,
     /// Chunks fetched (or found cached) so far.
     pub done: u64,
-    /// Compressed bytes fetched by the prefetcher.
+    /// Compressed bytes the prefetcher asked the origin for (blobs not local when asked).
     pub bytes: u64,
     /// Times a worker waited for demand fetches to finish.
     pub yields: u64,
@@ -112,7 +113,7 @@ pub struct PrefetchStats {
     pub ws_planned: u64,
     /// Chunks of the working set fetched (or found cached) so far.
     pub ws_done: u64,
-    /// Compressed bytes the prefetcher fetched for the working set.
+    /// Compressed bytes the prefetcher asked the origin for, for the working set.
     pub ws_bytes: u64,
     /// The whole working set is local.
     pub ws_local: bool,
@@ -237,12 +238,27 @@ impl Drop for Prefetcher {
     }
 }
 
+/// A prefetch request on the link, until dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One blob to prefetch: where it is, its plain length, whether it is in the working set.
 #[derive(Clone, Copy)]
 struct Item {
     blob: BlobRef,
     plen: u32,
     ws: bool,
+}
+
+/// An appliance packed without a plan records no working set: its memory image (what a
+/// resumed guest needs at once) then counts as one, its disks do not.
+fn whole_is_working_set(m: &crate::format::Manifest, kind: ImageKind) -> bool {
+    kind == ImageKind::Mem && m.working_sets.is_empty()
 }
 
 /// Whether the policy takes blob `b` of image `kind`, and whether it is in the working set.
@@ -254,7 +270,7 @@ pub fn wanted(
 ) -> Option<bool> {
     let ws = match m.working_set(kind) {
         Some(w) => w.contains(b),
-        None => kind == ImageKind::Mem && m.working_sets.is_empty(),
+        None => whole_is_working_set(m, kind),
     };
     match policy {
         Policy::None => None,
@@ -270,9 +286,21 @@ fn plan(
     s: &PrefetchProgress,
 ) -> Result<Vec<Item>, ApplianceError> {
     let m = app.manifest();
+    // Only the images the policy takes something of, their index loaded in one request.
+    let images: Vec<ImageKind> = opts
+        .images
+        .iter()
+        .copied()
+        .filter(|&k| match opts.policy {
+            Policy::None => false,
+            Policy::All => true,
+            Policy::WorkingSet => m.working_set(k).is_some() || whole_is_working_set(m, k),
+        })
+        .collect();
+    app.load_pages(&images)?;
     let mut seen = std::collections::HashMap::new();
     let mut out: Vec<Item> = Vec::new();
-    for &kind in &opts.images {
+    for &kind in &images {
         let Some(img) = m.image(kind) else { continue };
         for c in 0..m.chunks_of(img.size) {
             if s.stop.load(Ordering::Acquire) {
@@ -345,26 +373,34 @@ fn prefetch_in_pack_order(
         batches.push(cur);
     }
     let next = AtomicU64::new(0);
+    let in_flight = AtomicUsize::new(0);
     let failed: Mutex<Option<ApplianceError>> = Mutex::new(None);
     std::thread::scope(|sc| {
         for _ in 0..opts.workers.clamp(1, 16) {
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 let Some(batch) = batches.get(i) else { return };
-                // Demand first: wait while any demand fetch of the VM is in flight.
-                while app.demand_waiting() && !s.stop.load(Ordering::Acquire) {
+                // Demand first: while a demand fetch of the VM waits for the origin, at most
+                // one prefetch request is on the link (so a miss shares it with little, and
+                // the link does not fall idle between misses).
+                loop {
+                    if s.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let busy = in_flight.fetch_add(1, Ordering::AcqRel);
+                    if busy == 0 || !app.demand_waiting() {
+                        break;
+                    }
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
                     s.yields.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                if s.stop.load(Ordering::Acquire) {
-                    return;
-                }
+                let _slot = Slot(&in_flight);
                 let want: Vec<(BlobRef, u32)> = batch
                     .iter()
                     .filter(|i| !app.is_cached(&i.blob.hash))
                     .map(|i| (i.blob, i.plen))
                     .collect();
-                let before = app.stats().fetched_bytes;
                 if !want.is_empty() {
                     if let Err(e) = app.fetch_blobs_background("chunk", &want, &mut |_, _| {}) {
                         lock(&failed).get_or_insert(e);
@@ -372,7 +408,9 @@ fn prefetch_in_pack_order(
                         return;
                     }
                 }
-                let got = app.stats().fetched_bytes.saturating_sub(before);
+                // What this batch asked of the origin (a blob that a demand fetch of another
+                // thread brought meanwhile is counted too: an upper bound).
+                let got: u64 = want.iter().map(|(b, _)| b.clen as u64).sum();
                 s.bytes.fetch_add(got, Ordering::Relaxed);
                 s.done.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 if batch[0].ws {

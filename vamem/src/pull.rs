@@ -153,6 +153,7 @@ fn order(
 ) -> Result<Vec<(u64, va_store::Hash)>, PullError> {
     let m = app.manifest();
     let img = app.image(ImageKind::Mem)?;
+    app.load_pages(&[ImageKind::Mem])?;
     let mut v = Vec::new();
     for c in 0..m.chunks_of(img.size) {
         if stop.load(Ordering::Acquire) {

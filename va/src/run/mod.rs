@@ -290,10 +290,21 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     } else {
         a.prefetch
     };
-    // Sidecars, started together, each waited for until it serves.
-    let mut sidecars: Vec<Supervised> = Vec::new();
     // One vablk per disk, in disk order: `disk.sock`, `disk1.sock`, ...
     let disks = launch::disks(&app)?;
+    // One scheduler for the VM's link: disk and memory in one order (the plan's), demand
+    // misses of every sidecar first (they signal through the shared cache directory). It
+    // starts now: the working set streams while the sidecars and QEMU start.
+    let mut counters = RunCounters {
+        app: app.clone(),
+        scheduler: start_scheduler(&app, &disks, snapshot, policy, &tl),
+        ws: recorded_working_set(&app, &disks, snapshot),
+        file: a.stats.clone(),
+        t0: tl.t0,
+        written: None,
+    };
+    // Sidecars, started together, each waited for until it serves.
+    let mut sidecars: Vec<Supervised> = Vec::new();
     let blk_socks: Vec<PathBuf> = disks
         .iter()
         .map(|k| run_path.join(format!("{k}.sock")))
@@ -362,16 +373,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         s.wait_ready(Duration::from_secs(120))?;
         tl.mark(format_args!("{} ready (pid {})", s.name, s.pid()));
     }
-    // One scheduler for the VM's link: disk and memory in one order (the plan's), demand
-    // misses of every sidecar first (they signal through the shared cache directory).
-    let mut counters = RunCounters {
-        app: app.clone(),
-        scheduler: start_scheduler(&app, &disks, snapshot, policy, &tl),
-        ws: recorded_working_set(&app, &disks, snapshot),
-        file: a.stats.clone(),
-        t0: tl.t0,
-        written: None,
-    };
 
     // The small images QEMU reads itself: fetched (verified) into the run directory.
     let files = launch::fetch_files(&app, snapshot, &run_path)?;
