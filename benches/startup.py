@@ -199,6 +199,9 @@ class Run:
         for k, v in side.items():
             if k.startswith("vablk") and v:
                 disk = v
+        pf = f.get("prefetch") or {}
+        fetching = (g(pf, "ws_ms") - g(pf, "fetch_start_ms")) / 1e3
+        ws_rate = g(pf, "ws_bytes") * 8 / fetching if pf.get("ws_local") and fetching > 0 else None
         fetched = g(f, "fetched_bytes") + sum(g(v, "appliance.origin.fetched_bytes") for v in side.values() if v)
         _, text = count_answers(self.console)
         return {
@@ -213,6 +216,8 @@ class Run:
             "va_run_fetched_bytes": g(f, "fetched_bytes"),
             "prefetch": f.get("prefetch"),
             "working_set_bytes": g(f, "working_set.bytes"),
+            "ws_local_s": g(pf, "ws_ms") / 1e3 if pf.get("ws_local") else None,
+            "ws_rate_bps": ws_rate,
             "bad_answers": text.count("BAD"),
             "input_seed_2_seen": "input: seed 2" in text,
             "timeline": [(round(t, 2), b, m, d) for t, b, m, d in self.samples],
@@ -397,6 +402,8 @@ def summarize(link, rate_bps, runs):
         if rs:
             rows[m] = {k: med(m, k) for k in ("first_answer_s", "task_done_s", "mem_faults", "mem_stall_s",
                                               "disk_faults", "disk_stall_s", "fetched_bytes", "read_around_chunks")}
+            rates = [r["ws_rate_bps"] for r in rs if r.get("ws_rate_bps")]
+            rows[m]["prefetch_link_use"] = statistics.median(rates) / rate_bps if rates else None
             rows[m]["rounds"] = [{k: v for k, v in r.items() if k != "timeline"} for r in rs]
     ws = med("d", "working_set_bytes") or 0
     pre = med("b", "va_run_fetched_bytes") or 0
@@ -422,6 +429,11 @@ def summarize(link, rate_bps, runs):
         targets["d_faults_le_10pct_b"] = rows["d"]["mem_faults"] + rows["d"]["disk_faults"] <= 0.1 * fb
     if "e" in rows:
         targets["e_done_le_1.5L"] = rows["e"]["task_done_s"] <= 1.5 * limit
+    for m in ("d", "e"):
+        if rows.get(m, {}).get("prefetch_link_use"):
+            print(f"{m}: link use while the working set streamed: {100 * rows[m]['prefetch_link_use']:.0f}% of {rate_bps / 1e6:.0f} Mbit/s")
+    if "d" in rows and rows["d"].get("prefetch_link_use"):
+        targets["d_prefetch_ge_90pct_link"] = rows["d"]["prefetch_link_use"] >= 0.9
     print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
     return {"rate_bps": rate_bps, "limit_s": limit, "needed_bytes": need, "working_set_bytes": ws,
             "before_resume_bytes": pre, "rows": rows, "targets": targets}

@@ -15,7 +15,8 @@
 //!   },
 //!   "offload": { "requests", "in_flight", "wait_us", "wait_max_us", "throttled" },
 //!   "prefetch": null | { "planned", "done", "bytes", "yields", "finished",
-//!                        "ws_planned", "ws_done", "ws_bytes", "ws_local", "ws_ms" },
+//!                        "ws_planned", "ws_done", "ws_bytes", "ws_local", "ws_ms",
+//!                        "fetch_start_ms" },
 //!                                      // ws_*: the recorded working set (ws_local: all here)
 //!   "appliance": null | {              // null when serving --file
 //!     "digest", "location", "image", "image_bytes",

@@ -119,6 +119,9 @@ pub struct PrefetchStats {
     pub ws_local: bool,
     /// Milliseconds from the start until the working set was local (0 until then).
     pub ws_ms: u64,
+    /// Milliseconds from the start until the first request went out (after the index pages
+    /// were loaded): `ws_bytes / (ws_ms - fetch_start_ms)` is the rate while prefetching.
+    pub fetch_start_ms: u64,
 }
 
 /// The live state of a prefetcher, shared with whoever reports its progress.
@@ -135,6 +138,7 @@ pub struct PrefetchProgress {
     ws_bytes: AtomicU64,
     ws_local: AtomicBool,
     ws_ms: AtomicU64,
+    fetch_start_ms: AtomicU64,
     error: Mutex<Option<String>>,
 }
 
@@ -152,6 +156,7 @@ impl PrefetchProgress {
             ws_bytes: self.ws_bytes.load(Ordering::Relaxed),
             ws_local: self.ws_local.load(Ordering::Acquire),
             ws_ms: self.ws_ms.load(Ordering::Relaxed),
+            fetch_start_ms: self.fetch_start_ms.load(Ordering::Relaxed),
         }
     }
 
@@ -372,6 +377,8 @@ fn prefetch_in_pack_order(
     if !cur.is_empty() {
         batches.push(cur);
     }
+    s.fetch_start_ms
+        .store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
     let next = AtomicU64::new(0);
     let in_flight = AtomicUsize::new(0);
     let failed: Mutex<Option<ApplianceError>> = Mutex::new(None);

@@ -109,8 +109,10 @@ pub struct RunArgs {
     /// Readahead of vamem's RAM file: how much a guest's first touch of a page reads (QEMU
     /// runs with libva_preload.so, which drops its MADV_HUGEPAGE, so that this holds). Small
     /// keeps faults and traces page-granular; prefetch brings the rest in large requests.
-    #[arg(long, value_name = "SIZE", default_value = "128K", value_parser = va_store::parse_size)]
-    mem_read_ahead: u64,
+    /// Default 128K, and 4K with --record-trace: a recording run's trace then holds the
+    /// chunks the guest touched, not their neighbours (in the demo: 9.6 MiB instead of 16).
+    #[arg(long, value_name = "SIZE", value_parser = va_store::parse_size)]
+    mem_read_ahead: Option<u64>,
     /// Write the guest's console here instead of this terminal.
     #[arg(long, value_name = "FILE")]
     console: Option<PathBuf>,
@@ -355,7 +357,15 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             .arg("--stats")
             .arg(run_path.join("vamem.json"))
             .arg("--read-ahead")
-            .arg(a.mem_read_ahead.to_string());
+            .arg(
+                a.mem_read_ahead
+                    .unwrap_or(if a.record_trace.is_some() {
+                        4 << 10
+                    } else {
+                        128 << 10
+                    })
+                    .to_string(),
+            );
         follow_scheduler(&mut cmd, policy);
         if let Some(t) = trace("mem") {
             cmd.arg("--trace").arg(t);

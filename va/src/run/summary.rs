@@ -87,12 +87,14 @@ pub fn working_set_line(st: &PrefetchStats, err: &Option<String>) -> String {
         "prefetch: no working set to fetch".to_string()
     } else if st.ws_local {
         let secs = st.ws_ms as f64 / 1e3;
+        let fetching = st.ws_ms.saturating_sub(st.fetch_start_ms) as f64 / 1e3;
         format!(
-            "working set local after {secs:.2}s: {} chunks, {} fetched ({:.1} Mbit/s)",
+            "working set local after {secs:.2}s: {} chunks, {} fetched ({:.1} Mbit/s while \
+             fetching)",
             st.ws_planned,
             human(st.ws_bytes),
-            if secs > 0.0 {
-                st.ws_bytes as f64 * 8.0 / secs / 1e6
+            if fetching > 0.0 {
+                st.ws_bytes as f64 * 8.0 / fetching / 1e6
             } else {
                 0.0
             }
@@ -216,7 +218,7 @@ mod tests {
             Duration::from_secs(3),
         );
         assert!(
-            s.contains("working set local after 0.80s: 4 chunks, 1.0 MiB fetched (10.5 Mbit/s); then 2 of 6 further chunks"),
+            s.contains("working set local after 0.80s: 4 chunks, 1.0 MiB fetched (10.5 Mbit/s while fetching); then 2 of 6 further chunks"),
             "{s}"
         );
         let own = Own {
