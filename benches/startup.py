@@ -137,9 +137,7 @@ class Run:
         self.t0 = time.time()
         errf = open(self.err, "w")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errf)
-        if stdin_text:
-            self.p.stdin.write(stdin_text.encode())
-            self.p.stdin.flush()
+        typed = not stdin_text
         self.samples = []  # (t, bytes fetched, mem faults, disk faults)
         self.first = self.done = None
         run_dir = None
@@ -149,6 +147,12 @@ class Run:
             if run_dir is None:
                 m = re.search(r"run directory (\S+)", open(self.err).read())
                 run_dir = m.group(1) if m else None
+            if not typed and "guest running" in open(self.err).read():
+                # Typed once the guest runs (a byte sent while QEMU loads the device state can
+                # be lost); the leading newline ends any partial line.
+                self.p.stdin.write(("\n" + stdin_text).encode())
+                self.p.stdin.flush()
+                typed = True
             n, _ = count_answers(self.console)
             if n >= 1 and self.first is None:
                 self.first = now - self.t0
@@ -289,7 +293,10 @@ def run_mode(mode, link_url, digests):
     if mode == "d":
         return Run("d", plan, []).result()
     if mode == "e":
-        return Run("e", plan, [], stdin_text="seed 2\n").result()
+        r = Run("e", plan, [], stdin_text="seed 2\n").result()
+        if not r["input_seed_2_seen"]:
+            raise SystemExit("mode e: the guest did not get its input (see target/demo/bench/runs/e)")
+        return r
     if mode == "f":
         local = os.path.join(BW, "site", "app-plan")
         return Run("f", f"file://{local}/#{digests['app-plan']}", ["--prefetch", "none"]).result()
