@@ -318,7 +318,9 @@ def svg(link, runs, path):
     if not series:
         return
     tmax = max(t for s in series.values() for t, *_ in s) or 1
-    bmax = max(b for s in series.values() for _, b, *_ in s) or 1
+    # The byte axis fits b and d (c, which fetches the whole memory, is clipped at the top).
+    bmax = 1.5 * max((b for m, s in series.items() if m != "c" for _, b, *_ in s), default=0) or max(
+        b for s in series.values() for _, b, *_ in s) or 1
     fmax = max(m + d for s in series.values() for _, _, m, d in s) or 1
     Wd, H, L, T, PH = 720, 420, 60, 30, 150
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{Wd}" height="{H}" font-family="sans-serif" font-size="11">',
@@ -335,9 +337,12 @@ def svg(link, runs, path):
             for t, b, mf, df in s:
                 v = b / 2**20 if i == 0 else mf + df
                 x = L + (Wd - L - 20) * t / tmax
-                y = y0 + PH - PH * v / (vmax or 1)
+                y = y0 + PH - PH * min(v / (vmax or 1), 1.0)
                 pts.append(f"{x:.1f},{y:.1f}")
             out.append(f'<polyline fill="none" stroke="{colors[m]}" stroke-width="1.5" points="{" ".join(pts)}"/>')
+        if i == 0 and "c" in series:
+            out.append(f'<text x="{Wd - 260}" y="{y0 + 12}" fill="{colors["c"]}">c goes on to '
+                       f'{max(b for _, b, *_ in series["c"]) / 2**20:.0f} MiB (clipped)</text>')
     for j, m in enumerate(series):
         out.append(f'<text x="{L + 10 + j * 200}" y="{H - 8}" fill="{colors[m]}">{names[m]}</text>')
     out.append("</svg>")
@@ -353,7 +358,13 @@ def main():
     ap.add_argument("--reuse-plan", action="store_true",
                     help="keep the recorded plan and planned bundle of the last run (quick iterations)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "startup.json"))
+    ap.add_argument("--svg-from", metavar="JSON", help="only redraw the pictures from a results file")
     a = ap.parse_args()
+    if a.svg_from:
+        for link, res in json.load(open(a.svg_from))["links"].items():
+            runs = {m: {"timeline": r["timeline_round_1"]} for m, r in res["rows"].items() if "timeline_round_1" in r}
+            svg(link, runs, os.path.join(RESULTS, f"startup-{link.replace('/', '-')}.svg"))
+        return
     prepare(not a.no_build)
     os.makedirs(BW, exist_ok=True)
     saved = os.path.join(BW, "plan.json")
@@ -412,6 +423,7 @@ def summarize(link, rate_bps, runs):
             rates = [r["ws_rate_bps"] for r in rs if r.get("ws_rate_bps")]
             rows[m]["prefetch_link_use"] = statistics.median(rates) / rate_bps if rates else None
             rows[m]["rounds"] = [{k: v for k, v in r.items() if k != "timeline"} for r in rs]
+            rows[m]["timeline_round_1"] = rs[0]["timeline"]  # (s, bytes fetched, mem faults, disk faults)
     ws = med("d", "working_set_bytes") or 0
     pre = med("b", "va_run_fetched_bytes") or 0
     need = ws + pre

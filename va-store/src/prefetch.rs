@@ -10,9 +10,10 @@
 //!
 //! Priority: every demand fetch (a read that missed) marks itself in flight on the appliance
 //! and on the shared cache directory ([`Appliance::demand_waiting`]: seen by every process of
-//! the VM); while one is, the prefetcher keeps at most one request on the link (instead of
-//! its usual several), so a miss shares the link with at most that one, and the link does not
-//! fall idle while the guest waits.
+//! the VM); while one is, the prefetcher keeps at most one request of a recorded working set
+//! on the link (instead of its usual several: the guest needs those chunks next, and the link
+//! does not fall idle while it waits) and starts nothing else (the rest, and the whole-memory
+//! stand-in of an appliance without a recorded working set, whose order says nothing).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -258,6 +259,9 @@ struct Item {
     blob: BlobRef,
     plen: u32,
     ws: bool,
+    /// In a working set the manifest records (not the whole-memory stand-in of an appliance
+    /// packed without a plan): such a request goes on during a miss.
+    recorded: bool,
 }
 
 /// An appliance packed without a plan records no working set: its memory image (what a
@@ -319,6 +323,7 @@ fn plan(
                     std::collections::hash_map::Entry::Occupied(o) => {
                         let i: usize = *o.get();
                         out[i].ws |= ws;
+                        out[i].recorded |= ws && m.working_set(kind).is_some();
                     }
                     std::collections::hash_map::Entry::Vacant(v) => {
                         v.insert(out.len());
@@ -326,6 +331,7 @@ fn plan(
                             blob,
                             plen: m.chunk_len(img.size, c),
                             ws,
+                            recorded: ws && m.working_set(kind).is_some(),
                         });
                     }
                 }
@@ -363,10 +369,9 @@ fn prefetch_in_pack_order(
     let mut cur: Vec<Item> = Vec::new();
     let mut cur_bytes = 0u64;
     for item in all {
-        let breaks = cur
-            .last()
-            .is_some_and(|l| l.blob.pack != item.blob.pack || l.ws != item.ws)
-            || cur_bytes >= opts.batch_bytes;
+        let breaks = cur.last().is_some_and(|l| {
+            l.blob.pack != item.blob.pack || l.ws != item.ws || l.recorded != item.recorded
+        }) || cur_bytes >= opts.batch_bytes;
         if breaks {
             batches.push(std::mem::take(&mut cur));
             cur_bytes = 0;
@@ -387,15 +392,15 @@ fn prefetch_in_pack_order(
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 let Some(batch) = batches.get(i) else { return };
-                // Demand first: while a demand fetch of the VM waits for the origin, at most
-                // one prefetch request is on the link (so a miss shares it with little, and
-                // the link does not fall idle between misses).
+                // Demand first: while a demand fetch of the VM waits for the origin, the
+                // working set keeps at most one request on the link (the guest needs it next;
+                // the link does not fall idle between misses), the rest none.
                 loop {
                     if s.stop.load(Ordering::Acquire) {
                         return;
                     }
                     let busy = in_flight.fetch_add(1, Ordering::AcqRel);
-                    if busy == 0 || !app.demand_waiting() {
+                    if (batch[0].recorded && busy == 0) || !app.demand_waiting() {
                         break;
                     }
                     in_flight.fetch_sub(1, Ordering::AcqRel);
