@@ -144,7 +144,7 @@ run_app() {
   local t0
   t0=$(now)
   "$B/va" run "$u" --accel tcg --cache-dir "$W/cache-$tag" --state-dir "$W/state-$tag" \
-    --console "$W/console-$tag.log" "$@" 2>"$W/run-$tag.log" & run_pid=$!
+    --console "$W/console-$tag.log" --stats "$W/run-$tag.json" "$@" 2>"$W/run-$tag.log" & run_pid=$!
   follow "$W/console-$tag.log" "$t0" "VA-APP answer" 4 600 "$run_pid" "$W/run-$tag.log"
   kill -INT "$run_pid"; wait "$run_pid" || { say "va run failed: see $W/run-$tag.log"; exit 1; }
   grep -q 'VA-APP ready' "$W/console-$tag.log" && { say "the service restarted instead of resuming: see $W/console-$tag.log"; exit 1; }

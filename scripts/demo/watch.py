@@ -4,8 +4,9 @@
 # Follows a guest console file and prints its VA-APP lines as `  +  12.3s  ...` (seconds since
 # T0, an epoch time). Exits 0 once COUNT lines containing PATTERN have been seen, 1 on TIMEOUT
 # seconds or when process PID is gone. The lines go to stderr; stdout gets `first=SECONDS` (time
-# of the first PATTERN line since T0) and, with RUNLOG (va run's stderr), `fetched=BYTES`: what
-# va run's sidecars had fetched from the origin by then (their stats files, rewritten each second).
+# of the first PATTERN line since T0) and, with RUNLOG (va run's stderr, X.log), `fetched=BYTES`:
+# what va run and its sidecars had fetched from the origin by then (their stats files: the
+# sidecars' in the run directory, va run's --stats X.json; rewritten every second or half).
 import json, os, re, sys, time
 
 console, t0, pat, count, timeout = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
@@ -30,6 +31,11 @@ def fetched():
                 total += json.load(open(os.path.join(m.group(1), name)))["appliance"]["origin"]["fetched_bytes"]
             except (OSError, ValueError, KeyError):
                 pass
+        # What va run fetched itself (its scheduler's prefetch, the device state): --stats.
+        try:
+            total += json.load(open(runlog[:-len(".log")] + ".json"))["fetched_bytes"]
+        except (OSError, ValueError, KeyError):
+            pass
         return total
     except (OSError, AttributeError):
         return 0
