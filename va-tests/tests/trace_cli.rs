@@ -152,3 +152,79 @@ fn repack_over_http_uploads_only_the_working_set_and_reads_back_the_same() {
     ]);
     assert!(!ok && err.contains("the plan names no chunk"), "{err}");
 }
+
+/// A daemon started alone schedules its own image the same way: `vanbd --prefetch
+/// working-set` fetches exactly the working set `va pack --plan` recorded (and says so in its
+/// stats), `--prefetch` (all) the working set first and then the rest.
+#[test]
+fn a_daemon_alone_prefetches_the_recorded_working_set_only() {
+    use std::time::{Duration, Instant};
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.raw");
+    let mut data = vec![0u8; 4 << 20];
+    let mut x = 0x2545f4914f6cdd1du64;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&disk, &data).unwrap();
+    let plan = d.path().join("plan");
+    std::fs::write(&plan, "disk 40\ndisk 3\ndisk 41\n").unwrap();
+    let site = d.path().join("site");
+    let p = |s: &std::path::Path| s.to_str().unwrap().to_string();
+    let digest = va_tests::va_ok(&[
+        "pack",
+        "-q",
+        "--disk",
+        &p(&disk),
+        "--plan",
+        &p(&plan),
+        "--out",
+        &p(&site.join("app")),
+    ]);
+    let origin = va_tests::Origin::start(&site, None);
+    let url = format!("{}app/#{}", origin.url, digest.trim());
+    for (policy, planned) in [("--prefetch=working-set", 3u64), ("--prefetch", 64)] {
+        let stats = d.path().join(format!("stats{planned}.json"));
+        let cache = d.path().join(format!("cache{planned}"));
+        let v = va_tests::Vanbd::start(&[
+            "--appliance",
+            &url,
+            "--cache-dir",
+            &p(&cache),
+            "--stats",
+            &p(&stats),
+            policy,
+        ]);
+        let t = Instant::now();
+        let st = loop {
+            let s: serde_json::Value = std::fs::read_to_string(&stats)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            if s["prefetch"]["finished"] == true {
+                break s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "prefetch did not finish: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let pf = &st["prefetch"];
+        assert_eq!(pf["planned"], planned, "{st}");
+        assert_eq!(pf["ws_planned"], 3, "{st}");
+        assert_eq!(pf["ws_done"], 3, "{st}");
+        assert_eq!(pf["ws_local"], true, "{st}");
+        let fetched = st["appliance"]["origin"]["fetched_bytes"].as_u64().unwrap();
+        if planned == 3 {
+            // Three 64 KiB chunks of random data and the index page: nothing else.
+            assert!(fetched < 512 << 10, "fetched {fetched} bytes: {st}");
+        } else {
+            assert!(fetched >= 4 << 20, "fetched {fetched} bytes: {st}");
+        }
+        drop(v);
+    }
+}
