@@ -502,14 +502,7 @@ impl Appliance {
                 let plain = plain.ok_or(ApplianceError::Internal(
                     "index page fetched but not delivered",
                 ))?;
-                self.manifest
-                    .decode_page(img, p, &plain)
-                    .map_err(|source| ApplianceError::Format {
-                        location: self
-                            .origin
-                            .describe(&self.manifest.packs[blob.pack as usize].path),
-                        source,
-                    })?
+                self.decode_page(ii, p, &blob, &plain)?
             }
         };
         let _ = slot.set(Arc::new(entries));
@@ -548,18 +541,28 @@ impl Appliance {
             let Some(bytes) = plain.get(&blob.hash) else {
                 continue;
             };
-            let img = &self.manifest.images[ii];
-            let entries = self.manifest.decode_page(img, p, bytes).map_err(|source| {
-                ApplianceError::Format {
-                    location: self
-                        .origin
-                        .describe(&self.manifest.packs[blob.pack as usize].path),
-                    source,
-                }
-            })?;
+            let entries = self.decode_page(ii, p, &blob, bytes)?;
             let _ = self.pages[ii][p as usize].set(Arc::new(entries));
         }
         Ok(())
+    }
+
+    /// Decodes page `p` of image number `ii` (fetched from `blob`), naming its pack on error.
+    fn decode_page(
+        &self,
+        ii: usize,
+        p: u64,
+        blob: &BlobRef,
+        plain: &[u8],
+    ) -> Result<Vec<ChunkEntry>, ApplianceError> {
+        self.manifest
+            .decode_page(&self.manifest.images[ii], p, plain)
+            .map_err(|source| ApplianceError::Format {
+                location: self
+                    .origin
+                    .describe(&self.manifest.packs[blob.pack as usize].path),
+                source,
+            })
     }
 
     /// Plain length of chunk `chunk` of image `kind`.

@@ -311,6 +311,7 @@ fn plan(
     let mut out: Vec<Item> = Vec::new();
     for &kind in &images {
         let Some(img) = m.image(kind) else { continue };
+        let recorded = m.working_set(kind).is_some();
         for c in 0..m.chunks_of(img.size) {
             if s.stop.load(Ordering::Acquire) {
                 return Ok(out);
@@ -323,7 +324,7 @@ fn plan(
                     std::collections::hash_map::Entry::Occupied(o) => {
                         let i: usize = *o.get();
                         out[i].ws |= ws;
-                        out[i].recorded |= ws && m.working_set(kind).is_some();
+                        out[i].recorded |= ws && recorded;
                     }
                     std::collections::hash_map::Entry::Vacant(v) => {
                         v.insert(out.len());
@@ -331,7 +332,7 @@ fn plan(
                             blob,
                             plen: m.chunk_len(img.size, c),
                             ws,
-                            recorded: ws && m.working_set(kind).is_some(),
+                            recorded: ws && recorded,
                         });
                     }
                 }

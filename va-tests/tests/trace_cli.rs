@@ -75,15 +75,8 @@ fn repack_over_http_uploads_only_the_working_set_and_reads_back_the_same() {
     use std::io::Write;
     let d = tempfile::tempdir().unwrap();
     let disk = d.path().join("disk.raw");
-    let mut data = vec![0u8; 4 << 20];
-    let mut x = 0x9e3779b97f4a7c15u64;
-    for b in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(&disk, &data).unwrap();
+    va_tests::random_disk(&disk, 4, false);
+    let data = std::fs::read(&disk).unwrap();
     let site = d.path().join("site");
     let app = site.join("app");
     let (digest, _) = va_tests::pack(&disk, &app);
@@ -161,15 +154,7 @@ fn a_daemon_alone_prefetches_the_recorded_working_set_only() {
     use std::time::{Duration, Instant};
     let d = tempfile::tempdir().unwrap();
     let disk = d.path().join("disk.raw");
-    let mut data = vec![0u8; 4 << 20];
-    let mut x = 0x2545f4914f6cdd1du64;
-    for b in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(&disk, &data).unwrap();
+    va_tests::random_disk(&disk, 4, false);
     let plan = d.path().join("plan");
     std::fs::write(&plan, "disk 40\ndisk 3\ndisk 41\n").unwrap();
     let site = d.path().join("site");

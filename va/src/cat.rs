@@ -14,7 +14,7 @@ use anyhow::Context;
 use va_store::appliance::{Appliance, OpenOptions as AppOpen};
 use va_store::format::ImageKind;
 use va_store::volume::{Volume, VolumeOptions};
-use va_store::{BlockDevice, ExtentKind, Hash};
+use va_store::{BlockDevice, ExtentKind};
 
 use crate::progress::byte_progress;
 use va_store::sync::{lock, wait};
@@ -43,8 +43,8 @@ pub struct CatArgs {
     #[arg(long, short, value_name = "FILE")]
     out: Option<PathBuf>,
     /// Expected manifest digest.
-    #[arg(long, value_name = "HEX")]
-    digest: Option<String>,
+    #[arg(long, value_name = "HEX", value_parser = crate::launch::parse_digest)]
+    digest: Option<va_store::Hash>,
     /// Parallel range requests.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
@@ -77,17 +77,11 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
             ImageKind::name_list()
         )
     })?;
-    let digest = match &a.digest {
-        Some(d) => Some(
-            Hash::from_hex(d).with_context(|| format!("--digest {d:?} is not 64 hex digits"))?,
-        ),
-        None => None,
-    };
     let origin_timeout = Duration::from_secs(a.origin_timeout.clamp(1, 3600));
     let app = Appliance::open(
         &a.url,
         &AppOpen {
-            digest,
+            digest: a.digest,
             cache_dir: a.cache_dir.clone(),
             cache_size: a.cache_size,
             origin: va_store::origin::OriginOptions {

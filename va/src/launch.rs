@@ -98,6 +98,11 @@ impl MachineArgs {
     }
 }
 
+/// `--digest HEX` as every `va` command parses it: the 64 hex digits of a manifest's BLAKE3.
+pub fn parse_digest(s: &str) -> Result<va_store::Hash, String> {
+    va_store::Hash::from_hex(s).ok_or_else(|| format!("{s:?} is not 64 hex digits"))
+}
+
 /// Whether the appliance is a snapshot (it has memory and device state) or boots from its
 /// disk; refuses bundles that are neither.
 pub fn is_snapshot(app: &Appliance) -> anyhow::Result<bool> {

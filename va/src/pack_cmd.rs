@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use qemu_args::Machine;
-use va_store::format::{ImageKind, MAX_DISKS};
+use va_store::format::{ImageKind, WorkingSet, MAX_DISKS};
 use va_store::pack::{self, PackInput, PackOptions, Phase};
 
 use crate::progress::byte_progress;
@@ -96,6 +96,25 @@ pub struct PackArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+}
+
+/// `mem 447 chunks, 11.0 MiB; disk ...`, or `none (the plan names no stored chunk)`.
+pub(crate) fn describe_working_sets(ws: &[WorkingSet]) -> String {
+    if ws.is_empty() {
+        return "none (the plan names no stored chunk)".into();
+    }
+    let per_image: Vec<String> = ws
+        .iter()
+        .map(|w| {
+            format!(
+                "{} {} chunks, {:.1} MiB",
+                w.kind,
+                w.chunks,
+                w.bytes as f64 / (1 << 20) as f64
+            )
+        })
+        .collect();
+    per_image.join("; ")
 }
 
 /// Runs `va pack`.
@@ -204,19 +223,10 @@ pub fn run(a: PackArgs) -> anyhow::Result<()> {
         mib(r.stored_compressed)
     );
     if !a.plan.is_empty() {
-        let per_image: Vec<String> = r
-            .working_sets
-            .iter()
-            .map(|w| format!("{} {} chunks, {:.1} MiB", w.kind, w.chunks, mib(w.bytes)))
-            .collect();
         eprintln!(
             "plan: {} chunks placed first; working set recorded in the manifest: {}",
             r.planned_chunks,
-            if per_image.is_empty() {
-                "none (the plan names no stored chunk)".to_string()
-            } else {
-                per_image.join("; ")
-            }
+            describe_working_sets(&r.working_sets)
         );
     }
     eprintln!(

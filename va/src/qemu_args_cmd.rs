@@ -3,12 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use qemu_args::{Attachments, Console, Vm};
 use serde_json::json;
 use va_store::appliance::{Appliance, OpenOptions};
 use va_store::format::ImageKind;
-use va_store::Hash;
 
 use crate::launch;
 
@@ -48,8 +47,8 @@ pub struct QemuArgsArgs {
     #[arg(value_name = "URL")]
     url: String,
     /// Expected manifest digest, if the URL does not carry one.
-    #[arg(long, value_name = "HEX")]
-    digest: Option<String>,
+    #[arg(long, value_name = "HEX", value_parser = crate::launch::parse_digest)]
+    digest: Option<va_store::Hash>,
     /// vablk's vhost-user socket (required when the appliance has a disk). Repeatable: one per
     /// disk of the appliance, in disk order (`vablk --image disk`, `--image disk1`, ...).
     #[arg(long, value_name = "SOCK")]
@@ -90,16 +89,10 @@ pub enum Format {
 
 /// Runs `va qemu-args`.
 pub fn run(a: QemuArgsArgs) -> anyhow::Result<()> {
-    let digest = match &a.digest {
-        Some(d) => {
-            Some(Hash::from_hex(d).ok_or_else(|| anyhow!("--digest {d:?}: not 64 hex digits"))?)
-        }
-        None => None,
-    };
     let app = Appliance::open(
         &a.url,
         &OpenOptions {
-            digest,
+            digest: a.digest,
             // Only the manifest and small images are read: no cache needed.
             cache_dir: None,
             ..OpenOptions::default()

@@ -7,7 +7,6 @@ use anyhow::{bail, Context};
 use va_store::appliance::{Appliance, OpenOptions};
 use va_store::pack::PackError;
 use va_store::repack::{repack, RepackOptions};
-use va_store::Hash;
 
 use crate::progress::byte_progress;
 
@@ -47,8 +46,8 @@ pub struct RepackArgs {
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Expected manifest digest, if the URL does not carry one.
-    #[arg(long, value_name = "HEX")]
-    digest: Option<String>,
+    #[arg(long, value_name = "HEX", value_parser = crate::launch::parse_digest)]
+    digest: Option<va_store::Hash>,
     /// zstd level of the working-set pack (1 fastest .. 19 smallest).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(-7..=22))]
     level: i32,
@@ -63,23 +62,8 @@ pub struct RepackArgs {
     quiet: bool,
 }
 
-/// The bundle directory of a local URL (`file:///dir`, `/dir`, `dir`), None for HTTP.
-fn local_dir(url: &str) -> Option<PathBuf> {
-    let u = url.split('#').next().unwrap_or(url);
-    if u.starts_with("http://") || u.starts_with("https://") {
-        return None;
-    }
-    Some(PathBuf::from(u.strip_prefix("file://").unwrap_or(u)))
-}
-
 /// Runs `va repack`.
 pub fn run(a: RepackArgs) -> anyhow::Result<()> {
-    let digest = match &a.digest {
-        Some(d) => Some(
-            Hash::from_hex(d).with_context(|| format!("--digest {d:?} is not 64 hex digits"))?,
-        ),
-        None => None,
-    };
     let mut plan = Vec::new();
     for p in &a.plan {
         plan.extend(va_store::trace::read_plan(p)?);
@@ -91,7 +75,7 @@ pub fn run(a: RepackArgs) -> anyhow::Result<()> {
     let app = Appliance::open(
         &a.url,
         &OpenOptions {
-            digest,
+            digest: a.digest,
             cache_dir: a.cache_dir.clone(),
             cache_size: 10 << 30,
             origin: va_store::origin::OriginOptions {
@@ -103,7 +87,8 @@ pub fn run(a: RepackArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot open the bundle {}", a.url))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let src = local_dir(&a.url);
+    let (base, _) = va_store::origin::split_digest(&a.url)?;
+    let src = va_store::origin::local_dir(&base)?;
     let in_place = src.as_ref().is_some_and(|s| same_dir(s, &a.out));
     let old_path = |p: &str| -> Result<String, PackError> {
         match &src {
@@ -136,21 +121,11 @@ pub fn run(a: RepackArgs) -> anyhow::Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let ws: Vec<String> = r
-        .working_sets
-        .iter()
-        .map(|w| format!("{} {} chunks, {:.1} MiB", w.kind, w.chunks, mib(w.bytes)))
-        .collect();
     eprintln!(
         "repacked in {:.1}s: {} chunks of the plan; working set: {}; new: {}",
         r.elapsed.as_secs_f64(),
         r.planned_chunks,
-        if ws.is_empty() {
-            "none".into()
-        } else {
-            ws.join("; ")
-        },
+        crate::pack_cmd::describe_working_sets(&r.working_sets),
         r.new_packs
             .iter()
             .map(|p| p.display().to_string())

@@ -28,7 +28,7 @@ pub use http::{
 pub use local::LocalOrigin;
 
 use std::fmt;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -474,9 +474,23 @@ pub fn open(base: &str, opts: &OriginOptions) -> Result<Arc<dyn Origin>, OriginE
     if opts.max_connections == 0 {
         return Err(bad("max_connections must be at least 1"));
     }
+    match local_dir(base)? {
+        Some(dir) => Ok(Arc::new(LocalOrigin::new(&dir, base)?)),
+        None => Ok(Arc::new(HttpOrigin::new(base, opts)?)),
+    }
+}
+
+/// The directory a local location names (`file:///abs/dir`, `file://localhost/dir`, or a plain
+/// path), `None` for http(s); an unknown scheme or a malformed file URL is an error. `base`
+/// carries no `#digest` fragment.
+pub fn local_dir(base: &str) -> Result<Option<PathBuf>, OriginError> {
+    let bad = |why: &str| OriginError::BadUrl {
+        url: base.to_string(),
+        why: why.to_string(),
+    };
     let lower = base.get(..8).unwrap_or(base).to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
-        return Ok(Arc::new(HttpOrigin::new(base, opts)?));
+        return Ok(None);
     }
     if lower.starts_with("file://") {
         let rest = &base[7..];
@@ -488,7 +502,7 @@ pub fn open(base: &str, opts: &OriginOptions) -> Result<Arc<dyn Origin>, OriginE
             return Err(bad("a file URL must be file:///absolute/path"));
         };
         let decoded = percent_decode(&path).ok_or_else(|| bad("bad %-escape in file URL"))?;
-        return Ok(Arc::new(LocalOrigin::new(Path::new(&decoded), base)?));
+        return Ok(Some(PathBuf::from(decoded)));
     }
     if let Some((scheme, _)) = base.split_once("://") {
         if !scheme.is_empty()
@@ -501,7 +515,7 @@ pub fn open(base: &str, opts: &OriginOptions) -> Result<Arc<dyn Origin>, OriginE
             ));
         }
     }
-    Ok(Arc::new(LocalOrigin::new(Path::new(base), base)?))
+    Ok(Some(PathBuf::from(base)))
 }
 
 /// Decodes `%XX` escapes; `None` on a malformed escape or a result that is not UTF-8.

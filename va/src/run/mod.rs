@@ -25,7 +25,6 @@ use va_store::appliance::{Appliance, OpenOptions};
 use va_store::format::ImageKind;
 use va_store::origin::OriginOptions;
 use va_store::prefetch::{Policy, PrefetchOptions, Prefetcher};
-use va_store::Hash;
 
 use self::child::{Stdout, Supervised, Timestamped};
 use crate::launch;
@@ -62,8 +61,8 @@ pub struct RunArgs {
     #[arg(value_name = "URL")]
     url: String,
     /// Expected manifest digest, if the URL does not carry one.
-    #[arg(long, value_name = "HEX")]
-    digest: Option<String>,
+    #[arg(long, value_name = "HEX", value_parser = crate::launch::parse_digest)]
+    digest: Option<va_store::Hash>,
     /// Local chunk cache (default: /var/cache/vastream for root, $XDG_CACHE_HOME/vastream
     /// otherwise).
     #[arg(long, value_name = "DIR")]
@@ -181,12 +180,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(va_daemon::args::default_cache_dir),
     };
-    let digest = match &a.digest {
-        Some(d) => {
-            Some(Hash::from_hex(d).ok_or_else(|| anyhow!("--digest {d:?}: not 64 hex digits"))?)
-        }
-        None => None,
-    };
     let timeout = Duration::from_secs(a.origin_timeout.clamp(1, 3600));
     let origin = OriginOptions {
         connect_timeout: timeout,
@@ -197,7 +190,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let app = Appliance::open(
         &a.url,
         &OpenOptions {
-            digest,
+            digest: a.digest,
             cache_dir: Some(cache_dir.clone()),
             cache_size: a.cache_size,
             origin,
