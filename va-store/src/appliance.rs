@@ -678,14 +678,9 @@ impl Appliance {
                 }
             }
             let r = self.fetch_from_origin(what, &mine, sink);
-            {
-                let mut inflight = lock(&self.inflight);
-                for (b, _) in &mine {
-                    if let Some(f) = inflight.remove(&b.hash) {
-                        *lock(&f.done) = true;
-                        f.cv.notify_all();
-                    }
-                }
+            // Delivered blobs ended their marks already; the rest (after a failure) end here.
+            for (b, _) in &mine {
+                self.end_inflight(&b.hash);
             }
             r?;
             for (b, plen, f) in theirs {
@@ -746,41 +741,75 @@ impl Appliance {
                 j += 1;
             }
             let path = &self.manifest.packs[pack as usize].path;
-            let data = self.get_range(path, start, end - start)?;
-            for (b, plen) in &sorted[i..j] {
-                let z = &data[(b.offset - start) as usize..][..b.clen as usize];
-                let plain = match verify(z, b, *plen) {
-                    Ok(p) => p,
-                    Err(detail) => {
-                        self.verify_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            "{what} {} at {}+{} failed verification ({detail}); refetching",
-                            b.hash,
-                            self.origin.describe(path),
-                            b.offset
-                        );
-                        let again = self.get_range(path, b.offset, b.clen as u64)?;
-                        verify(&again, b, *plen).map_err(|source| ApplianceError::Verify {
-                            what,
-                            hash: b.hash,
-                            location: format!("{}+{}", self.origin.describe(path), b.offset),
-                            source,
-                        })?
+            let blobs = &sorted[i..j];
+            // Each blob is verified and handed on as soon as its bytes have arrived, not when
+            // the whole range has: the front of a long prefetch request is usable at once.
+            let mut next = 0usize;
+            let mut bad: Vec<(BlobRef, u32, VerifyError)> = Vec::new();
+            let mut deliver = |prefix: &[u8]| {
+                while let Some(&(b, plen)) = blobs.get(next) {
+                    let at = (b.offset - start) as usize;
+                    let Some(z) = prefix.get(at..at + b.clen as usize) else {
+                        break;
+                    };
+                    match verify(z, &b, plen) {
+                        Ok(plain) => self.deliver(&b, plain, sink),
+                        Err(detail) => bad.push((b, plen, detail)),
                     }
-                };
-                self.blobs.fetch_add(1, Ordering::Relaxed);
-                sink(b, &plain);
-                if let Some(ins) = &self.inserter {
-                    ins.submit(b.hash, plain);
+                    next += 1;
                 }
+            };
+            let data = self.get_range(path, start, end - start, &mut deliver)?;
+            deliver(&data);
+            for (b, plen, detail) in bad {
+                self.verify_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "{what} {} at {}+{} failed verification ({detail}); refetching",
+                    b.hash,
+                    self.origin.describe(path),
+                    b.offset
+                );
+                let again = self.get_range(path, b.offset, b.clen as u64, &mut |_| {})?;
+                let plain = verify(&again, &b, plen).map_err(|source| ApplianceError::Verify {
+                    what,
+                    hash: b.hash,
+                    location: format!("{}+{}", self.origin.describe(path), b.offset),
+                    source,
+                })?;
+                self.deliver(&b, plain, sink);
             }
             i = j;
         }
         Ok(())
     }
 
-    fn get_range(&self, path: &str, off: u64, len: u64) -> Result<Vec<u8>, ApplianceError> {
-        let data = self.origin.get_range(path, off, len)?;
+    /// Hands a verified blob to `sink` and the cache, and wakes whoever waits for it.
+    fn deliver(&self, b: &BlobRef, plain: Vec<u8>, sink: &mut dyn FnMut(&BlobRef, &[u8])) {
+        self.blobs.fetch_add(1, Ordering::Relaxed);
+        sink(b, &plain);
+        if let Some(ins) = &self.inserter {
+            ins.submit(b.hash, plain);
+        }
+        self.end_inflight(&b.hash);
+    }
+
+    /// Ends the in-flight mark of a chunk (if it has one) and wakes its waiters.
+    fn end_inflight(&self, h: &Hash) {
+        let f = lock(&self.inflight).remove(h);
+        if let Some(f) = f {
+            *lock(&f.done) = true;
+            f.cv.notify_all();
+        }
+    }
+
+    fn get_range(
+        &self,
+        path: &str,
+        off: u64,
+        len: u64,
+        progress: &mut dyn FnMut(&[u8]),
+    ) -> Result<Vec<u8>, ApplianceError> {
+        let data = self.origin.get_range_streaming(path, off, len, progress)?;
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
         if data.len() as u64 != len {

@@ -167,6 +167,15 @@ impl PrefetchProgress {
     }
 }
 
+/// Longest wait of [`Prefetcher::stop`] for a request under way.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// Bytes per request of a recorded working set. Its chunks lie contiguous in plan order and
+/// arrive in that order within a request (each is usable as soon as it has arrived), so one
+/// long request at a time keeps the link full without reordering; only the round trip
+/// between two requests is idle.
+const WS_REQUEST_BYTES: u64 = 16 << 20;
+
 /// A running prefetcher; stops (and joins) when dropped.
 pub struct Prefetcher {
     shared: Arc<PrefetchProgress>,
@@ -229,11 +238,19 @@ impl Prefetcher {
         true
     }
 
-    /// Asks the workers to stop after their current request and joins them.
+    /// Asks the workers to stop after their current request and joins them; a worker still
+    /// inside a long request after a second is left to end on its own (it holds no lock and
+    /// writes nothing but verified chunks).
     pub fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        let t0 = Instant::now();
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            while !t.is_finished() && t0.elapsed() < STOP_WAIT {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -370,9 +387,14 @@ fn prefetch_in_pack_order(
     let mut cur: Vec<Item> = Vec::new();
     let mut cur_bytes = 0u64;
     for item in all {
+        let limit = if item.recorded {
+            WS_REQUEST_BYTES.max(opts.batch_bytes)
+        } else {
+            opts.batch_bytes
+        };
         let breaks = cur.last().is_some_and(|l| {
             l.blob.pack != item.blob.pack || l.ws != item.ws || l.recorded != item.recorded
-        }) || cur_bytes >= opts.batch_bytes;
+        }) || cur_bytes >= limit;
         if breaks {
             batches.push(std::mem::take(&mut cur));
             cur_bytes = 0;
@@ -388,11 +410,22 @@ fn prefetch_in_pack_order(
     let next = AtomicU64::new(0);
     let in_flight = AtomicUsize::new(0);
     let failed: Mutex<Option<ApplianceError>> = Mutex::new(None);
+    // A recorded working set streams as one request at a time, in plan order.
+    let ws_lane = Mutex::new(());
     std::thread::scope(|sc| {
         for _ in 0..opts.workers.clamp(1, 16) {
             sc.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 let Some(batch) = batches.get(i) else { return };
+                // The rest waits until the working set is local: the link is the working
+                // set's until then.
+                while !batch[0].ws && !s.ws_local.load(Ordering::Acquire) {
+                    if s.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let _lane = batch[0].recorded.then(|| lock(&ws_lane));
                 // Demand first: while a demand fetch of the VM waits for the origin, the
                 // working set keeps at most one request on the link (the guest needs it next;
                 // the link does not fall idle between misses), the rest none.

@@ -56,12 +56,7 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    va_daemon::logging::init(&cli.log);
     let r = match cli.cmd {
         Cmd::Pack(a) => pack_cmd::run(a),
         Cmd::Serve(a) => serve::run(a),

@@ -424,6 +424,21 @@ pub trait Origin: Send + Sync + fmt::Debug {
     /// Exactly `len` bytes of bundle file `path` (relative to the bundle base, e.g. `manifest`,
     /// `packs/<hex>.pack`, `../shared/packs/<hex>.pack`) starting at `offset`.
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>, OriginError>;
+    /// Like [`Origin::get_range`], calling `progress` with the bytes received so far while the
+    /// reply streams in (a growing prefix of the range; after a retried attempt it starts
+    /// again from the beginning), so a caller can use the front of a large range before the
+    /// end arrives. The default calls it once, with everything.
+    fn get_range_streaming(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+        progress: &mut dyn FnMut(&[u8]),
+    ) -> Result<Vec<u8>, OriginError> {
+        let data = self.get_range(path, offset, len)?;
+        progress(&data);
+        Ok(data)
+    }
     /// A whole file, refusing (with an error, before reading it all) one larger than `max_len`.
     fn get_file(&self, path: &str, max_len: u64) -> Result<Vec<u8>, OriginError>;
     /// Human-readable location of `path` (full URL or filesystem path) for messages.

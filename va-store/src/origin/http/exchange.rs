@@ -44,6 +44,13 @@ impl RequestedBytes {
     }
 }
 
+/// Called with the body received so far (a growing prefix; a retry starts again from the
+/// beginning) while a range reply streams in.
+pub(super) type Progress<'a> = &'a mut dyn FnMut(&[u8]);
+
+/// Bytes between two progress calls while a body streams in.
+const PROGRESS_STEP: usize = 16 << 10;
+
 /// Why one exchange failed.
 enum AttemptError {
     /// A reused connection turned out to be closed before the reply began: try another one.
@@ -96,6 +103,7 @@ impl HttpOrigin {
         limit: u64,
         what: &str,
         too_long: &dyn Fn(u64) -> OriginError,
+        progress: Progress<'_>,
     ) -> Result<Vec<u8>, OriginError> {
         match framing {
             Framing::Length(n) => {
@@ -105,7 +113,12 @@ impl HttpOrigin {
                 let len = usize::try_from(n).map_err(|_| too_long(n))?;
                 let mut out = vec![0u8; len];
                 let mut got = 0usize;
+                let mut told = 0usize;
                 while got < len {
+                    if got >= told + PROGRESS_STEP {
+                        progress(&out[..got]);
+                        told = got;
+                    }
                     match conn.read_some(&mut out[got..]) {
                         Ok(0) => {
                             return Err(self.body_error(
@@ -137,7 +150,7 @@ impl HttpOrigin {
                     }
                 }
             }
-            Framing::Chunked => self.read_chunked(conn, limit, what, too_long),
+            Framing::Chunked => self.read_chunked(conn, limit, what, too_long, progress),
         }
     }
 
@@ -147,6 +160,7 @@ impl HttpOrigin {
         limit: u64,
         what: &str,
         too_long: &dyn Fn(u64) -> OriginError,
+        progress: Progress<'_>,
     ) -> Result<Vec<u8>, OriginError> {
         let proto = |source: ReplyError| OriginError::Protocol {
             what: what.to_string(),
@@ -155,6 +169,9 @@ impl HttpOrigin {
         };
         let mut out: Vec<u8> = Vec::new();
         loop {
+            if !out.is_empty() {
+                progress(&out);
+            }
             let line = conn
                 .read_line()
                 .map_err(|e| self.body_error(what, e, out.len() as u64, limit))?;
@@ -222,6 +239,7 @@ impl HttpOrigin {
         wanted: RequestedBytes,
         what: &str,
         reused: bool,
+        progress: Progress<'_>,
     ) -> Result<(Vec<u8>, bool), AttemptError> {
         if let Err(e) = conn.send(request) {
             if reused {
@@ -313,7 +331,7 @@ impl HttpOrigin {
                         asked: len,
                     })
                 };
-                let body = self.read_body(conn, head.framing, len, what, &too_long)?;
+                let body = self.read_body(conn, head.framing, len, what, &too_long, progress)?;
                 if body.len() as u64 != len {
                     return Err(OriginError::ShortRead {
                         what: what.to_string(),
@@ -334,7 +352,7 @@ impl HttpOrigin {
                     size: n,
                     max: max_len,
                 };
-                self.read_body(conn, head.framing, max_len, what, &too_long)?
+                self.read_body(conn, head.framing, max_len, what, &too_long, &mut |_| {})?
             }
             (200, RequestedBytes::Range { offset, len }) => {
                 // The server ignored Range and sent the whole file: acceptable for small files.
@@ -350,7 +368,14 @@ impl HttpOrigin {
                 }
                 let too_long = |n: u64| proto(ReplyError::RangeIgnored { at_least: n });
                 let whole =
-                    self.read_body(conn, head.framing, FULL_REPLY_LIMIT, what, &too_long)?;
+                    self.read_body(
+                    conn,
+                    head.framing,
+                    FULL_REPLY_LIMIT,
+                    what,
+                    &too_long,
+                    &mut |_| {},
+                )?;
                 if (whole.len() as u64) < end {
                     return Err(OriginError::OutOfRange {
                         what: what.to_string(),
@@ -392,6 +417,7 @@ impl HttpOrigin {
         target: &str,
         wanted: RequestedBytes,
         what: &str,
+        progress: Progress<'_>,
     ) -> Result<Vec<u8>, OriginError> {
         let mut request = Request::get(target, &self.base.host_header, wanted.range());
         self.opts.request_hooks.apply(&mut request);
@@ -412,7 +438,7 @@ impl HttpOrigin {
                 ),
             };
             self.stats.request();
-            match self.exchange(&mut conn, &request, wanted, what, reused) {
+            match self.exchange(&mut conn, &request, wanted, what, reused, &mut *progress) {
                 Ok((body, keep)) => {
                     if keep {
                         self.pool.put_idle(conn);
@@ -440,7 +466,12 @@ impl HttpOrigin {
 
     /// Fetches `wanted` of bundle file `path`: attempts with exponential backoff between them
     /// while they fail transiently, up to the configured number of retries.
-    pub(super) fn fetch(&self, path: &str, wanted: RequestedBytes) -> Result<Vec<u8>, OriginError> {
+    pub(super) fn fetch(
+        &self,
+        path: &str,
+        wanted: RequestedBytes,
+        progress: Progress<'_>,
+    ) -> Result<Vec<u8>, OriginError> {
         let target = self.base.target(path)?;
         let what = match wanted {
             RequestedBytes::Range { offset, len } => {
@@ -455,7 +486,7 @@ impl HttpOrigin {
         let mut delay = self.opts.backoff;
         let mut retries = 0u32;
         loop {
-            match self.attempt(&target, wanted, &what) {
+            match self.attempt(&target, wanted, &what, &mut *progress) {
                 Ok(body) => {
                     self.stats.bytes(body.len() as u64);
                     return Ok(body);

@@ -97,6 +97,16 @@ impl HttpOrigin {
 
 impl Origin for HttpOrigin {
     fn get_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>, OriginError> {
+        self.get_range_streaming(path, offset, len, &mut |_| {})
+    }
+
+    fn get_range_streaming(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+        progress: &mut dyn FnMut(&[u8]),
+    ) -> Result<Vec<u8>, OriginError> {
         if offset.checked_add(len).is_none() {
             return Err(OriginError::OutOfRange {
                 what: format!("GET {} {}", self.describe(path), range_desc(offset, len)),
@@ -107,11 +117,11 @@ impl Origin for HttpOrigin {
             self.base.target(path)?;
             return Ok(Vec::new());
         }
-        self.fetch(path, RequestedBytes::Range { offset, len })
+        self.fetch(path, RequestedBytes::Range { offset, len }, progress)
     }
 
     fn get_file(&self, path: &str, max_len: u64) -> Result<Vec<u8>, OriginError> {
-        self.fetch(path, RequestedBytes::WholeFile { max_len })
+        self.fetch(path, RequestedBytes::WholeFile { max_len }, &mut |_| {})
     }
 
     fn describe(&self, path: &str) -> String {

@@ -35,6 +35,8 @@ enum Act {
     WrongLength,
     /// Close the connection without answering.
     Drop,
+    /// A correct 206 whose second half follows 300 ms after the first.
+    Slow,
 }
 
 /// Request targets and Range headers seen by the test server.
@@ -223,6 +225,21 @@ fn serve_conn<S: Read + Write>(
                 std::thread::sleep(Duration::from_secs(20));
                 return;
             }
+            Act::Slow => {
+                let b = b.unwrap_or(data.len() - 1);
+                let mid = a + (b + 1 - a) / 2;
+                let _ = write!(
+                    out,
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\
+                     Content-Range: bytes {a}-{b}/{}\r\n\r\n",
+                    b + 1 - a,
+                    data.len()
+                );
+                let _ = out.write_all(&data[a..mid]);
+                let _ = out.flush();
+                std::thread::sleep(Duration::from_millis(300));
+                out.write_all(&data[mid..=b])
+            }
             Act::WrongRange => {
                 let b = b.unwrap_or(0);
                 write!(
@@ -329,6 +346,41 @@ fn ranges_reuse_one_connection() {
             Some("bytes=3-20002".to_string())
         )
     );
+}
+
+#[test]
+fn a_range_streams_its_front_before_the_end_arrives() {
+    // A slow reply, then (after a short body) a retried one: every progress call sees a
+    // prefix of the range, the front arrives well before the end, and a retry starts over.
+    let s = TestServer::start(&[Act::Slow, Act::Short(50_000), Act::Good]);
+    let o = origin(&s, &quick());
+    let want = &s.data[1000..181_000];
+    let mut calls: Vec<(usize, std::time::Instant)> = Vec::new();
+    let got = o
+        .get_range_streaming("packs/a.pack", 1000, 180_000, &mut |p| {
+            assert_eq!(p, &want[..p.len()], "progress gives a prefix of the range");
+            calls.push((p.len(), std::time::Instant::now()));
+        })
+        .unwrap();
+    let end = std::time::Instant::now();
+    assert_eq!(got, want);
+    let early = calls
+        .iter()
+        .filter(|(n, t)| *n >= 80_000 && *n < 180_000 && end - *t >= Duration::from_millis(200))
+        .count();
+    assert!(early > 0, "the first half was handed on before the second came: {calls:?}");
+    // A retried request: the failed attempt's progress showed its part, the retry's starts
+    // over; every call is still a prefix of the range.
+    calls.clear();
+    let got = o
+        .get_range_streaming("packs/a.pack", 0, 150_000, &mut |p| {
+            assert_eq!(p, &s.data[..p.len()]);
+            calls.push((p.len(), std::time::Instant::now()));
+        })
+        .unwrap();
+    assert_eq!(got, &s.data[..150_000]);
+    assert!(calls.iter().any(|c| c.0 <= 50_000), "the failed attempt showed its part");
+    assert_eq!(o.stats().retries, 1);
 }
 
 #[test]
