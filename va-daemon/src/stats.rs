@@ -21,7 +21,9 @@
 //!   "appliance": null | {              // null when serving --file
 //!     "digest", "location", "image", "image_bytes",
 //!     "local_bytes", "local_fraction", // what reads without the network, 0.0 ..= 1.0
-//!     "origin": { "requests", "fetched_bytes", "blobs", "verify_failures" }
+//!     "origin": { "requests", "fetched_bytes", "blobs", "verify_failures",
+//!                 "stream_waits", "stream_wait_us" }  // reads that waited for a working-set
+//!                                                      // stream instead of fetching
 //!   },
 //!   "transport": { ... }               // the daemon's own protocol counters
 //! }
@@ -52,6 +54,13 @@ pub struct OriginReport {
     pub blobs: u64,
     /// Blobs that failed verification (and were refetched).
     pub verify_failures: u64,
+    /// Reads that waited for a working-set stream (of any process sharing the cache) instead
+    /// of fetching.
+    #[serde(default)]
+    pub stream_waits: u64,
+    /// Microseconds they waited in all.
+    #[serde(default)]
+    pub stream_wait_us: u64,
 }
 
 /// The appliance side of a report.
@@ -173,6 +182,8 @@ impl StatsSources {
                     fetched_bytes: f.fetched_bytes,
                     blobs: f.blobs,
                     verify_failures: f.verify_failures,
+                    stream_waits: f.stream_waits,
+                    stream_wait_us: f.stream_wait_us,
                 },
             }
         });

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cache::{CacheError, ChunkCache};
 use crate::format::{BlobRef, ChunkEntry, FormatError, ImageInfo, ImageKind, Manifest, PageRef};
@@ -195,7 +195,28 @@ pub struct FetchStats {
     pub blobs: u64,
     /// Blobs that failed verification (and were refetched).
     pub verify_failures: u64,
+    /// Demand reads that waited for a working-set stream instead of fetching.
+    pub stream_waits: u64,
+    /// Microseconds they waited in all.
+    pub stream_wait_us: u64,
 }
+
+/// Who a fetch is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FetchKind {
+    /// A read waiting for it: background work yields.
+    Demand,
+    /// Background work.
+    Background,
+    /// Background work streaming a recorded working set: publishes where it is.
+    Stream,
+}
+
+/// Longest wait for a working-set stream when no demand request has been timed yet.
+const DEFAULT_DEMAND_COST_MS: u64 = 150;
+
+/// Bytes of a streamed request between two updates of its stream record.
+const STREAM_MARK_STEP: usize = 64 << 10;
 
 /// Largest single range request.
 const MAX_REQUEST: u64 = 16 << 20;
@@ -225,6 +246,12 @@ pub struct Appliance {
     verify_failures: AtomicU64,
     /// Demand (foreground) fetches under way; the prefetcher waits while this is non-zero.
     demand: AtomicU64,
+    /// Moving average of a demand range request's time, µs (0: none timed yet).
+    demand_us: AtomicU64,
+    /// Bytes per second the last streamed request got (0: none yet).
+    stream_rate: AtomicU64,
+    stream_waits: AtomicU64,
+    stream_wait_us: AtomicU64,
 }
 
 /// Most chunks waiting for their cache insert (beyond it, inserts happen inline).
@@ -398,6 +425,10 @@ impl Appliance {
             blobs: AtomicU64::new(0),
             verify_failures: AtomicU64::new(0),
             demand: AtomicU64::new(0),
+            demand_us: AtomicU64::new(0),
+            stream_rate: AtomicU64::new(0),
+            stream_waits: AtomicU64::new(0),
+            stream_wait_us: AtomicU64::new(0),
         }))
     }
 
@@ -449,6 +480,8 @@ impl Appliance {
             fetched_bytes: self.fetched.load(Ordering::Relaxed),
             blobs: self.blobs.load(Ordering::Relaxed),
             verify_failures: self.verify_failures.load(Ordering::Relaxed),
+            stream_waits: self.stream_waits.load(Ordering::Relaxed),
+            stream_wait_us: self.stream_wait_us.load(Ordering::Relaxed),
         }
     }
 
@@ -621,10 +654,11 @@ impl Appliance {
         want: &[(BlobRef, u32)],
         sink: &mut dyn FnMut(&BlobRef, &[u8]),
     ) -> Result<(), ApplianceError> {
+        self.await_stream(want);
         self.demand.fetch_add(1, Ordering::AcqRel);
         let _g = DemandGuard(&self.demand);
         let _shared = self.cache.as_ref().map(|c| c.demand_begin());
-        self.fetch_blobs_inner(what, want, sink)
+        self.fetch_blobs_inner(what, want, sink, FetchKind::Demand)
     }
 
     /// Like [`Appliance::fetch_blobs`], for background work (does not hold off prefetching).
@@ -634,7 +668,83 @@ impl Appliance {
         want: &[(BlobRef, u32)],
         sink: &mut dyn FnMut(&BlobRef, &[u8]),
     ) -> Result<(), ApplianceError> {
-        self.fetch_blobs_inner(what, want, sink)
+        self.fetch_blobs_inner(what, want, sink, FetchKind::Background)
+    }
+
+    /// Like [`Appliance::fetch_blobs_background`], for a recorded working set streamed in plan
+    /// order: while its requests are on the wire, every process sharing the cache can see how
+    /// far they have got ([`crate::cache::stream`]), and a demand read of a chunk it brings
+    /// soon waits for it instead of fetching it again.
+    pub fn fetch_blobs_streamed(
+        &self,
+        what: &'static str,
+        want: &[(BlobRef, u32)],
+        sink: &mut dyn FnMut(&BlobRef, &[u8]),
+    ) -> Result<(), ApplianceError> {
+        self.fetch_blobs_inner(what, want, sink, FetchKind::Stream)
+    }
+
+    /// The appliance's name in stream records.
+    fn stream_id(&self) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&self.digest.0[..16]);
+        id
+    }
+
+    /// What a demand request costs now (its moving average), in ms.
+    fn demand_cost_ms(&self) -> u64 {
+        match self.demand_us.load(Ordering::Relaxed) {
+            0 => DEFAULT_DEMAND_COST_MS,
+            us => us.div_ceil(1000),
+        }
+    }
+
+    /// Waits for the blobs of `want` that a working-set stream of this appliance (in this or
+    /// another process) brings sooner than a demand request would, for at most that long.
+    fn await_stream(&self, want: &[(BlobRef, u32)]) {
+        let Some(cache) = &self.cache else { return };
+        let id = self.stream_id();
+        let Some(mut mark) = cache.stream_mark(&id) else {
+            return;
+        };
+        let cost = self.demand_cost_ms();
+        let soon = |m: &crate::cache::stream::StreamMark, b: &BlobRef| {
+            m.eta_ms(b.pack, b.offset, u64::from(b.clen))
+                .is_some_and(|eta| eta <= cost)
+        };
+        let mut waiting: Vec<Hash> = want
+            .iter()
+            .filter(|(b, _)| soon(&mark, b) && !self.is_cached(&b.hash))
+            .map(|(b, _)| b.hash)
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_millis(cost + 50);
+        let mut checked = t0;
+        while !waiting.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(500));
+            waiting.retain(|h| !self.is_cached(h));
+            if checked.elapsed() >= Duration::from_millis(20) {
+                // The stream stalled or moved on without them: stop waiting.
+                checked = Instant::now();
+                match cache.stream_mark(&id) {
+                    Some(m) => mark = m,
+                    None => break,
+                }
+                if want
+                    .iter()
+                    .filter(|(b, _)| waiting.contains(&b.hash))
+                    .all(|(b, _)| !soon(&mark, b))
+                {
+                    break;
+                }
+            }
+        }
+        self.stream_waits.fetch_add(1, Ordering::Relaxed);
+        self.stream_wait_us
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 
     fn fetch_blobs_inner(
@@ -642,6 +752,7 @@ impl Appliance {
         what: &'static str,
         want: &[(BlobRef, u32)],
         sink: &mut dyn FnMut(&BlobRef, &[u8]),
+        kind: FetchKind,
     ) -> Result<(), ApplianceError> {
         let mut todo: Vec<(BlobRef, u32)> = Vec::with_capacity(want.len());
         let mut buf = Vec::new();
@@ -659,10 +770,23 @@ impl Appliance {
             // Claim what nobody else is fetching; wait for the rest, then look again.
             let mut mine = Vec::new();
             let mut theirs = Vec::new();
+            // A read does not wait for a chunk that this process's own working-set stream
+            // brings only later than a request of its own would: it fetches it too.
+            let mark = match (kind, &self.cache) {
+                (FetchKind::Demand, Some(c)) => c.stream_mark(&self.stream_id()),
+                _ => None,
+            };
+            let cost = self.demand_cost_ms();
+            let late = |b: &BlobRef| {
+                mark.as_ref()
+                    .and_then(|m| m.eta_ms(b.pack, b.offset, u64::from(b.clen)))
+                    .is_some_and(|eta| eta > cost)
+            };
             {
                 let mut inflight = lock(&self.inflight);
                 for (b, plen) in todo.drain(..) {
                     match inflight.get(&b.hash) {
+                        Some(_) if late(&b) => mine.push((b, plen)),
                         Some(f) if self.cache.is_some() => theirs.push((b, plen, f.clone())),
                         _ => {
                             inflight.insert(
@@ -677,7 +801,7 @@ impl Appliance {
                     }
                 }
             }
-            let r = self.fetch_from_origin(what, &mine, sink);
+            let r = self.fetch_from_origin(what, &mine, sink, kind);
             // Delivered blobs ended their marks already; the rest (after a failure) end here.
             for (b, _) in &mine {
                 self.end_inflight(&b.hash);
@@ -722,6 +846,7 @@ impl Appliance {
         what: &'static str,
         blobs: &[(BlobRef, u32)],
         sink: &mut dyn FnMut(&BlobRef, &[u8]),
+        kind: FetchKind,
     ) -> Result<(), ApplianceError> {
         let mut sorted: Vec<(BlobRef, u32)> = blobs.to_vec();
         sorted.sort_by_key(|(b, _)| (b.pack, b.offset));
@@ -746,7 +871,31 @@ impl Appliance {
             // the whole range has: the front of a long prefetch request is usable at once.
             let mut next = 0usize;
             let mut bad: Vec<(BlobRef, u32, VerifyError)> = Vec::new();
+            let t_req = Instant::now();
+            let mut told = 0usize;
+            let cache = self.cache.as_ref().filter(|_| kind == FetchKind::Stream);
+            let publish = |pos: u64, rate: u64| {
+                if let Some(c) = cache {
+                    c.stream_publish(&crate::cache::stream::StreamMark {
+                        appliance: self.stream_id(),
+                        pack,
+                        start,
+                        pos,
+                        end,
+                        rate,
+                        at_ms: crate::cache::stream::now_ms(),
+                    });
+                }
+            };
+            publish(start, self.stream_rate.load(Ordering::Relaxed));
             let mut deliver = |prefix: &[u8]| {
+                if prefix.len() >= told + STREAM_MARK_STEP {
+                    told = prefix.len();
+                    let secs = t_req.elapsed().as_secs_f64().max(1e-3);
+                    let rate = (told as f64 / secs) as u64;
+                    let rate = rate.max(self.stream_rate.load(Ordering::Relaxed));
+                    publish(start + told as u64, rate);
+                }
                 while let Some(&(b, plen)) = blobs.get(next) {
                     let at = (b.offset - start) as usize;
                     let Some(z) = prefix.get(at..at + b.clen as usize) else {
@@ -761,6 +910,21 @@ impl Appliance {
             };
             let data = self.get_range(path, start, end - start, &mut deliver)?;
             deliver(&data);
+            let took = t_req.elapsed();
+            match kind {
+                FetchKind::Stream => {
+                    let rate = (data.len() as f64 / took.as_secs_f64().max(1e-3)) as u64;
+                    self.stream_rate.store(rate, Ordering::Relaxed);
+                    publish(start + data.len() as u64, rate);
+                }
+                FetchKind::Demand => {
+                    let us = took.as_micros() as u64;
+                    let old = self.demand_us.load(Ordering::Relaxed);
+                    let avg = if old == 0 { us } else { (3 * old + us) / 4 };
+                    self.demand_us.store(avg, Ordering::Relaxed);
+                }
+                FetchKind::Background => {}
+            }
             for (b, plen, detail) in bad {
                 self.verify_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(

@@ -64,6 +64,7 @@
 //! already hold the bytes.)
 
 mod demand;
+pub mod stream;
 pub(crate) mod sys;
 
 use std::fs::{self, File};
@@ -243,6 +244,7 @@ pub struct ChunkCache {
     touch_after_us: u64,
     /// The cross-process "demand fetch in flight" signal (None: the file could not be opened).
     demand: Option<demand::DemandSignal>,
+    stream: Option<stream::StreamFile>,
 }
 
 /// A demand fetch in flight, until dropped (see [`ChunkCache::demand_begin`]).
@@ -394,6 +396,12 @@ impl ChunkCache {
                     })
                     .ok()
             },
+            stream: {
+                let p = root.join("stream");
+                stream::StreamFile::open(&p)
+                    .inspect_err(|e| tracing::debug!("chunk cache {}: {e}", p.display()))
+                    .ok()
+            },
         };
         {
             let mut l = cache.lock_usage()?;
@@ -490,6 +498,19 @@ impl ChunkCache {
     /// flight: prefetchers start no request while it is true.
     pub fn demand_anywhere(&self) -> bool {
         self.demand.as_ref().is_some_and(|d| d.anywhere())
+    }
+
+    /// Publishes where this process's working-set stream is ([`stream`]).
+    pub fn stream_publish(&self, m: &stream::StreamMark) {
+        if let Some(f) = &self.stream {
+            f.publish(m);
+        }
+    }
+
+    /// Where the working-set stream of `appliance` (first 16 bytes of its digest) is, if
+    /// some process sharing this directory streams it now.
+    pub fn stream_mark(&self, appliance: &[u8; 16]) -> Option<stream::StreamMark> {
+        self.stream.as_ref()?.read(appliance)
     }
 
     /// Whether chunk `h` is cached (by this or another process).

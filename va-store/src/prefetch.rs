@@ -448,7 +448,12 @@ fn prefetch_in_pack_order(
                     .map(|i| (i.blob, i.plen))
                     .collect();
                 if !want.is_empty() {
-                    if let Err(e) = app.fetch_blobs_background("chunk", &want, &mut |_, _| {}) {
+                    let r = if batch[0].recorded {
+                        app.fetch_blobs_streamed("chunk", &want, &mut |_, _| {})
+                    } else {
+                        app.fetch_blobs_background("chunk", &want, &mut |_, _| {})
+                    };
+                    if let Err(e) = r {
                         lock(&failed).get_or_insert(e);
                         s.stop.store(true, Ordering::Release);
                         return;

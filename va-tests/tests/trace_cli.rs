@@ -213,3 +213,77 @@ fn a_daemon_alone_prefetches_the_recorded_working_set_only() {
         drop(v);
     }
 }
+
+/// A working set streaming into a shared cache is waited for, not fetched twice: one vanbd
+/// streams the recorded working set over a slow link while a second one, sharing its cache
+/// and prefetching nothing, is read from start to end as fast as it serves. The reader
+/// catches up with the stream and then follows it: its reads of chunks at the head of the
+/// stream wait for them (and are counted) instead of fetching them again, so it fetches
+/// little itself, and what it serves is the disk.
+#[test]
+fn a_reader_follows_a_working_set_stream_of_another_process_instead_of_fetching() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.raw");
+    va_tests::random_disk(&disk, 16, false);
+    let plan = d.path().join("plan");
+    let lines: String = (0..256).map(|c| format!("disk {c}\n")).collect();
+    std::fs::write(&plan, lines).unwrap();
+    let site = d.path().join("site");
+    let p = |s: &std::path::Path| s.to_str().unwrap().to_string();
+    let digest = va_tests::va_ok(&[
+        "pack",
+        "-q",
+        "--disk",
+        &p(&disk),
+        "--plan",
+        &p(&plan),
+        "--out",
+        &p(&site.join("app")),
+    ]);
+    // 16 MiB at 40 Mbit/s: about 3.4 s of streaming.
+    let origin = va_tests::Origin::start(&site, Some(("40mbit", "40ms")));
+    let url = format!("{}app/#{}", origin.url, digest.trim());
+    let cache = p(&d.path().join("cache"));
+    let reader = va_tests::Vanbd::start(&[
+        "--appliance",
+        &url,
+        "--cache-dir",
+        &cache,
+        "--no-prefetch",
+    ]);
+    let streamer = va_tests::Vanbd::start(&[
+        "--appliance",
+        &url,
+        "--cache-dir",
+        &cache,
+        "--prefetch=working-set",
+    ]);
+    let copy = d.path().join("copy.raw");
+    va_tests::run_ok(
+        "nbdcopy",
+        [
+            "--connections=1",
+            "--requests=1",
+            "--request-size=65536",
+            reader.uri("disk").as_str(),
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&disk).unwrap(),
+        "the reader served the disk"
+    );
+    let st = reader.terminate();
+    let o = &st["appliance"]["origin"];
+    let fetched = o["fetched_bytes"].as_u64().unwrap();
+    let waits = o["stream_waits"].as_u64().unwrap();
+    // (Without waiting, the reader fetched 29 chunks, 1.8 MB, itself here.)
+    assert!(waits >= 10, "reads waited for the stream: {st}");
+    assert!(
+        fetched < 1 << 20,
+        "the reader fetched {fetched} bytes of a 16 MiB working set itself: {st}"
+    );
+    let st = streamer.terminate();
+    let pf = &st["prefetch"];
+    assert_eq!(pf["ws_local"], true, "{st}");
+}
