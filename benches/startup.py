@@ -51,6 +51,7 @@ BW = os.path.join(W, "bench")
 B = os.environ.get("VA_BIN_DIR", os.path.join(ROOT, "target", "release"))
 TASK = 8
 RESULTS = os.path.join(ROOT, "benches", "results")
+PLAN_RUN_ARGS = []  # --plan-run-args
 
 
 def log(*a):
@@ -291,9 +292,9 @@ def run_mode(mode, link_url, digests):
     if mode == "c":
         return Run("c", app, ["--prefetch", "all"]).result()
     if mode == "d":
-        return Run("d", plan, []).result()
+        return Run("d", plan, PLAN_RUN_ARGS).result()
     if mode == "e":
-        r = Run("e", plan, [], stdin_text="seed 2\n").result()
+        r = Run("e", plan, PLAN_RUN_ARGS, stdin_text="seed 2\n").result()
         if not r["input_seed_2_seen"]:
             raise SystemExit("mode e: the guest did not get its input (see target/demo/bench/runs/e)")
         return r
@@ -353,6 +354,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--links", default="100mbit/40ms,20mbit/60ms")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--plan-run-args", default="", metavar="ARGS",
+                    help="extra va run arguments for modes d and e (e.g. '--mem-read-ahead 128K')")
     ap.add_argument("--modes", default="abcdef")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--reuse-plan", action="store_true",
@@ -360,6 +363,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(RESULTS, "startup.json"))
     ap.add_argument("--svg-from", metavar="JSON", help="only redraw the pictures from a results file")
     a = ap.parse_args()
+    PLAN_RUN_ARGS.extend(a.plan_run_args.split())
     if a.svg_from:
         for link, res in json.load(open(a.svg_from))["links"].items():
             runs = {m: {"timeline": r["timeline_round_1"]} for m, r in res["rows"].items() if "timeline_round_1" in r}
