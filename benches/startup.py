@@ -32,6 +32,7 @@ Needs the demo's snapshot (made here with `bash scripts/demo.sh --prepare-only` 
 stale) and release binaries (built here unless --no-build). Run it on a quiet machine.
 """
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -85,14 +86,17 @@ def demo_stamp():
 
 
 def prepare(build):
+    """Makes the demo's snapshot appliance if missing or stale; returns whether it did."""
     stamp_file = os.path.join(W, "snap", ".stamp")
     fresh = os.path.exists(stamp_file) and open(stamp_file).read().strip() == demo_stamp()
     if not fresh or not os.path.exists(os.path.join(W, "site", "app", "manifest")):
         log("making the demo's snapshot appliance: bash scripts/demo.sh --prepare-only")
         subprocess.run(["bash", "scripts/demo.sh", "--prepare-only"], cwd=ROOT, check=True)
-    elif build:
+        return True
+    if build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "va", "-p", "vablk", "-p", "vamem",
                         "-p", "va-preload"], cwd=ROOT, check=True)
+    return False
 
 
 def va(*args, **kw):
@@ -223,10 +227,51 @@ class Run:
             "working_set_bytes": g(f, "working_set.bytes"),
             "ws_local_s": g(pf, "ws_ms") / 1e3 if pf.get("ws_local") else None,
             "ws_rate_bps": ws_rate,
+            "resumed_s": resumed_at(self.err),
             "bad_answers": text.count("BAD"),
             "input_seed_2_seen": "input: seed 2" in text,
             "timeline": [(round(t, 2), b, m, d) for t, b, m, d in self.samples],
         }
+
+
+def resumed_at(log_path):
+    """Seconds from va run's start to 'guest running' (its own timeline), or None."""
+    m = re.search(r"\[va run\s+([\d.]+)s\] guest running", open(log_path).read())
+    return float(m.group(1)) if m else None
+
+
+def need_profile():
+    """What the guest needs by when, from the recorded traces: [(t_s, stored bytes touched by
+    then)] over the chunks in order of their median first access (time since the resume)."""
+    traces = sorted(glob.glob(os.path.join(BW, "record-*.trace")))
+    # The planned bundle holds the same images (bytes as stored are the same chunks').
+    app = "file://" + os.path.join(BW, "site", "app-plan") + "/"
+    j = json.loads(va("trace", "show", "--json", "--appliance", app, *traces).stdout)
+    times, stored = {}, {}
+    for t in j["traces"]:
+        for e in t["entries"]:
+            if e["time_us"] is not None:
+                k = (e["image"], e["chunk"])
+                times.setdefault(k, []).append(e["time_us"] / 1e6)
+                stored[k] = e["stored"]
+    out, total = [], 0
+    for k in sorted(times, key=lambda k: statistics.median(times[k])):
+        total += stored[k]
+        out.append((statistics.median(times[k]), total))
+    return out
+
+
+def dependency_limit(profile, rate_bps, pre_bytes, local_done_s, local_resumed_s):
+    """A tighter lower bound than L when the guest touches most of its working set early and
+    computes afterwards: it reaches the moment t of its local run (t after the resume) no
+    sooner than the bytes it has touched by then have crossed the link, and still needs the
+    local run's remaining time from there: max over t of (bytes(t) / rate + time left after
+    t), and never less than the local run."""
+    compute = local_done_s - local_resumed_s
+    best = local_done_s
+    for t, b in profile:
+        best = max(best, (pre_bytes + b) * 8 / rate_bps + compute - t)
+    return best
 
 
 def record_and_plan(rounds_to_record=3):
@@ -369,10 +414,12 @@ def main():
             runs = {m: {"timeline": r["timeline_round_1"]} for m, r in res["rows"].items() if "timeline_round_1" in r}
             svg(link, runs, os.path.join(RESULTS, f"startup-{link.replace('/', '-')}.svg"))
         return
-    prepare(not a.no_build)
+    remade = prepare(not a.no_build)
     os.makedirs(BW, exist_ok=True)
     saved = os.path.join(BW, "plan.json")
-    if a.reuse_plan and os.path.exists(saved):
+    if a.reuse_plan and remade:
+        log("the snapshot appliance was made again: recording a new plan (--reuse-plan ignored)")
+    if a.reuse_plan and not remade and os.path.exists(saved):
         show, digests = json.load(open(saved))
     else:
         show, digests = record_and_plan()
@@ -436,6 +483,11 @@ def summarize(link, rate_bps, runs):
     print(f"\n{link}: physical limit L = max(local task {floor} s, {need / 2**20:.1f} MiB needed "
           f"({ws / 2**20:.1f} MiB working set + {pre / 2**20:.1f} MiB before the resume) / link "
           f"= {need * 8 / rate_bps:.1f} s) = {limit:.1f} s")
+    dep = None
+    if floor and med("f", "resumed_s") is not None:
+        dep = dependency_limit(need_profile(), rate_bps, pre, floor, med("f", "resumed_s"))
+        print(f"{link}: dependency-aware limit L_dep = {dep:.1f} s (what the guest has touched by "
+              f"each moment of the local run crossed the link first, then the local run's time left)")
     print(f"{'mode':34} {'first':>7} {'done':>7} {'xL':>5} {'mem f':>6} {'stall':>6} {'disk f':>6} {'stall':>6} {'MiB':>7}")
     names = {"a": "a download, then run locally", "b": "b demand only", "c": "c prefetch, logical order",
              "d": "d trace-guided (3-run plan)", "e": "e as d, another input", "f": "f all local (floor)"}
@@ -446,6 +498,8 @@ def summarize(link, rate_bps, runs):
     targets = {}
     if "d" in rows:
         targets["d_done_le_1.1L"] = rows["d"]["task_done_s"] <= 1.1 * limit
+        if dep:
+            print(f"d: task done {rows['d']['task_done_s']:.2f} s = {rows['d']['task_done_s'] / dep:.2f} x L_dep")
         targets["d_fetched_le_1.3ws"] = rows["d"]["fetched_bytes"] <= 1.3 * need
     if "d" in rows and "b" in rows:
         fb = rows["b"]["mem_faults"] + rows["b"]["disk_faults"]
@@ -458,7 +512,8 @@ def summarize(link, rate_bps, runs):
     if "d" in rows and rows["d"].get("prefetch_link_use"):
         targets["d_prefetch_ge_90pct_link"] = rows["d"]["prefetch_link_use"] >= 0.9
     print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
-    return {"rate_bps": rate_bps, "limit_s": limit, "needed_bytes": need, "working_set_bytes": ws,
+    return {"rate_bps": rate_bps, "limit_s": limit, "dependency_limit_s": dep, "needed_bytes": need,
+            "working_set_bytes": ws,
             "before_resume_bytes": pre, "rows": rows, "targets": targets}
 
 

@@ -48,6 +48,18 @@ fn merge_orders_by_runs_then_typical_time_and_show_summarises() {
     );
     assert!(out.contains("timeline"), "{out}");
     assert!(out.contains("1: 1.00  0.50"), "{out}");
+    let (ok, out, err) = va(&["trace", "show", &a, &b, "--json"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["schema"], "va-trace-show-v1");
+    assert_eq!(j["jaccard"][0][1], 0.5);
+    let e = &j["traces"][1]["entries"];
+    assert_eq!(e.as_array().unwrap().len(), 3, "{j}");
+    assert_eq!(
+        (&e[2]["time_us"], &e[2]["image"], &e[2]["chunk"]),
+        (&serde_json::json!(900), &serde_json::json!("disk"), &serde_json::json!(4)),
+        "{j}"
+    );
 
     // Runs of different appliances are not merged.
     let other = d.path().join("other");

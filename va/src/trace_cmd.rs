@@ -41,7 +41,8 @@ enum TraceCmd {
     /// The working set per image (chunks, bytes, and with --appliance bytes as stored), how
     /// alike several runs are (Jaccard index of the chunks they touched), and a timeline.
     #[command(
-        after_help = "EXAMPLE:\n  va trace show run.trace --appliance 'http://origin/app/#<digest>'"
+        after_help = "EXAMPLE:\n  va trace show run.trace --appliance 'http://origin/app/#<digest>'\n  \
+        va trace show run.trace --appliance 'http://origin/app/#<digest>' --json | jq .traces[0].entries[0]"
     )]
     Show {
         /// The traces.
@@ -50,6 +51,10 @@ enum TraceCmd {
         /// The appliance, to count bytes as stored (compressed; zero chunks cost nothing).
         #[arg(long, value_name = "URL")]
         appliance: Option<String>,
+        /// Print JSON (`va-trace-show-v1`) instead: per trace every first access with its time
+        /// (µs), image, chunk and bytes as stored (with --appliance), and the Jaccard matrix.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -86,7 +91,11 @@ pub fn run(a: TraceArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        TraceCmd::Show { traces, appliance } => {
+        TraceCmd::Show {
+            traces,
+            appliance,
+            json,
+        } => {
             let runs = read_all(&traces)?;
             let app = match &appliance {
                 Some(url) => Some(
@@ -95,6 +104,25 @@ pub fn run(a: TraceArgs) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
+            if let Some(a) = &app {
+                let hex = a.digest().to_hex();
+                for (t, p) in runs.iter().zip(&traces) {
+                    if let Some(other) = t.appliance().filter(|&x| x != hex) {
+                        eprintln!(
+                            "va trace show: note: {} was recorded on appliance {}, shown with the \
+                             bytes as stored in {} (right if it holds the same images, e.g. \
+                             repacked with a plan)",
+                            p.display(),
+                            &other[..other.len().min(12)],
+                            &hex[..12]
+                        );
+                    }
+                }
+            }
+            if json {
+                println!("{}", show_json(&runs, &traces, app.as_deref())?);
+                return Ok(());
+            }
             for (t, p) in runs.iter().zip(&traces) {
                 print!("{}", show(t, p, app.as_deref())?);
             }
@@ -144,6 +172,55 @@ fn same_appliance(runs: &[Trace], paths: &[PathBuf]) -> anyhow::Result<()> {
 }
 
 /// One trace: per image, then a timeline in ten slices.
+/// Bytes chunk `chunk` of image `k` takes as stored (0 for a zero chunk or without an
+/// appliance).
+fn stored_bytes(app: Option<&Appliance>, k: ImageKind, chunk: u64) -> anyhow::Result<u64> {
+    Ok(match app {
+        Some(a) => match a.entry(k, chunk) {
+            Ok(ChunkEntry::Stored(b)) => u64::from(b.clen),
+            Ok(_) => 0,
+            Err(err) => bail!("{} chunk {}: {err}", k, chunk),
+        },
+        None => 0,
+    })
+}
+
+/// `va trace show --json`.
+fn show_json(
+    runs: &[Trace],
+    paths: &[PathBuf],
+    app: Option<&Appliance>,
+) -> anyhow::Result<serde_json::Value> {
+    let mut traces = Vec::new();
+    for (t, p) in runs.iter().zip(paths) {
+        let mut entries = Vec::with_capacity(t.entries.len());
+        for e in &t.entries {
+            entries.push(serde_json::json!({
+                "time_us": e.time_us,
+                "image": e.item.image.to_string(),
+                "chunk": e.item.chunk,
+                "stored": stored_bytes(app, e.item.image, e.item.chunk)?,
+            }));
+        }
+        traces.push(serde_json::json!({
+            "path": p.display().to_string(),
+            "appliance": t.appliance(),
+            "chunk_size": t.chunk_size(),
+            "entries": entries,
+        }));
+    }
+    let sets: Vec<_> = runs.iter().map(Trace::items).collect();
+    let jac: Vec<Vec<f64>> = sets
+        .iter()
+        .map(|a| sets.iter().map(|b| jaccard(a, b)).collect())
+        .collect();
+    Ok(serde_json::json!({
+        "schema": "va-trace-show-v1",
+        "traces": traces,
+        "jaccard": jac,
+    }))
+}
+
 fn show(t: &Trace, path: &std::path::Path, app: Option<&Appliance>) -> anyhow::Result<String> {
     let cs = t
         .chunk_size()
@@ -157,14 +234,7 @@ fn show(t: &Trace, path: &std::path::Path, app: Option<&Appliance>) -> anyhow::R
     let mut per: BTreeMap<usize, (ImageKind, u64, u64)> = BTreeMap::new();
     for e in &t.entries {
         let k = e.item.image;
-        let stored = match app {
-            Some(a) => match a.entry(k, e.item.chunk) {
-                Ok(ChunkEntry::Stored(b)) => u64::from(b.clen),
-                Ok(_) => 0,
-                Err(err) => bail!("{} chunk {}: {err}", k, e.item.chunk),
-            },
-            None => 0,
-        };
+        let stored = stored_bytes(app, k, e.item.chunk)?;
         let s = per.entry(k.index()).or_insert((k, 0, 0));
         s.1 += 1;
         s.2 += stored;
