@@ -212,7 +212,10 @@ enum FetchKind {
     Stream,
 }
 
-/// Longest wait for a working-set stream when no demand request has been timed yet.
+/// Demand requests' time a read waits for a working-set stream instead.
+const STREAM_HORIZON_REQUESTS: u64 = 4;
+
+/// Demand request time assumed when none has been timed yet, ms.
 const DEFAULT_DEMAND_COST_MS: u64 = 150;
 
 /// Bytes of a streamed request between two updates of its stream record.
@@ -713,15 +716,26 @@ impl Appliance {
         }
     }
 
+    /// How long a read waits for a working-set stream to bring its chunk rather than fetch it:
+    /// a few demand requests' time. The stream brings the chunks in the order the guest is
+    /// expected to touch them, so a guest ahead of the stream would fault again on the next
+    /// ones: one wait for the stream replaces a run of demand requests, each a round trip
+    /// behind the stream's queue that also duplicates bytes the stream brings anyway. (Waiting
+    /// only as long as one request cost made a resume at 20 Mbit/s take 7.9 s instead of
+    /// 6.9 s: 70 faults instead of 18, in runs of consecutive chunks.)
+    fn stream_horizon_ms(&self) -> u64 {
+        STREAM_HORIZON_REQUESTS * self.demand_cost_ms()
+    }
+
     /// Waits for the blobs of `want` that a working-set stream of this appliance (in this or
-    /// another process) brings sooner than a demand request would, for at most that long.
+    /// another process) brings within [`Appliance::stream_horizon_ms`], for at most that long.
     fn await_stream(&self, want: &[(BlobRef, u32)]) {
         let Some(cache) = &self.cache else { return };
         let id = self.stream_id();
         let Some(mut mark) = cache.stream_mark(&id) else {
             return;
         };
-        let cost = self.demand_cost_ms();
+        let cost = self.stream_horizon_ms();
         let soon = |m: &crate::cache::stream::StreamMark, b: &BlobRef| {
             m.eta_ms(b.pack, b.offset, u64::from(b.clen))
                 .is_some_and(|eta| eta <= cost)
@@ -790,7 +804,7 @@ impl Appliance {
                 (FetchKind::Demand, Some(c)) => c.stream_mark(&self.stream_id()),
                 _ => None,
             };
-            let cost = self.demand_cost_ms();
+            let cost = self.stream_horizon_ms();
             let late = |b: &BlobRef| {
                 mark.as_ref()
                     .and_then(|m| m.eta_ms(b.pack, b.offset, u64::from(b.clen)))

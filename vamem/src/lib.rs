@@ -69,6 +69,8 @@ pub struct Mounted {
     session: Option<JoinHandle<std::io::Result<()>>>,
     counters: Arc<FuseCounters>,
     dev: Arc<dyn BlockDevice>,
+    /// `/sys/class/bdi/<dev>/read_ahead_kb` and the value it was set to, once tuned.
+    read_ahead_knob: Option<(PathBuf, u32)>,
 }
 
 /// Mounts `dev` as `MOUNTPOINT/mem` (see [`mount::prepare`] for stale and busy mount points),
@@ -102,16 +104,23 @@ pub fn serve(
         .name("vamem-fuse".into())
         .spawn(move || session.run())
         .map_err(fuse_err)?;
-    let mounted = Mounted {
+    let mut mounted = Mounted {
         mountpoint: mp.clone(),
         unmounter: Some(unmounter),
         session: Some(handle),
         counters,
         dev,
+        read_ahead_knob: None,
     };
     match std::fs::metadata(&mp) {
         Ok(m) => {
             let (dir, settings) = mount::tune_bdi(m.dev(), opts.read_ahead / 1024);
+            if settings
+                .iter()
+                .any(|s| s.name == "read_ahead_kb" && !s.after.starts_with("error"))
+            {
+                mounted.read_ahead_knob = Some((dir.join("read_ahead_kb"), opts.read_ahead / 1024));
+            }
             for s in settings {
                 tracing::info!(
                     "FUSE BDI {}: {} {} -> {}",
@@ -136,6 +145,35 @@ impl Mounted {
     /// `MOUNTPOINT/mem`.
     pub fn file(&self) -> PathBuf {
         self.mountpoint.join(MEM_NAME)
+    }
+
+    /// Opens `MOUNTPOINT/mem` for pushing pages with `readahead(2)` in windows of up to
+    /// `window` bytes, and returns it with the window it got. A file keeps the readahead size
+    /// its BDI had when it was opened, and `readahead(2)` reads at most that much per call: the
+    /// BDI's `read_ahead_kb` is raised to `window` while this file is opened, then put back,
+    /// so that files opened later (QEMU's) keep fault-sized reads. Call it before QEMU opens
+    /// the file. Without the BDI knob (not root) the window is the mount's readahead.
+    pub fn open_pusher(&self, window: u64) -> std::io::Result<(std::fs::File, u64)> {
+        let Some((knob, kb)) = &self.read_ahead_knob else {
+            let f = std::fs::File::open(self.file())?;
+            return Ok((f, self.read_ahead_bytes()));
+        };
+        let want_kb = u32::try_from(window / 1024).unwrap_or(u32::MAX).max(*kb);
+        let raised = std::fs::write(knob, want_kb.to_string()).is_ok();
+        let f = std::fs::File::open(self.file());
+        if raised {
+            if let Err(e) = std::fs::write(knob, kb.to_string()) {
+                tracing::warn!("{}: cannot put back {kb}: {e}", knob.display());
+            }
+        }
+        let got = if raised { u64::from(want_kb) * 1024 } else { u64::from(*kb) * 1024 };
+        Ok((f?, got))
+    }
+
+    fn read_ahead_bytes(&self) -> u64 {
+        self.read_ahead_knob
+            .as_ref()
+            .map_or(128 << 10, |(_, kb)| u64::from(*kb) * 1024)
     }
 
     /// The counters.

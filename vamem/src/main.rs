@@ -75,6 +75,9 @@ const DEFAULTS: Defaults = Defaults::new(
     Duration::from_secs(300),
 );
 
+/// Largest `readahead(2)` window of the puller.
+const PUSH_WINDOW: u64 = 1 << 20;
+
 fn main() -> ExitCode {
     // `--miss-workers` was vamem's name for the miss pool size.
     let matches = Args::command()
@@ -148,12 +151,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         app.location()
     );
     let puller = if config.prefetch != Policy::None {
+        // Pushes go in windows of up to 1 MiB whatever the fault readahead (a 4 KiB fault
+        // size must not mean 16 pushes per chunk, queued ahead of the guest's faults).
+        let (file, window) = mounted
+            .open_pusher(PUSH_WINDOW.max(u64::from(read_ahead)))
+            .with_context(|| format!("opening {}", mounted.file().display()))?;
+        tracing::info!("pushing pages in windows of up to {} KiB", window >> 10);
         Some(Puller::start(
             app.clone(),
-            mounted.file(),
+            file,
             mounted.counters().clone(),
             PullOptions {
-                window: u64::from(read_ahead),
+                window,
                 workers: args.prefetch_workers as usize,
                 policy: config.prefetch,
                 fetch: !config.prefetch_elsewhere,

@@ -81,10 +81,12 @@ pub fn is_puller(pid: u32) -> bool {
 }
 
 impl Puller {
-    /// Starts prefetching the mem image of `app` into the cache and the page cache of `file`.
+    /// Starts prefetching the mem image of `app` into the cache and the page cache of `file`
+    /// (the RAM file, opened with a readahead of at least `opts.window`: see
+    /// [`crate::Mounted::open_pusher`]).
     pub fn start(
         app: Arc<Appliance>,
-        file: PathBuf,
+        file: std::fs::File,
         counters: Arc<FuseCounters>,
         opts: PullOptions,
     ) -> std::io::Result<Puller> {
@@ -172,17 +174,13 @@ fn order(
 fn pull_in_pack_order(
     app: &Arc<Appliance>,
     mut pre: Prefetcher,
-    file: &PathBuf,
+    f: &std::fs::File,
     counters: &FuseCounters,
     opts: &PullOptions,
     stop: &AtomicBool,
 ) -> Result<(), PullError> {
     let t0 = Instant::now();
     let before = app.stats().fetched_bytes;
-    let f = std::fs::File::open(file).map_err(|source| PullError::Open {
-        path: file.clone(),
-        source,
-    })?;
     let list = order(app, opts.policy, stop)?;
     let cs = app.manifest().chunk_size as u64;
     let size = app.image(ImageKind::Mem)?.size;
@@ -204,7 +202,7 @@ fn pull_in_pack_order(
         while off < stop_at {
             let len = opts.window.min(stop_at - off);
             let t = Instant::now();
-            match sys::readahead(&f, off, len) {
+            match sys::readahead(f, off, len) {
                 Ok(()) => {
                     counters.pushes.fetch_add(1, Ordering::Relaxed);
                     counters.pushed_bytes.fetch_add(len, Ordering::Relaxed);
@@ -221,6 +219,12 @@ fn pull_in_pack_order(
         // Wait for the chunk to be cached (or for this process's prefetcher to end: then the
         // readahead fetches it on demand; when another process fetches, wait for it).
         if let Some(cache) = &cache {
+            if !cache.contains(&hash) {
+                // Hand over what is here before waiting for more.
+                if let Some((a, next)) = run_start.take() {
+                    pull(a, next);
+                }
+            }
             while !cache.contains(&hash) && (!opts.fetch || !pre.stats().finished) {
                 if stop.load(Ordering::Acquire) {
                     return Ok(());
