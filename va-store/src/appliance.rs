@@ -372,21 +372,7 @@ impl Appliance {
             .cache_dir
             .as_ref()
             .map(|d| d.join("manifests").join(Hash::of(base.as_bytes()).to_hex()));
-        // A pinned manifest already saved in the cache is used as it is (the pin verifies
-        // it): a sidecar started by `va run`, or a restart, costs no round trip.
-        let pinned_saved = digest_pin.and_then(|pin| {
-            let p = saved.as_ref()?;
-            if std::fs::metadata(p).ok()?.len() > crate::format::MAX_MANIFEST {
-                return None;
-            }
-            let b = std::fs::read(p).ok()?;
-            (Hash::of(&b) == pin).then_some(b)
-        });
-        let fetched = match pinned_saved {
-            Some(b) => Ok(b),
-            None => origin.get_file("manifest", crate::format::MAX_MANIFEST),
-        };
-        let bytes = match fetched {
+        let bytes = match origin.get_file("manifest", crate::format::MAX_MANIFEST) {
             Ok(b) => {
                 if let Some(p) = &saved {
                     save_manifest(p, &b);
@@ -1147,43 +1133,6 @@ mod tests {
             short.to_string(),
             "packs/a.pack: asked for 100 bytes at 16, got 10"
         );
-    }
-
-    #[test]
-    fn a_pinned_manifest_saved_in_the_cache_is_used_without_the_origin() {
-        let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("disk");
-        std::fs::write(&src, vec![5u8; 200_000]).unwrap();
-        let out = d.path().join("b");
-        crate::pack::pack(
-            &[crate::pack::PackInput {
-                kind: ImageKind::Disk,
-                path: src,
-            }],
-            &out,
-            &crate::pack::PackOptions::default(),
-            &|_, _, _| {},
-        )
-        .unwrap();
-        let opts = OpenOptions {
-            cache_dir: Some(d.path().join("c")),
-            cache_size: 1 << 30,
-            ..Default::default()
-        };
-        let url = out.to_str().unwrap().to_string();
-        let digest = Appliance::open(&url, &opts).unwrap().digest();
-        // The origin loses its manifest: pinned, the saved one is used (checked by the pin);
-        // unpinned, the origin's word is needed.
-        std::fs::rename(out.join("manifest"), out.join("manifest.gone")).unwrap();
-        let pinned = format!("{url}#{digest}");
-        assert_eq!(Appliance::open(&pinned, &opts).unwrap().digest(), digest);
-        assert!(matches!(
-            Appliance::open(&url, &opts),
-            Err(ApplianceError::NoManifest(_))
-        ));
-        // A saved manifest that does not match the pin is not used.
-        let other = format!("{url}#{}", Hash::of(b"other"));
-        assert!(Appliance::open(&other, &opts).is_err());
     }
 
     #[test]

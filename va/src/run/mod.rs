@@ -288,18 +288,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     } else {
         a.prefetch
     };
-    // The small images QEMU reads itself (device state, machine; kernel and initrd of a boot),
-    // fetched (verified) into the run directory first: nothing runs before they are here, so
-    // they go on the link before the working set (the sidecars then find the state cached).
-    let files = launch::fetch_files(&app, snapshot, &run_path)?;
-    if !files.written.is_empty() {
-        let what: Vec<String> = files
-            .written
-            .iter()
-            .map(|(k, n)| format!("{k} {}", human(*n)))
-            .collect();
-        tl.mark(format_args!("fetched {}", what.join(", ")));
-    }
     // One vablk per disk, in disk order: `disk.sock`, `disk1.sock`, ...
     let disks = launch::disks(&app)?;
     // One scheduler for the VM's link: disk and memory in one order (the plan's), demand
@@ -390,6 +378,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     for s in &mut sidecars {
         s.wait_ready(Duration::from_secs(120))?;
         tl.mark(format_args!("{} ready (pid {})", s.name, s.pid()));
+    }
+
+    // The small images QEMU reads itself: fetched (verified) into the run directory.
+    let files = launch::fetch_files(&app, snapshot, &run_path)?;
+    if !files.written.is_empty() {
+        let what: Vec<String> = files
+            .written
+            .iter()
+            .map(|(k, n)| format!("{k} {}", human(*n)))
+            .collect();
+        tl.mark(format_args!("fetched {}", what.join(", ")));
     }
 
     // QEMU, rendered from the machine description (qemu-args).
