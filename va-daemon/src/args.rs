@@ -28,6 +28,21 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "HEX", help_heading = "Appliance")]
     pub digest: Option<String>,
 
+    /// Refuse an appliance URL that pins no manifest digest (`URL#<digest>` or --digest).
+    /// Unpinned, whatever manifest the origin serves is trusted (over plain http, whatever
+    /// the network serves; a warning says so).
+    #[arg(
+        long,
+        env = "VA_REQUIRE_PIN",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        help_heading = "Appliance"
+    )]
+    pub require_pin: bool,
+
     /// Serve this local raw image file instead of an appliance (testing and benchmarks).
     /// Writes go to the file itself (a second writer is refused); the appliance options do
     /// not apply.
@@ -74,10 +89,18 @@ pub struct DaemonArgs {
     pub origin_retries: u32,
 
     /// How long a request whose data cannot be fetched (origin unreachable) or verified keeps
-    /// being retried before it fails, in seconds (0: fail at once). The default depends on the
-    /// daemon: a guest's RAM cannot take an error, a tool can.
-    #[arg(long, value_name = "SECONDS", help_heading = "Origin")]
-    pub retry_for: Option<u64>,
+    /// being retried before it fails: SECONDS, or `none` to wait until the origin is back,
+    /// however long (like an NFS hard mount; 0: fail at once). The default depends on the
+    /// daemon: a guest's disk and RAM wait (`none` for vablk and vamem; an error would reach
+    /// the guest, and RAM cannot take one at all), a tool would rather fail (vanbd: 30).
+    #[arg(
+        long,
+        visible_alias = "retry-for",
+        value_name = "SECONDS|none",
+        value_parser = parse_deadline,
+        help_heading = "Origin"
+    )]
+    pub origin_deadline: Option<std::time::Duration>,
 
     /// Prefetch in the background, into the local cache, in pack order (the plan order of
     /// `va pack --plan`): `working-set` fetches the working set recorded in the manifest (for
@@ -163,6 +186,17 @@ pub fn parse_size(s: &str) -> Result<u64, va_store::SizeError> {
     va_store::parse_size(s)
 }
 
+/// `--origin-deadline`: seconds, or `none` (wait for ever).
+pub fn parse_deadline(s: &str) -> Result<std::time::Duration, String> {
+    match s {
+        "none" | "never" | "forever" => Ok(std::time::Duration::MAX),
+        _ => s
+            .parse::<u64>()
+            .map(std::time::Duration::from_secs)
+            .map_err(|_| format!("{s:?} is neither a number of seconds nor `none`")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +230,13 @@ mod tests {
         let c =
             Cli::try_parse_from(["x", "--appliance", "/a", "--prefetch", "--no-prefetch"]).unwrap();
         assert!(c.d.prefetch.is_none() && c.d.no_prefetch);
+    }
+
+    #[test]
+    fn origin_deadline_takes_seconds_or_none() {
+        use std::time::Duration;
+        assert_eq!(parse_deadline("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_deadline("none"), Ok(Duration::MAX));
+        assert!(parse_deadline("soon").is_err());
     }
 }

@@ -36,6 +36,8 @@ pub enum Source {
         url: String,
         /// A digest given with `--digest`.
         digest: Option<Hash>,
+        /// Refuse a URL without a pinned digest.
+        require_pin: bool,
         /// Cache directory and bound.
         cache_dir: PathBuf,
         cache_size: u64,
@@ -171,6 +173,7 @@ impl Config {
                 Source::Appliance {
                     url,
                     digest,
+                    require_pin: args.require_pin,
                     cache_dir: args
                         .cache_dir
                         .unwrap_or_else(crate::args::default_cache_dir),
@@ -190,10 +193,7 @@ impl Config {
             (_, false, Some(p)) => p,
             (_, false, None) => defaults.prefetch,
         };
-        let retry_for = args
-            .retry_for
-            .map(Duration::from_secs)
-            .unwrap_or(defaults.retry_for);
+        let retry_for = args.origin_deadline.unwrap_or(defaults.retry_for);
         Ok(Config {
             daemon: defaults.daemon,
             prefetch,
@@ -303,7 +303,7 @@ mod tests {
         }
         let no = DaemonArgs {
             no_prefetch: true,
-            retry_for: Some(0),
+            origin_deadline: Some(Duration::ZERO),
             ..args.clone()
         };
         let c = Config::from_args(no, &defaults(true)).unwrap();

@@ -114,6 +114,7 @@ pub fn open_device(config: &Config) -> Result<Served, OpenError> {
         Source::Appliance {
             url,
             digest,
+            require_pin,
             cache_dir,
             cache_size,
             origin,
@@ -125,6 +126,7 @@ pub fn open_device(config: &Config) -> Result<Served, OpenError> {
                     cache_dir: Some(cache_dir.clone()),
                     cache_size: *cache_size,
                     origin: origin.clone(),
+                    require_pin: *require_pin,
                 },
             )
             .map_err(|source| OpenError::Appliance {

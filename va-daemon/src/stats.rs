@@ -22,8 +22,9 @@
 //!     "digest", "location", "image", "image_bytes",
 //!     "local_bytes", "local_fraction", // what reads without the network, 0.0 ..= 1.0
 //!     "origin": { "requests", "fetched_bytes", "blobs", "verify_failures",
-//!                 "stream_waits", "stream_wait_us" }  // reads that waited for a working-set
+//!                 "stream_waits", "stream_wait_us",   // reads that waited for a working-set
 //!                                                      // stream instead of fetching
+//!                 "cache_discarded" }                  // damaged cache files removed
 //!   },
 //!   "transport": { ... }               // the daemon's own protocol counters
 //! }
@@ -61,6 +62,10 @@ pub struct OriginReport {
     /// Microseconds they waited in all.
     #[serde(default)]
     pub stream_wait_us: u64,
+    /// Chunk files of the local cache found damaged (bytes not matching their name, wrong
+    /// length, not a regular file) and removed; each was fetched again.
+    #[serde(default)]
+    pub cache_discarded: u64,
 }
 
 /// The appliance side of a report.
@@ -105,7 +110,11 @@ impl Report {
     pub fn write_to(&self, path: &Path) -> std::io::Result<()> {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
-        std::fs::write(&tmp, self.to_json() + "\n")?;
+        {
+            use std::io::Write;
+            va_store::fsutil::create_private(std::path::Path::new(&tmp))?
+                .write_all((self.to_json() + "\n").as_bytes())?;
+        }
         std::fs::rename(&tmp, path)
     }
 }
@@ -184,6 +193,7 @@ impl StatsSources {
                     verify_failures: f.verify_failures,
                     stream_waits: f.stream_waits,
                     stream_wait_us: f.stream_wait_us,
+                    cache_discarded: f.cache_discarded,
                 },
             }
         });

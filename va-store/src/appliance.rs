@@ -41,6 +41,15 @@ pub enum ApplianceError {
     /// The origin has no manifest at the location.
     #[error("no manifest at {0} (is this a vastream bundle directory?)")]
     NoManifest(String),
+    /// The URL pins no digest and pinning is required.
+    #[error(
+        "{url} pins no manifest digest and unpinned URLs are refused (--require-pin, \
+         VA_REQUIRE_PIN): give URL#<digest> (the digest `va pack` printed) or --digest"
+    )]
+    Unpinned {
+        /// The URL as given.
+        url: String,
+    },
     /// The URL pins one manifest digest and the options another.
     #[error("the URL pins digest {url} but --digest says {option}")]
     DigestConflict {
@@ -182,6 +191,10 @@ pub struct OpenOptions {
     pub cache_size: u64,
     /// Origin connection behaviour.
     pub origin: OriginOptions,
+    /// Refuse a URL that pins no manifest digest ([`ApplianceError::Unpinned`]). Unpinned,
+    /// whatever manifest the origin serves is trusted, and over plain `http://` whatever a
+    /// network in between serves: a warning says so.
+    pub require_pin: bool,
 }
 
 /// Counters of the fetcher.
@@ -199,6 +212,8 @@ pub struct FetchStats {
     pub stream_waits: u64,
     /// Microseconds they waited in all.
     pub stream_wait_us: u64,
+    /// Chunk files of the local cache found damaged and removed (fetched again).
+    pub cache_discarded: u64,
 }
 
 /// Who a fetch is for.
@@ -366,6 +381,11 @@ impl Appliance {
             }
             (a, b) => a.or(b),
         };
+        if digest_pin.is_none() && opts.require_pin {
+            return Err(ApplianceError::Unpinned {
+                url: url.to_string(),
+            });
+        }
         let origin = origin::open(&base, &opts.origin)?;
         let location = origin.describe("manifest");
         let saved = opts
@@ -399,6 +419,13 @@ impl Appliance {
                     got: digest,
                 });
             }
+        }
+        if digest_pin.is_none() && base.starts_with("http://") {
+            tracing::warn!(
+                "{base} is not pinned and plain http: trusting manifest {digest} as served \
+                 (anyone on the path could have changed it); pin it with {base}#{digest}, and \
+                 refuse unpinned URLs with --require-pin (VA_REQUIRE_PIN=1)"
+            );
         }
         let manifest = Manifest::decode(&bytes).map_err(|source| ApplianceError::Format {
             location: location.clone(),
@@ -485,6 +512,7 @@ impl Appliance {
             verify_failures: self.verify_failures.load(Ordering::Relaxed),
             stream_waits: self.stream_waits.load(Ordering::Relaxed),
             stream_wait_us: self.stream_wait_us.load(Ordering::Relaxed),
+            cache_discarded: self.cache.as_ref().map_or(0, |c| c.discarded()),
         }
     }
 
@@ -1039,7 +1067,7 @@ fn save_manifest(path: &std::path::Path, bytes: &[u8]) {
         return;
     }
     if let Some(dir) = path.parent() {
-        if let Err(e) = std::fs::create_dir_all(dir) {
+        if let Err(e) = fsutil::create_private_dir_all(dir) {
             tracing::warn!(
                 "could not save the manifest in the local cache: {}: {e}",
                 dir.display()
@@ -1133,6 +1161,41 @@ mod tests {
             short.to_string(),
             "packs/a.pack: asked for 100 bytes at 16, got 10"
         );
+    }
+
+    #[test]
+    fn unpinned_urls_are_refused_when_a_pin_is_required() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("disk");
+        std::fs::write(&src, vec![5u8; 100_000]).unwrap();
+        let out = d.path().join("b");
+        crate::pack::pack(
+            &[crate::pack::PackInput {
+                kind: ImageKind::Disk,
+                path: src,
+            }],
+            &out,
+            &crate::pack::PackOptions::default(),
+            &|_, _, _| {},
+        )
+        .unwrap();
+        let url = out.to_str().unwrap().to_string();
+        let digest = Appliance::open(&url, &OpenOptions::default())
+            .unwrap()
+            .digest();
+        let strict = OpenOptions {
+            require_pin: true,
+            ..OpenOptions::default()
+        };
+        let err = Appliance::open(&url, &strict).unwrap_err();
+        assert!(matches!(err, ApplianceError::Unpinned { .. }), "{err}");
+        assert!(err.to_string().contains("URL#<digest>"), "{err}");
+        assert!(Appliance::open(&format!("{url}#{digest}"), &strict).is_ok());
+        let by_option = OpenOptions {
+            digest: Some(digest),
+            ..strict
+        };
+        assert!(Appliance::open(&url, &by_option).is_ok());
     }
 
     #[test]

@@ -3,7 +3,14 @@
 //! Holds verified plain chunks (the bytes whose BLAKE3 is the chunk's [`Hash`](struct@Hash)) as one file per
 //! chunk, so that a chunk once fetched from the origin is read back at local-disk speed, also by
 //! the next daemon run and by other daemons sharing the directory. The caller verifies before
-//! [`ChunkCache::insert`]; the read path never hashes or decompresses.
+//! [`ChunkCache::insert`]. Nothing on disk is trusted on read either: the first time a process
+//! opens a chunk file it reads it whole and checks its BLAKE3 against the name (then trusts the
+//! open descriptor while it keeps it); a file with other bytes, of another length, not a
+//! regular file or a symbolic link (never followed) is removed and reads as a miss, so the
+//! caller fetches the chunk again ([`CacheStats::discarded`]). Hits are `pread`s, never reads of
+//! a mapping: a chunk file truncated behind the process's back makes a short read (a miss),
+//! not a SIGBUS. The directory is created owner-only (0700, files 0600) and refused if other
+//! users may write to it.
 //!
 //! # Layout
 //!
@@ -52,7 +59,8 @@
 //!
 //! A hit costs one `pread` on a cached descriptor (an LRU of up to 65536 open files, at most
 //! half the descriptor limit) plus a short critical section on one of 16 index shards (never
-//! held across I/O). An evicted chunk reads as a miss; a process that still holds the file open
+//! held across I/O). The first read of a chunk in a process also reads and hashes the whole
+//! chunk (about 30 µs for 64 KiB). An evicted chunk reads as a miss; a process that still holds the file open
 //! keeps reading it correctly (the bytes are immutable) until its descriptor is evicted or its
 //! next rescan notices the file is gone.
 //!
@@ -70,7 +78,7 @@ pub(crate) mod sys;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::num::NonZeroUsize;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -93,6 +101,15 @@ const USAGE_NAME: &str = "usage";
 const USAGE_CHECK: u64 = u64::from_le_bytes(*b"vastream");
 /// Index shards (a power of two).
 const SHARDS: usize = 16;
+/// Largest chunk file read (a chunk or an index page is far smaller).
+const MAX_CHUNK_FILE: u64 = 64 << 20;
+use crate::fsutil::{NOFOLLOW, NONBLOCK};
+
+/// The rate-limited log of damaged chunk files.
+fn discard_log() -> &'static crate::ratelog::RateLimitedLog {
+    static LOG: std::sync::OnceLock<crate::ratelog::RateLimitedLog> = std::sync::OnceLock::new();
+    LOG.get_or_init(Default::default)
+}
 /// Upper bound on cached open descriptors.
 const MAX_FDS: usize = 32768;
 /// Allocation unit assumed when charging chunk files.
@@ -132,6 +149,13 @@ pub enum CacheError {
         path.display()
     )]
     UnknownVersion { path: PathBuf, found: String },
+    /// Other users may write to the directory: they could plant chunk files or links.
+    #[error(
+        "chunk cache {}: other users may write to it (mode {mode:o}, owner uid {uid}); \
+         use a directory only you can write to (e.g. `chmod go-w`)",
+        path.display()
+    )]
+    Insecure { path: PathBuf, mode: u32, uid: u32 },
     /// A read asked for bytes past the end of the cached chunk.
     #[error(
         "chunk cache {}: bytes {offset}..{end} are past the end of chunk {hash} ({size} bytes)",
@@ -171,6 +195,9 @@ pub struct CacheStats {
     pub inserts: u64,
     /// Chunk files this process deleted to stay within the bound.
     pub evictions: u64,
+    /// Chunk files this process found damaged (bytes not matching their name, wrong length,
+    /// not a regular file) and removed: each read as a miss.
+    pub discarded: u64,
     /// Bytes charged for all chunk files in the directory (all processes).
     pub bytes_used: u64,
     /// The bound.
@@ -196,23 +223,13 @@ struct Shard {
     fds: LruCache<Hash, Arc<OpenChunk>, crate::counter::DigestBuildHasher>,
 }
 
-/// An open chunk file, mapped when possible (a hit is then a memcpy, no system call).
+/// An open chunk file whose bytes this process has verified.
 struct OpenChunk {
     file: File,
-    map: Option<sys::Mapping>,
 }
 
 impl OpenChunk {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if let Some(m) = &self.map {
-            let src = usize::try_from(offset)
-                .ok()
-                .and_then(|o| m.bytes().get(o..o.checked_add(buf.len())?));
-            if let Some(src) = src {
-                buf.copy_from_slice(src);
-                return Ok(());
-            }
-        }
         self.file.read_exact_at(buf, offset)
     }
 }
@@ -238,6 +255,7 @@ pub struct ChunkCache {
     misses: AtomicU64,
     inserts: AtomicU64,
     evictions: AtomicU64,
+    discarded: AtomicU64,
     known_total: AtomicU64,
     /// Recency clock (µs since the Unix epoch, bumped to stay strictly increasing).
     clock: AtomicU64,
@@ -332,17 +350,19 @@ impl ChunkCache {
     /// Opens (creating) the cache directory `dir`, bounded to `max_bytes` bytes of chunk files.
     /// Several processes may open the same directory at once.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<ChunkCache, CacheError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::fsutil::create_private_dir_all(dir).map_err(io_err(dir))?;
+        check_private(dir)?;
         check_marker(dir)?;
         let root = dir.join(LAYOUT_DIR);
         let chunks = root.join("chunks");
         let tmp = root.join("tmp");
         for d in [&root, &chunks, &tmp] {
-            fs::create_dir_all(d).map_err(io_err(d))?;
+            crate::fsutil::create_private_dir_all(d).map_err(io_err(d))?;
+            check_private(d)?;
         }
         for b in 0..=255u8 {
             let d = chunks.join(format!("{b:02x}"));
-            match fs::create_dir(&d) {
+            match crate::fsutil::create_private_dir(&d) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_err(&d)(e)),
@@ -355,6 +375,8 @@ impl ChunkCache {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
+            .custom_flags(NOFOLLOW)
             .open(&usage_path)
             .map_err(io_err(&usage_path))?;
         let fd_total = sys::nofile_soft_limit()
@@ -385,6 +407,7 @@ impl ChunkCache {
             misses: AtomicU64::new(0),
             inserts: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            discarded: AtomicU64::new(0),
             known_total: AtomicU64::new(0),
             clock: AtomicU64::new(0),
             touch_after_us: TOUCH_AFTER_US,
@@ -518,7 +541,7 @@ impl ChunkCache {
         if self.shard(h).fds.contains(h) {
             return true;
         }
-        match fs::metadata(self.chunk_path(h)) {
+        match fs::symlink_metadata(self.chunk_path(h)) {
             Ok(md) if md.is_file() => {
                 let mut sh = self.shard(h);
                 if !sh.index.contains(h) {
@@ -560,7 +583,7 @@ impl ChunkCache {
             return Ok(());
         }
         let path = self.chunk_path(h);
-        let replace = match fs::metadata(&path) {
+        let replace = match fs::symlink_metadata(&path) {
             Ok(md) if md.is_file() && md.len() == len => {
                 self.remember(h, len, now, mtime_us(&md));
                 return Ok(());
@@ -577,6 +600,7 @@ impl ChunkCache {
         let mut file = File::options()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&tmp)
             .map_err(io_err(&tmp))?;
         let res = write_synced(&mut file, &tmp, plain)
@@ -590,6 +614,11 @@ impl ChunkCache {
         Ok(())
     }
 
+    /// Chunk files this process found damaged and removed ([`CacheStats::discarded`]).
+    pub fn discarded(&self) -> u64 {
+        self.discarded.load(Ordering::Relaxed)
+    }
+
     /// Counters of this process and the shared total.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
@@ -597,6 +626,7 @@ impl ChunkCache {
             misses: self.misses.load(Ordering::Relaxed),
             inserts: self.inserts.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
+            discarded: self.discarded.load(Ordering::Relaxed),
             bytes_used: self.bytes_used(),
             max_bytes: self.max_bytes,
         }
@@ -668,6 +698,27 @@ impl ChunkCache {
         }
     }
 
+    /// Removes chunk `h`'s file, found damaged (`why`), accounting for it: the chunk reads as a
+    /// miss and is fetched again.
+    fn discard(&self, h: &Hash, why: &str) {
+        self.forget(h);
+        self.discarded.fetch_add(1, Ordering::Relaxed);
+        let path = self.chunk_path(h);
+        discard_log().log(format_args!(
+            "chunk cache {}: {why}: removed, the chunk will be fetched again",
+            path.display()
+        ));
+        let Ok(mut l) = self.lock_usage() else { return };
+        if let Ok(md) = fs::symlink_metadata(&path) {
+            if fs::remove_file(&path).is_ok() && md.is_file() {
+                l.set_total(l.total.saturating_sub(charge(md.len())));
+            }
+        }
+        if let Err(e) = l.commit() {
+            tracing::warn!("chunk cache: {e}");
+        }
+    }
+
     /// Drops what the index knows about `h` (its file is gone or unusable).
     fn forget(&self, h: &Hash) {
         let fd = {
@@ -687,27 +738,50 @@ impl ChunkCache {
         known_len: Option<u64>,
     ) -> Result<Option<(u64, Arc<OpenChunk>, bool)>, CacheError> {
         let path = self.chunk_path(h);
-        let file = match File::open(&path) {
+        // Never through a link, and never blocking on a FIFO planted under a chunk's name.
+        let opened = File::options()
+            .read(true)
+            .custom_flags(NOFOLLOW | NONBLOCK)
+            .open(&path);
+        let file = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.forget(h);
                 return Ok(None);
             }
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+                self.discard(h, "a symbolic link");
+                return Ok(None);
+            }
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let (len, mtime) = match known_len {
-            Some(len) => (len, None),
-            None => {
-                let md = file.metadata().map_err(io_err(&path))?;
-                (md.len(), Some(mtime_us(&md)))
+        let md = file.metadata().map_err(io_err(&path))?;
+        if !md.is_file() {
+            self.discard(h, "not a regular file");
+            return Ok(None);
+        }
+        let len = md.len();
+        if len > MAX_CHUNK_FILE || known_len.is_some_and(|k| k != len) {
+            self.discard(h, "of another length than its chunk");
+            return Ok(None);
+        }
+        // Verified on first use in this process: the whole file, against its name.
+        let mut bytes = vec![0u8; len as usize];
+        match file.read_exact_at(&mut bytes, 0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                self.discard(h, "shorter than it was");
+                return Ok(None);
             }
-        };
-        // Map exactly the bytes the file has now (never past its end).
-        let map = match file.metadata() {
-            Ok(md) if md.len() >= len => sys::Mapping::new(&file, len),
-            _ => None,
-        };
-        let file = Arc::new(OpenChunk { file, map });
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        if Hash::of(&bytes) != *h {
+            self.discard(h, "holding other bytes than its name says");
+            return Ok(None);
+        }
+        drop(bytes);
+        let mtime = known_len.is_none().then(|| mtime_us(&md));
+        let file = Arc::new(OpenChunk { file });
         let mut sh = self.shard(h);
         let touch_after = self.touch_after_us;
         let (known, touch) = match (sh.index.get_mut(h), mtime) {
@@ -766,15 +840,21 @@ impl ChunkCache {
         let mut l = self.lock_usage()?;
         if replace {
             // A file of the wrong length under a chunk's name: damaged; replace it.
-            if let Ok(md) = fs::metadata(path) {
-                if md.is_file() && md.len() != len {
+            if let Ok(md) = fs::symlink_metadata(path) {
+                if !md.is_file() || md.len() != len {
                     tracing::warn!(
-                        "chunk cache {}: wrong length {} (expected {len}), replacing",
+                        "chunk cache {}: {} (expected a file of {len} bytes), replacing",
                         path.display(),
-                        md.len()
+                        if md.is_file() {
+                            format!("wrong length {}", md.len())
+                        } else {
+                            "not a regular file".to_string()
+                        }
                     );
                     fs::remove_file(path).map_err(io_err(path))?;
-                    l.set_total(l.total.saturating_sub(charge(md.len())));
+                    if md.is_file() {
+                        l.set_total(l.total.saturating_sub(charge(md.len())));
+                    }
                 }
             }
         }
@@ -783,7 +863,7 @@ impl ChunkCache {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // The prefix directory was removed behind our back.
                 if let Some(parent) = path.parent() {
-                    fs::create_dir_all(parent).map_err(io_err(parent))?;
+                    crate::fsutil::create_private_dir(parent).map_err(io_err(parent))?;
                 }
                 fs::hard_link(tmp, path)
             }
@@ -956,6 +1036,28 @@ impl ChunkCache {
         }
         Ok(out)
     }
+}
+
+/// Refuses a directory other users may write to (or that is not a directory: a link to one is
+/// not followed).
+fn check_private(dir: &Path) -> Result<(), CacheError> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(dir).map_err(io_err(dir))?;
+    if !md.is_dir() {
+        return Err(io_err(dir)(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a directory (a symbolic link is not followed)",
+        )));
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(CacheError::Insecure {
+            path: dir.to_path_buf(),
+            mode,
+            uid: md.uid(),
+        });
+    }
+    Ok(())
 }
 
 /// Checks (or creates) the layout marker of cache directory `dir`.

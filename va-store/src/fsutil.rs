@@ -3,10 +3,42 @@
 //! * [`write_atomic`] replaces a whole small file (a manifest) so that readers, and the file
 //!   after a crash, see either the old content or the new one, never a mix or a truncation.
 //! * [`sync_dir`] and [`sync_parent_dir`] make a rename or link into a directory durable.
+//! * [`create_private_dir_all`], [`create_private_dir`] and [`create_private`] make directories
+//!   (0700) and files (0600) only their owner can read, whatever the umask: guest data (disk
+//!   writes, RAM pages), caches, traces and stats are nobody else's business.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// `O_NOFOLLOW` for [`OpenOptionsExt::custom_flags`]: never open through a symbolic link.
+pub const NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+/// `O_NONBLOCK` for [`OpenOptionsExt::custom_flags`]: never block opening a FIFO.
+pub const NONBLOCK: i32 = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+
+/// Creates `dir` and its missing parents, the new ones owner-only (0700).
+pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates directory `dir` owner-only (0700); fails if it exists.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(0o700).create(dir)
+}
+
+/// Creates (or truncates) `path` for writing, owner-only (0600) when new.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
 
 /// Errors of [`write_atomic`]; each names the file involved.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +87,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), FsError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let written = File::create(&tmp).and_then(|mut f| {
+    let written = create_private(&tmp).and_then(|mut f| {
         f.write_all(data)?;
         f.sync_all()
     });

@@ -71,7 +71,7 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -303,6 +303,9 @@ struct Journal {
     generation: u64,
     snapshot_records: u64,
     journal_records: u64,
+    /// A failed append may have left records past `end` that could not be cut off: the
+    /// next append cuts the file at its own end.
+    stale_tail: bool,
 }
 
 /// A copy-on-write overlay. `Send + Sync`: share it with an `Arc`. Dropping it flushes
@@ -324,6 +327,9 @@ pub struct Overlay {
     data_dirty: AtomicBool,
     /// A data `fdatasync` failed: written data may be lost, so no flush may report success.
     failed: AtomicBool,
+    /// Tests: the next journal sync fails (after the records were written).
+    #[cfg(test)]
+    fail_next_journal_sync: AtomicBool,
     journal: Mutex<Journal>,
     /// Holds the writer's `flock` until drop.
     _lock: File,
@@ -358,7 +364,7 @@ impl Overlay {
             )));
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            fsutil::create_private_dir_all(parent).map_err(io_err(parent))?;
         }
         let lock_file = take_lock(path)?;
         let map_path = sibling(path, ".map");
@@ -379,7 +385,12 @@ impl Overlay {
                 "no memory for the map of {nblocks} blocks"
             )));
         };
-        let map_file = match File::options().read(true).write(true).open(&map_path) {
+        let map_file = match File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(fsutil::NOFOLLOW)
+            .open(&map_path)
+        {
             Ok(f) => Some(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_err(&map_path)(e)),
@@ -413,6 +424,8 @@ impl Overlay {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
+            .custom_flags(fsutil::NOFOLLOW)
             .open(path)
             .map_err(io_err(path))?;
         let data_len = nblocks * OVERLAY_BLOCK;
@@ -428,12 +441,15 @@ impl Overlay {
             summary,
             data_dirty: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_journal_sync: AtomicBool::new(false),
             journal: Mutex::new(Journal {
                 file: map_file,
                 end: 0,
                 generation: 0,
                 snapshot_records: 0,
                 journal_records: 0,
+                stale_tail: false,
             }),
             _lock: lock_file,
             data_blocks: AtomicU64::new(0),
@@ -772,18 +788,40 @@ impl Overlay {
         for &(b, n, st) in &runs {
             bytes.extend_from_slice(&encode_record(j.generation, b, n, st));
         }
+        let new_end = j.end + bytes.len() as u64;
         let res = j
             .file
             .write_all_at(&bytes, j.end)
-            .and_then(|()| j.file.sync_data());
+            .and_then(|()| {
+                // Records of a failed append beyond ours would be replayed after them
+                // (valid checksums, this generation), reverting later changes: cut them.
+                if j.stale_tail {
+                    j.file.set_len(new_end)?;
+                }
+                Ok(())
+            })
+            .and_then(|()| {
+                #[cfg(test)]
+                if self.fail_next_journal_sync.swap(false, Ordering::SeqCst) {
+                    return Err(io::Error::other("injected journal sync failure"));
+                }
+                j.file.sync_data()
+            });
         if let Err(e) = res {
-            // Retried by the next flush, at the same place.
+            // Retried by the next flush, at the same place. What this append may have written
+            // must not outlive it: cut the file back (or, failing that, at the next append).
             for &(b, n, _) in &runs {
                 self.mark_dirty(b, n);
             }
+            j.stale_tail = j
+                .file
+                .set_len(j.end)
+                .and_then(|()| j.file.sync_data())
+                .is_err();
             return Err(io_err(&self.map_path)(e));
         }
-        j.end += bytes.len() as u64;
+        j.stale_tail = false;
+        j.end = new_end;
         j.journal_records += runs.len() as u64;
         Ok(())
     }
@@ -826,6 +864,7 @@ impl Overlay {
             generation,
             snapshot_records: records,
             journal_records: 0,
+            stale_tail: false,
         };
         self.compactions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
@@ -988,6 +1027,8 @@ fn take_lock(path: &Path) -> Result<File, OverlayError> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
+        .custom_flags(fsutil::NOFOLLOW)
         .open(&lock_path)
         .map_err(io_err(&lock_path))?;
     match sys::try_lock_exclusive(&file).map_err(io_err(&lock_path))? {
@@ -1025,6 +1066,8 @@ fn write_map_file(
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(0o600)
+        .custom_flags(fsutil::NOFOLLOW)
         .open(path)
         .map_err(io_err(path))?;
     file.write_all_at(header, 0).map_err(io_err(path))?;

@@ -213,6 +213,11 @@ impl Gated {
         }
     }
 
+    /// Reads that have entered the gate so far.
+    pub fn entered(&self) -> u32 {
+        lock(&self.state).entered
+    }
+
     /// The device's current contents.
     pub fn contents(&self) -> Vec<u8> {
         self.inner.contents()

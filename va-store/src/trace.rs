@@ -122,7 +122,7 @@ impl TraceWriter {
         appliance: &str,
         chunks: [u64; ImageKind::COUNT],
     ) -> Result<Self, TraceError> {
-        let f = File::create(path).map_err(|source| TraceError::Io {
+        let f = crate::fsutil::create_private(path).map_err(|source| TraceError::Io {
             path: path.into(),
             source,
         })?;

@@ -17,8 +17,9 @@
 //! [`BlockDevice::read_local`]: the same walk, which stops at the first chunk that is not local.
 //!
 //! Writes go to the overlay only, at 4 KiB granularity: whole blocks are written as they
-//! are, partial blocks are read-modify-written under a striped lock so that two writes to
-//! different bytes of one block never lose each other. Discard and write-zeroes record zero
+//! are, partial blocks are read-modify-written, both under a striped lock (whole-block writes
+//! and zeroing take the stripes of every block they cover, in stripe order) so that no write
+//! lands between a read-modify-write's read and its write and is lost. Discard and write-zeroes record zero
 //! blocks. Flush makes the overlay durable.
 
 use std::path::PathBuf;
@@ -172,6 +173,7 @@ impl Volume {
                     opts.cache_size
                 },
                 origin: opts.origin.clone(),
+                ..OpenOptions::default()
             },
         )?;
         Self::from_appliance(app, kind, opts).map(Arc::new)
@@ -468,6 +470,21 @@ impl Volume {
         }
     }
 
+    /// Locks the stripes of `n` blocks from `first` on, in stripe order (every stripe for a
+    /// range of at least as many blocks).
+    fn lock_stripes(&self, first: u64, n: u64) -> Vec<std::sync::MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = if n >= STRIPES as u64 {
+            (0..STRIPES).collect()
+        } else {
+            (0..n)
+                .map(|i| ((first + i) % STRIPES as u64) as usize)
+                .collect()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| lock(&self.stripes[i])).collect()
+    }
+
     /// Read-modify-writes the block at `block_start` with `data` at `in_block`.
     fn rmw(
         &self,
@@ -508,6 +525,7 @@ impl Volume {
             } else {
                 // Whole blocks.
                 let full_end = end / OVERLAY_BLOCK * OVERLAY_BLOCK;
+                let _g = self.lock_stripes(pos / OVERLAY_BLOCK, (full_end - pos) / OVERLAY_BLOCK);
                 match data {
                     Some(_) => o
                         .write(pos, src(pos, full_end).unwrap_or(&[]))

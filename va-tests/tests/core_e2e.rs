@@ -221,3 +221,43 @@ fn bad_origins_give_clear_errors() {
     assert!(!ok && err.contains("manifest"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Pinning made visible: an unpinned plain-http URL works but says which manifest it trusts
+/// and how to pin it; with --require-pin (or VA_REQUIRE_PIN=1) it is refused, by va cat and by
+/// a daemon alike; pinned, it is accepted.
+#[test]
+fn unpinned_http_urls_are_warned_about_and_refused_on_request() {
+    let Site {
+        d,
+        site,
+        data,
+        digest,
+    } = packed_site(2, 4);
+    let (_serve, port) = va_serve(&site);
+    let url = format!("http://127.0.0.1:{port}/app/");
+    let out = d.path().join("o");
+    let (ok, err) = cat(&url, &out, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(fs::read(&out).unwrap(), data);
+    assert!(
+        err.contains("not pinned") && err.contains(&format!("{url}#{digest}")),
+        "the warning names the pinned URL: {err}"
+    );
+    let (ok, err) = cat(&url, &out, &["--require-pin"]);
+    assert!(!ok && err.contains("pins no manifest digest"), "{err}");
+    let (_, err) = va_tests::refused(
+        "vanbd",
+        &[
+            "serve",
+            "--appliance",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+            "--require-pin",
+        ],
+    );
+    assert!(err.contains("pins no manifest digest"), "{err}");
+    let (ok, err) = cat(&format!("{url}#{digest}"), &out, &["--require-pin"]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("not pinned"), "{err}");
+}

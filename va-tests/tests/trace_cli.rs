@@ -57,7 +57,11 @@ fn merge_orders_by_runs_then_typical_time_and_show_summarises() {
     assert_eq!(e.as_array().unwrap().len(), 3, "{j}");
     assert_eq!(
         (&e[2]["time_us"], &e[2]["image"], &e[2]["chunk"]),
-        (&serde_json::json!(900), &serde_json::json!("disk"), &serde_json::json!(4)),
+        (
+            &serde_json::json!(900),
+            &serde_json::json!("disk"),
+            &serde_json::json!(4)
+        ),
         "{j}"
     );
 
@@ -256,13 +260,8 @@ fn a_reader_follows_a_working_set_stream_of_another_process_instead_of_fetching(
     let origin = va_tests::Origin::start(&site, Some(("40mbit", "40ms")));
     let url = format!("{}app/#{}", origin.url, digest.trim());
     let cache = p(&d.path().join("cache"));
-    let reader = va_tests::Vanbd::start(&[
-        "--appliance",
-        &url,
-        "--cache-dir",
-        &cache,
-        "--no-prefetch",
-    ]);
+    let reader =
+        va_tests::Vanbd::start(&["--appliance", &url, "--cache-dir", &cache, "--no-prefetch"]);
     let streamer = va_tests::Vanbd::start(&[
         "--appliance",
         &url,

@@ -45,6 +45,8 @@ pub struct CatArgs {
     /// Expected manifest digest.
     #[arg(long, value_name = "HEX", value_parser = crate::launch::parse_digest)]
     digest: Option<va_store::Hash>,
+    #[command(flatten)]
+    pin: crate::launch::PinArgs,
     /// Parallel range requests.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
@@ -90,6 +92,7 @@ pub fn run(a: CatArgs) -> anyhow::Result<()> {
                 retries: a.origin_retries,
                 ..Default::default()
             },
+            require_pin: a.pin.require_pin,
         },
     )?;
     let vol = Arc::new(Volume::from_appliance(

@@ -49,6 +49,8 @@ pub struct QemuArgsArgs {
     /// Expected manifest digest, if the URL does not carry one.
     #[arg(long, value_name = "HEX", value_parser = crate::launch::parse_digest)]
     digest: Option<va_store::Hash>,
+    #[command(flatten)]
+    pin: crate::launch::PinArgs,
     /// vablk's vhost-user socket (required when the appliance has a disk). Repeatable: one per
     /// disk of the appliance, in disk order (`vablk --image disk`, `--image disk1`, ...).
     #[arg(long, value_name = "SOCK")]
@@ -95,6 +97,7 @@ pub fn run(a: QemuArgsArgs) -> anyhow::Result<()> {
             digest: a.digest,
             // Only the manifest and small images are read: no cache needed.
             cache_dir: None,
+            require_pin: a.pin.require_pin,
             ..OpenOptions::default()
         },
     )

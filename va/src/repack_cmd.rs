@@ -48,6 +48,8 @@ pub struct RepackArgs {
     /// Expected manifest digest, if the URL does not carry one.
     #[arg(long, value_name = "HEX", value_parser = crate::launch::parse_digest)]
     digest: Option<va_store::Hash>,
+    #[command(flatten)]
+    pin: crate::launch::PinArgs,
     /// zstd level of the working-set pack (1 fastest .. 19 smallest).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(-7..=22))]
     level: i32,
@@ -83,6 +85,7 @@ pub fn run(a: RepackArgs) -> anyhow::Result<()> {
                 io_timeout: t,
                 ..Default::default()
             },
+            require_pin: a.pin.require_pin,
         },
     )
     .with_context(|| format!("cannot open the bundle {}", a.url))?;

@@ -108,7 +108,8 @@ fn argv_of(pid: i32) -> Option<Vec<String>> {
 fn copy_sparse(src: &Path, dst: &Path) -> anyhow::Result<u64> {
     let mut f = File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let size = f.metadata()?.len();
-    let out = File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
+    let out = va_store::fsutil::create_private(dst)
+        .with_context(|| format!("creating {}", dst.display()))?;
     out.set_len(size)?;
     let mut written = 0u64;
     let mut buf = vec![0u8; 1 << 20];
@@ -454,7 +455,8 @@ pub fn run(a: SnapshotArgs) -> anyhow::Result<()> {
     // Everything that can refuse the snapshot happens before the VM is stopped.
     let mut machine = describe(&mut q, &memdev, ram_size)?;
     let notes = classify(&mut machine.devices, a.allow_other_disks)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    va_store::fsutil::create_private_dir_all(&a.out)
+        .with_context(|| format!("creating {}", a.out.display()))?;
     let out = a.out.canonicalize()?;
     let state = out.join("state");
     let mem = out.join("mem");

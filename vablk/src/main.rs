@@ -88,7 +88,8 @@ const DEFAULTS: Defaults = Defaults::new(
     "vablk",
     ImageKind::Disk,
     Policy::None,
-    Duration::from_secs(300),
+    // No deadline: the guest waits for the origin (an error would reach it).
+    Duration::MAX,
 );
 
 fn main() -> ExitCode {
@@ -118,7 +119,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         device_id(&served.tag),
         ring_log,
     )
-    .with_polling(Duration::from_micros(args.poll_us.min(1000)));
+    .with_polling(Duration::from_micros(args.poll_us.min(1000)))
+    .with_drain_limit(drain_limit(config.retry.retry_for));
     let mut daemon = Daemon::new(&config, &served);
     daemon.stats().set_offload(offload.counters());
     if let Some(p) = &prefetcher {
@@ -144,4 +146,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     drop(prefetcher);
     Ok(())
+}
+
+/// How long GET_VRING_BASE waits for requests in flight: longer than a request can take (the
+/// origin deadline plus a margin for the origin's own timeouts and retries); with no deadline,
+/// until they are done.
+fn drain_limit(origin_deadline: Duration) -> Option<Duration> {
+    (origin_deadline != Duration::MAX)
+        .then(|| origin_deadline.saturating_add(Duration::from_secs(600)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stopping_a_ring_waits_longer_than_a_request_can_take() {
+        assert_eq!(drain_limit(Duration::MAX), None, "no deadline: until done");
+        let d = Duration::from_secs(300);
+        assert!(drain_limit(d).is_some_and(|l| l > d));
+        assert!(drain_limit(Duration::ZERO).is_some_and(|l| l >= Duration::from_secs(120)));
+    }
 }

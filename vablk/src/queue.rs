@@ -44,8 +44,8 @@ use crate::request::{self, Limits, Rejected};
 use crate::ringlog::{Resume, RingAddrs};
 use crate::server::BlkServer;
 
-/// How long GET_VRING_BASE waits for in-flight requests before giving up (and answering anyway).
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// While GET_VRING_BASE waits for requests in flight, a line is logged this often.
+pub const DRAIN_REPORT: Duration = Duration::from_secs(30);
 
 /// Errors of the request path that are not the guest's fault.
 #[derive(Debug, thiserror::Error)]
@@ -522,7 +522,29 @@ impl VhostUserBackend for BlkBackend {
             .started
             .get(queue_index as usize)
             .is_some_and(|s| s.swap(false, Ordering::AcqRel));
-        if f.wait_idle(DRAIN_TIMEOUT) {
+        // Until every request popped from the ring has completed (they may be waiting for the
+        // origin: as long as the origin deadline allows), reporting while it lasts.
+        let drained = loop {
+            let left = self
+                .server
+                .drain_limit
+                .map(|l| l.saturating_sub(start.elapsed()));
+            let slice = left.map_or(DRAIN_REPORT, |l| l.min(DRAIN_REPORT));
+            if f.wait_idle(slice) {
+                break true;
+            }
+            if left.is_some_and(|l| l <= slice) {
+                break false;
+            }
+            tracing::warn!(
+                queue = queue_index,
+                left = f.get(),
+                "stopping the ring: still waiting for requests in flight after {:.0?} (origin \
+                 unreachable?)",
+                start.elapsed()
+            );
+        };
+        if drained {
             tracing::debug!(queue = queue_index, waited = ?start.elapsed(), "queue drained");
             if let (true, Some(log)) = (was_started, &self.server.ring_log) {
                 log.clean(queue_index as u16);
@@ -531,7 +553,8 @@ impl VhostUserBackend for BlkBackend {
             tracing::error!(
                 queue = queue_index,
                 left = f.get(),
-                "requests still in flight after {DRAIN_TIMEOUT:?}"
+                "requests still in flight after {:.0?}: answering anyway",
+                start.elapsed()
             );
         }
         Ok(())

@@ -166,6 +166,7 @@ impl RingLog {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(va_store::fsutil::NOFOLLOW)
             .open(path)
             .map_err(io_err)?;
         {

@@ -28,6 +28,10 @@ pub struct BlkServer {
     pub offload: Offload,
     /// Longest time a queue thread polls its ring before sleeping (0: never polls).
     pub poll_max: std::time::Duration,
+    /// Longest wait of GET_VRING_BASE for requests in flight (`None`: until they complete). It
+    /// must outlast the longest a request can take (the origin deadline), or QEMU would be
+    /// told the ring is stopped with requests still running.
+    pub drain_limit: Option<std::time::Duration>,
 }
 
 impl BlkServer {
@@ -53,7 +57,16 @@ impl BlkServer {
             ring_log: ring_log.map(Arc::new),
             offload,
             poll_max: std::time::Duration::ZERO,
+            drain_limit: None,
         })
+    }
+
+    /// The same server with GET_VRING_BASE waiting at most `limit` (see `drain_limit`).
+    pub fn with_drain_limit(mut self: Arc<Self>, limit: Option<std::time::Duration>) -> Arc<Self> {
+        if let Some(s) = Arc::get_mut(&mut self) {
+            s.drain_limit = limit;
+        }
+        self
     }
 
     /// The same server with ring polling of up to `max` (see `queue::PollWindow`).

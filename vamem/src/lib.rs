@@ -166,7 +166,11 @@ impl Mounted {
                 tracing::warn!("{}: cannot put back {kb}: {e}", knob.display());
             }
         }
-        let got = if raised { u64::from(want_kb) * 1024 } else { u64::from(*kb) * 1024 };
+        let got = if raised {
+            u64::from(want_kb) * 1024
+        } else {
+            u64::from(*kb) * 1024
+        };
         Ok((f?, got))
     }
 

@@ -72,7 +72,8 @@ const DEFAULTS: Defaults = Defaults::new(
     "vamem",
     ImageKind::Mem,
     Policy::WorkingSet,
-    Duration::from_secs(300),
+    // No deadline: the guest waits for the origin (an error would reach it).
+    Duration::MAX,
 );
 
 /// Largest `readahead(2)` window of the puller.
@@ -143,7 +144,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         fuse_threads: args.fuse_threads as usize,
         read_ahead,
     };
-    let mounted = vamem::serve(served.device.clone(), &args.mount, &opts, offload.clone())?;
+    // The kernel's writeback cannot be told a write failed (the page would just come back
+    // stale later): writes the overlay cannot take are held in memory (see Holding).
+    let holding = Arc::new(va_store::layer::Holding::new(served.device.clone()));
+    let mounted = vamem::serve(holding.clone(), &args.mount, &opts, offload.clone())?;
     tracing::info!(
         "serving {} ({} MiB of RAM) from {}",
         mounted.file().display(),
@@ -179,7 +183,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         daemon.stats().set_prefetch(p.progress());
     }
     let counters = mounted.counters().clone();
-    daemon.stats().set_transport(move || counters.snapshot());
+    daemon.stats().set_transport(move || {
+        let mut v = serde_json::to_value(counters.snapshot()).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("held_bytes".into(), holding.held_bytes().into());
+            o.insert("writeback_failures".into(), holding.failures().into());
+        }
+        v
+    });
     let mounted = Arc::new(Mutex::new(mounted));
     let puller = Arc::new(Mutex::new(puller));
     {

@@ -99,7 +99,8 @@ impl Conn {
 
     fn dev_err(&self, req: &Request, e: &DevError) -> Reject {
         let errno = dev_errno(e, req.cmd, req.offset, u64::from(req.len), &self.ctx.errors);
-        reject(errno, e.to_string())
+        // The client learns what failed, not where on this host (paths stay in the log).
+        reject(errno, crate::errors::client_message(e, req.cmd))
     }
 
     /// Checks flags, permissions, range and alignment.

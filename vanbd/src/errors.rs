@@ -26,9 +26,36 @@ pub fn dev_errno(e: &DevError, cmd: Command, offset: u64, len: u64, log: &RateLi
     errno
 }
 
+/// The error text sent to a client: what failed and why in general terms, never a local path
+/// or origin URL (those go to the log).
+pub fn client_message(e: &DevError, cmd: Command) -> String {
+    let why = match e.kind() {
+        DevErrorKind::ReadOnly => "the export is read-only",
+        DevErrorKind::OutOfRange => "out of range",
+        DevErrorKind::Invalid => "invalid request",
+        DevErrorKind::NoSpace => "no space left on the server",
+        DevErrorKind::Unsupported => "not supported",
+        DevErrorKind::Unavailable => "the appliance's origin is unavailable",
+        DevErrorKind::Corrupt => "data failed verification",
+        DevErrorKind::Io => "I/O error on the server",
+    };
+    format!("{} failed: {why} (details in the server log)", cmd.name())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_messages_carry_no_local_detail() {
+        let e = DevError::new(
+            DevErrorKind::Io,
+            "chunk cache /var/cache/vastream/v1/x: EIO",
+        );
+        let m = client_message(&e, Command::Read);
+        assert!(!m.contains("/var") && !m.contains("cache"), "{m}");
+        assert!(m.contains("I/O error"), "{m}");
+    }
 
     #[test]
     fn mapping() {

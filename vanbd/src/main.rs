@@ -80,6 +80,17 @@ struct ServeArgs {
         help_heading = "NBD"
     )]
     queue_depth: usize,
+    /// Close a connection whose client sends nothing for this many seconds after the
+    /// handshake (0: never). QEMU keeps its connection open while the guest is quiet: set it
+    /// only for exports that tools use.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 0,
+        hide_short_help = true,
+        help_heading = "NBD"
+    )]
+    idle_timeout: u64,
     /// Most connections served at once; more are closed right after being accepted.
     #[arg(
         long,
@@ -152,6 +163,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
             queue_depth: a.queue_depth.max(1),
         },
         max_connections: a.max_connections,
+        idle_timeout: (a.idle_timeout > 0).then(|| std::time::Duration::from_secs(a.idle_timeout)),
         ..ServerConfig::default()
     };
     let server = Server::with_offload(export, cfg, offload.clone());

@@ -3,9 +3,9 @@
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use va_daemon::Offload;
 
@@ -17,8 +17,15 @@ use crate::transmission::{self, ConnConfig, Context, End, TransmissionError};
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub conn: ConnConfig,
-    /// A client must finish the handshake within this time.
+    /// A client must finish the whole handshake within this time (a deadline, not a limit
+    /// per read: a client trickling one byte at a time is closed too).
     pub handshake_timeout: Duration,
+    /// A reply that cannot be sent for this long (the client does not read) closes the
+    /// connection, freeing what its requests hold.
+    pub write_timeout: Duration,
+    /// After the handshake, a connection that sends nothing for this long is closed (`None`:
+    /// never; QEMU keeps idle connections open for as long as the guest is quiet).
+    pub idle_timeout: Option<Duration>,
     /// Connections served at once; further ones are closed at once (and logged).
     pub max_connections: u64,
     /// Threads of the offload pool a server makes for itself ([`Server::new`]).
@@ -30,6 +37,8 @@ impl Default for ServerConfig {
         ServerConfig {
             conn: ConnConfig::default(),
             handshake_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(60),
+            idle_timeout: None,
             max_connections: 256,
             workers: 16,
         }
@@ -59,6 +68,7 @@ pub struct Server {
 pub trait Socket: Read + Write + Send + Sync + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
     fn shutdown(&self);
     /// Per-socket setup before the handshake (e.g. `TCP_NODELAY`).
     fn setup(&self) -> io::Result<()> {
@@ -72,6 +82,9 @@ impl Socket for TcpStream {
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, t)
     }
     fn shutdown(&self) {
         let _ = TcpStream::shutdown(self, Shutdown::Both);
@@ -88,8 +101,37 @@ impl Socket for UnixStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, t)
     }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, t)
+    }
     fn shutdown(&self) {
         let _ = UnixStream::shutdown(self, Shutdown::Both);
+    }
+}
+
+/// The reading side of a connection: until the handshake is done every read waits at most
+/// until the handshake's deadline (then the socket's timeout is the idle timeout, if any).
+struct Deadline<S> {
+    s: S,
+    until: Option<Instant>,
+    armed: Arc<AtomicBool>,
+}
+
+impl<S: Socket> Read for Deadline<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.armed.load(Ordering::Acquire) {
+            let left = self
+                .until
+                .map(|u| u.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the handshake took too long",
+                ));
+            }
+            self.s.set_read_timeout(left)?;
+        }
+        self.s.read(buf)
     }
 }
 
@@ -198,13 +240,20 @@ impl Server {
 
     fn serve_socket_inner<S: Socket>(&self, s: &S) -> Result<End, ConnError> {
         s.setup().map_err(ConnError::Setup)?;
-        s.set_read_timeout(Some(self.cfg.handshake_timeout))
+        s.set_write_timeout(Some(self.cfg.write_timeout))
             .map_err(ConnError::Setup)?;
         let w = s.try_clone().map_err(ConnError::Setup)?;
-        let r = s.try_clone().map_err(ConnError::Setup)?;
+        let r = Deadline {
+            s: s.try_clone().map_err(ConnError::Setup)?,
+            until: Some(Instant::now() + self.cfg.handshake_timeout),
+            armed: Arc::new(AtomicBool::new(true)),
+        };
+        let armed = Arc::clone(&r.armed);
         let closer = s.try_clone().map_err(ConnError::Setup)?;
+        let idle = self.cfg.idle_timeout;
         let done = || {
-            let _ = s.set_read_timeout(None);
+            armed.store(false, Ordering::Release);
+            let _ = s.set_read_timeout(idle);
         };
         self.serve_stream(r, Box::new(w), &done, Box::new(move || closer.shutdown()))
     }
@@ -275,6 +324,7 @@ fn accept_error_is_transient(e: &io::Error) -> bool {
 mod tests {
     use super::*;
     use crate::testclient::{mem_device, Client};
+    use std::io::Write;
 
     #[test]
     fn tcp_connections_beyond_the_limit_are_closed() {
@@ -318,5 +368,93 @@ mod tests {
             (c.conn.connections, c.conn.refused, c.conn.active),
             (2, 1, 1)
         );
+    }
+
+    fn tcp_server(
+        cfg: ServerConfig,
+        dev: Arc<dyn va_store::BlockDevice>,
+    ) -> (Arc<Server>, std::net::SocketAddr) {
+        let server = Server::new(Export::new("disk", dev), cfg).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = Arc::clone(&server);
+        std::thread::spawn(move || s.run_tcp(l));
+        (server, addr)
+    }
+
+    #[test]
+    fn a_handshake_trickled_byte_by_byte_is_closed_at_its_deadline() {
+        let cfg = ServerConfig {
+            handshake_timeout: Duration::from_millis(600),
+            ..ServerConfig::default()
+        };
+        let (server, addr) = tcp_server(cfg, mem_device(8192, &[0]));
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut a = Client { s };
+        a.greeting();
+        // One byte every 150 ms: every read gets its byte in time, the whole takes too long.
+        let t = Instant::now();
+        let flags =
+            (crate::proto::FLAG_C_FIXED_NEWSTYLE | crate::proto::FLAG_C_NO_ZEROES).to_be_bytes();
+        for b in flags.iter().chain(b"IHAVEOPT".iter()).cycle().take(20) {
+            if a.s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        assert!(a.at_eof(), "the server closed the connection");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        let c = server.counters();
+        assert_eq!(c.conn.handshake_failures, 1, "{c:?}");
+    }
+
+    #[test]
+    fn pipelined_large_reads_are_held_to_the_connection_budget() {
+        // Every read must wait for the "network" (the gate): without a budget all ten 16 MiB
+        // reads would be queued at once, each holding its buffer.
+        let size = 160usize << 20;
+        let gated = Arc::new(va_store::testing::Gated::new(
+            vec![7u8; size],
+            0..size as u64,
+        ));
+        let (_server, addr) = tcp_server(ServerConfig::default(), gated.clone());
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut a = Client { s };
+        a.greeting();
+        a.client_flags(crate::proto::FLAG_C_FIXED_NEWSTYLE | crate::proto::FLAG_C_NO_ZEROES);
+        a.option(
+            crate::proto::OPT_GO,
+            &crate::testclient::go_data(b"disk", &[]),
+        );
+        assert_eq!(a.opt_replies().last().unwrap().0, crate::proto::REP_ACK);
+        let len = 16u32 << 20;
+        for i in 0..10u64 {
+            a.request(
+                crate::proto::CMD_READ,
+                0,
+                i + 1,
+                i * u64::from(len),
+                len,
+                &[],
+            );
+        }
+        // 64 MiB queued (four reads), then the reader runs the fifth itself and reads no more.
+        gated.wait_entered(5);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(gated.entered(), 5, "reads waiting at once");
+        gated.open();
+        let mut seen = 0;
+        for _ in 0..10 {
+            match a.msg(|_| len as usize) {
+                crate::testclient::Msg::Simple { errno: 0, data, .. } => {
+                    assert!(data.iter().all(|&b| b == 7));
+                    seen += 1;
+                }
+                m => panic!("{m:?}"),
+            }
+        }
+        assert_eq!(seen, 10);
     }
 }

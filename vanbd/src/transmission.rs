@@ -76,8 +76,11 @@ pub enum TransmissionError {
 
 /// Size of the request read buffer (several pipelined requests arrive in one `read`).
 pub const IN_BUF: usize = 128 << 10;
-/// Most payload bytes of queued (not yet executed) writes per connection.
-const MAX_QUEUED_BYTES: usize = 128 << 20;
+/// Most bytes one connection may hold in queued requests: write payloads not yet written and
+/// read buffers not yet sent. Past it the reader runs the next such request itself, which
+/// stops it reading more (backpressure): a client that pipelines large reads and never reads
+/// the replies cannot grow the daemon beyond this (and the write timeout then closes it).
+const MAX_QUEUED_BYTES: usize = 64 << 20;
 
 /// A reply writer over any byte sink.
 pub type Replies = ReplyWriter<Box<dyn Write + Send>>;
@@ -90,7 +93,8 @@ pub struct Conn {
     inline_max: u32,
     out: Mutex<Replies>,
     broken: AtomicBool,
-    /// Payload bytes of queued writes not yet executed.
+    /// Bytes held by queued requests: write payloads not yet executed, read lengths not yet
+    /// replied.
     queued_bytes: AtomicUsize,
     /// Spare payload buffers for queued writes.
     payloads: BufferPool,
@@ -163,13 +167,18 @@ fn read_requests<R: Read>(
                 max: conn.export.max_payload,
             });
         }
-        // Queued writes hold their payload until done: past the budget, the reader
-        // executes the request itself, which stops it reading more (backpressure).
-        let over_budget = plen > 0
-            && conn.queued_bytes.load(Ordering::Acquire) + plen as usize > MAX_QUEUED_BYTES;
+        // Queued writes hold their payload until done, queued reads their data until sent:
+        // past the budget, the reader executes the request itself (to the end, even if it
+        // must wait for the network), which stops it reading more (backpressure).
+        let held = match req.cmd {
+            Command::Read => req.len as usize,
+            _ => plen as usize,
+        };
+        let over_budget =
+            held > 0 && conn.queued_bytes.load(Ordering::Acquire) + held > MAX_QUEUED_BYTES;
         if over_budget || conn.may_run_inline(&req) {
             read_payload(conn, reader, &mut payload, plen)?;
-            let handled = conn.handle(&req, &payload, &mut scratch, false);
+            let handled = conn.handle(&req, &payload, &mut scratch, over_budget);
             scratch.trim();
             if payload.capacity() > va_daemon::buffers::KEEP_BUFFER {
                 payload = Vec::new();
@@ -186,13 +195,13 @@ fn read_requests<R: Read>(
         NbdCounters::inc(&counters.conn.queued);
         let mut buf = conn.payloads.take();
         read_payload(conn, reader, &mut buf, plen)?;
-        conn.queued_bytes.fetch_add(buf.len(), Ordering::AcqRel);
+        conn.queued_bytes.fetch_add(held, Ordering::AcqRel);
         if jobs.in_flight() >= queue_depth {
             // submit will wait: let the client see the replies we hold meanwhile.
             conn.flush();
         }
         let c = Arc::clone(conn);
-        jobs.submit(move || c.run_job(req, buf));
+        jobs.submit(move || c.run_job(req, buf, held));
     }
 }
 
@@ -234,7 +243,7 @@ fn read_payload<R: Read>(
 
 impl Conn {
     /// Runs a request on a pool thread (may wait for the network).
-    fn run_job(&self, req: Request, payload: Vec<u8>) {
+    fn run_job(&self, req: Request, payload: Vec<u8>, held: usize) {
         thread_local! {
             static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
         }
@@ -247,7 +256,7 @@ impl Conn {
                 self.handle(&req, &payload, &mut Scratch::default(), true);
             }
         });
-        self.queued_bytes.fetch_sub(payload.len(), Ordering::AcqRel);
+        self.queued_bytes.fetch_sub(held, Ordering::AcqRel);
         self.payloads.give(payload);
     }
 

@@ -190,7 +190,10 @@ mod tests {
         });
         assert_eq!(f.read(&[7; 16]), None, "stale");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("stream")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("stream"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 

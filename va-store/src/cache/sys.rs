@@ -1,16 +1,13 @@
 //! The system calls `std` does not wrap (advisory whole-file locks, hole punching, the
-//! descriptor limit, read-only mappings), behind safe functions. Shared by [`crate::cache`] and
-//! [`crate::overlay`].
-//!
-//! The calls go through `rustix`; the only `unsafe` left is the mapping ([`Mapping`]), whose
-//! validity rests on the cache's protocol (chunk files are never modified in place).
+//! descriptor limit), behind safe functions. Shared by [`crate::cache`] and
+//! [`crate::overlay`]. The calls go through `rustix`; no `unsafe` here. (Chunk files are not
+//! mapped: a file truncated behind the process's back would fault on access.)
 
 use std::fs::File;
 use std::io;
 
 use rustix::fs::{FallocateFlags, FlockOperation};
 use rustix::io::Errno;
-use rustix::mm::{MapFlags, ProtFlags};
 use rustix::process::{Resource, Rlimit};
 
 /// Outcome of a non-blocking lock attempt.
@@ -94,60 +91,6 @@ pub(crate) fn nofile_soft_limit() -> Option<u64> {
         }
     }
     Some(current)
-}
-
-/// A read-only shared mapping of a whole chunk file.
-///
-/// Chunk files are content-addressed and never modified or truncated after they are linked
-/// into place (eviction unlinks; a damaged file is replaced by a new inode), so the mapped
-/// bytes stay valid and immutable for the life of the mapping. Only a process that ignores the
-/// cache's protocol and truncates a chunk file in place could make an access fault (SIGBUS).
-pub(crate) struct Mapping {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and immutable (see above); sharing or sending a pointer to
-// it between threads is as safe as sharing a `&[u8]`.
-unsafe impl Send for Mapping {}
-// SAFETY: as for Send: only shared reads happen through it.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    /// Maps the first `len` bytes of `file` (which must be at least that long). `None` for an
-    /// empty length or when mmap fails (the caller then reads with pread).
-    pub(crate) fn new(file: &File, len: u64) -> Option<Mapping> {
-        let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
-        // SAFETY: a fresh read-only shared mapping of a descriptor we own; with a null hint the kernel picks the address, so no existing memory is affected.
-        let p = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ,
-                MapFlags::SHARED,
-                file,
-                0,
-            )
-        }
-        .ok()?;
-        std::ptr::NonNull::new(p.cast::<u8>()).map(|ptr| Mapping { ptr, len })
-    }
-
-    /// The mapped bytes.
-    pub(crate) fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` points to `len` readable bytes mapped in `new` and unmapped only in `drop`; the contents never change (see the type's docs).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region mapped in `new`; no reference from `bytes` can outlive `self`.
-        let r = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
-        if let Err(e) = r {
-            tracing::debug!("munmap of a chunk mapping: {e}");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -405,7 +405,8 @@ fn damaged_counter_and_stray_files_are_repaired() {
     fs::write(dir.path().join("v1/chunks/00/not-a-chunk"), b"x").unwrap();
     let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
     assert_eq!(c.bytes_used(), 3 * charge(3000));
-    // A truncated chunk file (not something the cache writes) is replaced on insert.
+    // A truncated chunk file (not something the cache writes) reads as a miss, is removed,
+    // and the chunk goes in again on insert.
     let hex = chunks[0].0.to_hex();
     let path = dir.path().join("v1/chunks").join(&hex[..2]).join(&hex);
     drop(c);
@@ -413,8 +414,10 @@ fn damaged_counter_and_stray_files_are_repaired() {
     let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
     assert_eq!(c.bytes_used(), 2 * charge(3000) + charge(100));
     let mut buf = vec![0u8; 3000];
-    let err = c.read(&chunks[0].0, 0, &mut buf).unwrap_err();
-    assert!(matches!(err, CacheError::OutOfRange { size: 100, .. }));
+    assert!(!c.read(&chunks[0].0, 0, &mut buf).unwrap());
+    assert_eq!(c.stats().discarded, 1);
+    assert!(!path.exists());
+    assert_eq!(c.bytes_used(), 2 * charge(3000));
     c.insert(&chunks[0].0, &chunks[0].1).unwrap();
     assert_eq!(
         read_all(&c, &chunks[0].0, 3000).as_ref(),
@@ -448,4 +451,104 @@ fn instance_that_knows_nothing_rescans_to_evict() {
     assert!(chunks[1..].iter().all(|(h, _)| disk_has(dir.path(), h)));
     assert_eq!(disk_total(dir.path()), max);
     assert_eq!(b.bytes_used(), max);
+}
+
+fn chunk_file(dir: &Path, h: &Hash) -> PathBuf {
+    let hex = h.to_hex();
+    dir.join("v1/chunks").join(&hex[..2]).join(hex)
+}
+
+#[test]
+fn chunk_files_are_verified_on_first_use_and_damaged_ones_are_refetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks: Vec<_> = (0..4).map(|i| chunk(i + 10, 5000)).collect();
+    {
+        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        for (h, d) in &chunks {
+            c.insert(h, d).unwrap();
+        }
+    }
+    // 0: the same length, other bytes (changed in place); 1: truncated; 2: a symbolic link
+    // to a file holding the right bytes (never followed); 3: untouched.
+    let p0 = chunk_file(dir.path(), &chunks[0].0);
+    let mut bad = chunks[0].1.clone();
+    bad[17] ^= 1;
+    fs::write(&p0, &bad).unwrap();
+    let p1 = chunk_file(dir.path(), &chunks[1].0);
+    fs::write(&p1, &chunks[1].1[..10]).unwrap();
+    let p2 = chunk_file(dir.path(), &chunks[2].0);
+    let outside = dir.path().join("outside");
+    fs::write(&outside, &chunks[2].1).unwrap();
+    fs::remove_file(&p2).unwrap();
+    std::os::unix::fs::symlink(&outside, &p2).unwrap();
+
+    let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+    for (h, _) in &chunks[..3] {
+        assert_eq!(
+            read_all(&c, h, 5000),
+            None,
+            "a damaged file reads as a miss"
+        );
+        assert!(!c.contains(h));
+    }
+    assert_eq!(c.stats().discarded, 3);
+    assert!(!p0.exists() && !p1.exists() && fs::symlink_metadata(&p2).is_err());
+    assert!(outside.exists(), "the link's target is not touched");
+    assert_eq!(
+        read_all(&c, &chunks[3].0, 5000).as_ref(),
+        Some(&chunks[3].1)
+    );
+    // Fetched again, they read back right.
+    for (h, d) in &chunks[..3] {
+        c.insert(h, d).unwrap();
+        assert_eq!(read_all(&c, h, 5000).as_ref(), Some(d));
+    }
+    assert_eq!(c.bytes_used(), 4 * charge(5000));
+}
+
+#[test]
+fn a_chunk_file_truncated_while_open_is_a_miss_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+    let (h, d) = chunk(42, 65536);
+    c.insert(&h, &d).unwrap();
+    assert_eq!(read_all(&c, &h, 65536).as_ref(), Some(&d));
+    // The descriptor is kept open; the file shrinks behind the process's back.
+    File::options()
+        .write(true)
+        .open(chunk_file(dir.path(), &h))
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(!c.read(&h, 60_000 & !4095, &mut buf).unwrap());
+    c.insert(&h, &d).unwrap();
+    assert_eq!(read_all(&c, &h, 65536).as_ref(), Some(&d));
+}
+
+#[test]
+fn the_cache_is_private_and_refused_when_others_may_write_to_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    let c = ChunkCache::open(&root, 1 << 20).unwrap();
+    let (h, d) = chunk(7, 100);
+    c.insert(&h, &d).unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(&root.join("v1/chunks")), 0o700);
+    assert_eq!(mode(&chunk_file(&root, &h)), 0o600);
+    drop(c);
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+    let err = ChunkCache::open(&root, 1 << 20).err().unwrap();
+    assert!(
+        matches!(err, CacheError::Insecure { mode: 0o777, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("other users may write"), "{err}");
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(
+        ChunkCache::open(&root, 1 << 20).is_ok(),
+        "readable by others is allowed"
+    );
 }

@@ -14,11 +14,15 @@
 //! * [`Retrying`] retries requests that failed with a transient kind (origin unreachable,
 //!   corrupt transfer) with exponential backoff, for up to a deadline.
 //! * [`Recording`] writes the first access to every chunk to a working-set trace.
+//! * [`Holding`] (vamem, on top) keeps writes the device cannot take (disk full) in memory,
+//!   serves them, and writes them down later: the kernel's writeback cannot be told.
 
 mod counting;
+mod holding;
 mod recording;
 mod retrying;
 
 pub use counting::Counting;
+pub use holding::Holding;
 pub use recording::{untraced, Recording};
 pub use retrying::{RetryPolicy, Retrying};

@@ -66,9 +66,16 @@ impl Retrying {
                     self.retries.add(1);
                     let left = self.policy.retry_for.saturating_sub(start.elapsed());
                     let wait = delay.min(left);
-                    self.log.log(format_args!(
-                        "{what} {offset}+{len}: {e}; waiting {wait:?} for a good copy (giving up in {left:.0?})"
-                    ));
+                    if self.policy.retry_for == Duration::MAX {
+                        self.log.log(format_args!(
+                            "{what} {offset}+{len}: {e}; waiting {wait:?} for a good copy \
+                             (no deadline: waiting until the origin is back)"
+                        ));
+                    } else {
+                        self.log.log(format_args!(
+                            "{what} {offset}+{len}: {e}; waiting {wait:?} for a good copy (giving up in {left:.0?})"
+                        ));
+                    }
                     std::thread::sleep(wait);
                     delay = (delay * 2).min(self.policy.max_delay);
                 }

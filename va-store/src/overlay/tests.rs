@@ -733,3 +733,28 @@ fn kill9_keeps_every_flushed_write() {
         ov.flush().unwrap();
     }
 }
+
+/// A journal append whose sync failed may have written its records: they must not be
+/// replayed after a later, shorter append (which would revert what that one recorded).
+#[test]
+fn records_of_a_failed_journal_append_are_never_replayed() {
+    use BlockState::*;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ov");
+    let ov = Overlay::open(&p, 64 * B, ID).unwrap();
+    // Five separate runs: five records.
+    for b in [0u64, 2, 4, 6, 8] {
+        ov.write(b * B, &block(1, b)).unwrap();
+    }
+    ov.fail_next_journal_sync.store(true, Ordering::SeqCst);
+    assert!(ov.flush().is_err());
+    // Then all ten blocks are zeroed: the next flush is one record.
+    ov.zero(0, 10 * B).unwrap();
+    ov.flush().unwrap();
+    crash(ov);
+    let ov = Overlay::open(&p, 64 * B, ID).unwrap();
+    for b in 0..10 {
+        assert_eq!(state(&ov, b), Zero, "block {b}");
+        assert!(read_block(&ov, b).iter().all(|&x| x == 0), "block {b}");
+    }
+}

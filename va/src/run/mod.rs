@@ -63,6 +63,8 @@ pub struct RunArgs {
     /// Expected manifest digest, if the URL does not carry one.
     #[arg(long, value_name = "HEX", value_parser = crate::launch::parse_digest)]
     digest: Option<va_store::Hash>,
+    #[command(flatten)]
+    pin: crate::launch::PinArgs,
     /// Local chunk cache (default: /var/cache/vastream for root, $XDG_CACHE_HOME/vastream
     /// otherwise).
     #[arg(long, value_name = "DIR")]
@@ -165,7 +167,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     // --no-cache-write: a cache of this run's own, on disk beside the overlays, removed when
     // the run ends (dropped last, after the sidecars).
     let _run_cache = if a.no_cache_write {
-        std::fs::create_dir_all(&state_base)
+        va_store::fsutil::create_private_dir_all(&state_base)
             .with_context(|| format!("creating {}", state_base.display()))?;
         Some(
             tempfile::Builder::new()
@@ -197,6 +199,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             cache_dir: Some(cache_dir.clone()),
             cache_size: a.cache_size,
             origin,
+            require_pin: a.pin.require_pin,
         },
     )
     .with_context(|| format!("origin: cannot open the appliance {}", a.url))?;
@@ -253,7 +256,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             ));
         }
     }
-    std::fs::create_dir_all(&state_dir)
+    va_store::fsutil::create_private_dir_all(&state_dir)
         .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
     // Sockets need short paths: the run directory lives under the temporary directory.
     let rundir = tempfile::Builder::new()

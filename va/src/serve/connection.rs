@@ -4,7 +4,7 @@
 use std::io::{ErrorKind, Read};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 
@@ -39,6 +39,8 @@ pub(super) fn serve_connection(
     }
     let mut buf = vec![0u8; MAX_HEAD];
     let mut filled = 0usize;
+    // When the head being read began (its first byte): it must be whole by the deadline.
+    let mut head_started: Option<Instant> = None;
     loop {
         // Tolerate empty lines between requests (RFC 9112 §2.2).
         let skip = buf[..filled]
@@ -59,10 +61,35 @@ pub(super) fn serve_connection(
                 debug!(%peer, status = 431, "request head larger than {MAX_HEAD} bytes");
                 return;
             }
+            if filled > 0 && head_started.is_none() {
+                head_started = Some(Instant::now());
+            }
+            let wait = match head_started {
+                None => limits.idle_timeout,
+                Some(t) => {
+                    let left = limits.head_timeout.saturating_sub(t.elapsed());
+                    if left.is_zero() {
+                        request_timeout(&mut stream, &peer, stats);
+                        return;
+                    }
+                    left.min(limits.idle_timeout)
+                }
+            };
+            if let Err(e) = stream.set_read_timeout(Some(wait)) {
+                debug!(%peer, "socket setup: {e}");
+                return;
+            }
             match stream.read(&mut buf[filled..]) {
                 Ok(0) => return,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e)
+                    if head_started.is_some()
+                        && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    request_timeout(&mut stream, &peer, stats);
+                    return;
+                }
                 Err(e) => {
                     if filled > 0 {
                         debug!(%peer, "incomplete request: {e}");
@@ -71,6 +98,7 @@ pub(super) fn serve_connection(
                 }
             }
         };
+        head_started = None;
         let (response, keep_alive, head_only, line) = match RequestHead::parse(&buf[..head_len]) {
             Ok(req) => {
                 let line = format!("{} {}", req.method, req.target);
@@ -103,6 +131,15 @@ pub(super) fn serve_connection(
         buf.copy_within(head_len..filled, 0);
         filled -= head_len;
     }
+}
+
+/// Answers a request head that did not arrive in time with 408 and closes.
+fn request_timeout(stream: &mut TcpStream, peer: &str, stats: &ServerStats) {
+    let response = Response::error(408, "Request Timeout");
+    if write_response(stream, &response, false, false, stats).is_ok() {
+        linger_close(stream);
+    }
+    debug!(%peer, status = 408, "request head not complete in time");
 }
 
 /// Closes a connection whose client may still be sending (an oversized head, a request body):

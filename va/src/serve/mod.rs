@@ -58,8 +58,8 @@ pub struct ServeArgs {
     /// connection closes.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
-    /// Seconds an idle keep-alive connection (or a client sending a request slowly) is kept
-    /// before the server closes it.
+    /// Seconds an idle keep-alive connection is kept before the server closes it. (A request
+    /// head must arrive whole within 10 s of its first byte, however it trickles in.)
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout: u64,
 }
@@ -69,6 +69,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let limits = Limits {
         max_connections: args.max_connections as usize,
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        ..Limits::default()
     };
     let server = Server::bind(&args.dir, args.listen, limits)?;
     server.serve_forever()?;
@@ -103,6 +104,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// How long an idle connection is kept.
     pub idle_timeout: Duration,
+    /// A request head must arrive whole within this time of its first byte (a deadline, not a
+    /// limit per read: a client trickling bytes cannot hold a connection slot).
+    pub head_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -110,6 +114,7 @@ impl Default for Limits {
         Limits {
             max_connections: 256,
             idle_timeout: Duration::from_secs(60),
+            head_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -215,6 +220,7 @@ struct ConnectionLimit {
     max: usize,
     used: Mutex<usize>,
     freed: Condvar,
+    full_log: va_store::ratelog::RateLimitedLog,
 }
 
 /// One connection's claim on a place under the [`ConnectionLimit`], given back on drop.
@@ -226,12 +232,20 @@ impl ConnectionLimit {
             max,
             used: Mutex::new(0),
             freed: Condvar::new(),
+            full_log: va_store::ratelog::RateLimitedLog::new(1, Duration::from_secs(10)),
         })
     }
 
     /// Waits until fewer than `max` connections are being served, then claims a slot.
     fn wait_for_slot(self: &Arc<Self>) -> ConnectionSlot {
         let mut used = lock(&self.used);
+        if *used >= self.max {
+            self.full_log.log(format_args!(
+                "all {} connection slots are in use: new clients wait in the listen queue \
+                 (--max-connections)",
+                self.max
+            ));
+        }
         while *used >= self.max {
             used = wait(&self.freed, used);
         }

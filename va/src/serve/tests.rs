@@ -222,3 +222,27 @@ fn connection_cap() {
     assert_eq!(b.recv(false).status, 200);
     assert_eq!(stats.connections.load(Ordering::Relaxed), 2);
 }
+
+#[test]
+fn a_request_head_trickled_in_is_cut_off_at_its_deadline() {
+    let limits = Limits {
+        head_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let (_d, addr, _s, _) = start(limits);
+    let mut c = Client::new(addr);
+    let t = std::time::Instant::now();
+    // One byte every 100 ms: each read gets its byte in time, the head never completes.
+    for b in "GET /app/manifest HTTP/1.1\r\nX-Slow: 1234567890".bytes() {
+        if c.stream.write_all(&[b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if t.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+    }
+    assert_eq!(c.recv(false).status, 408);
+    assert!(c.closed());
+    assert!(t.elapsed() < Duration::from_secs(5));
+}

@@ -367,8 +367,7 @@ impl HttpOrigin {
                     }
                 }
                 let too_long = |n: u64| proto(ReplyError::RangeIgnored { at_least: n });
-                let whole =
-                    self.read_body(
+                let whole = self.read_body(
                     conn,
                     head.framing,
                     FULL_REPLY_LIMIT,

@@ -368,7 +368,10 @@ fn a_range_streams_its_front_before_the_end_arrives() {
         .iter()
         .filter(|(n, t)| *n >= 80_000 && *n < 180_000 && end - *t >= Duration::from_millis(200))
         .count();
-    assert!(early > 0, "the first half was handed on before the second came: {calls:?}");
+    assert!(
+        early > 0,
+        "the first half was handed on before the second came: {calls:?}"
+    );
     // A retried request: the failed attempt's progress showed its part, the retry's starts
     // over; every call is still a prefix of the range.
     calls.clear();
@@ -379,7 +382,10 @@ fn a_range_streams_its_front_before_the_end_arrives() {
         })
         .unwrap();
     assert_eq!(got, &s.data[..150_000]);
-    assert!(calls.iter().any(|c| c.0 <= 50_000), "the failed attempt showed its part");
+    assert!(
+        calls.iter().any(|c| c.0 <= 50_000),
+        "the failed attempt showed its part"
+    );
     assert_eq!(o.stats().retries, 1);
 }
 
