@@ -214,6 +214,18 @@ struct Entry {
     last_us: u64,
     /// When the file's mtime was last set, µs since the Unix epoch.
     touched_us: u64,
+    /// The file this process verified (inode and change time): a descriptor reopened on the
+    /// same unchanged file needs no second hash. Any write, truncation or replacement changes
+    /// the change time or the inode.
+    verified: Option<FileId>,
+}
+
+/// Identifies one state of one file: inode, change time (s, ns).
+type FileId = (u64, i64, i64);
+
+fn file_id(md: &fs::Metadata) -> FileId {
+    use std::os::unix::fs::MetadataExt;
+    (md.ino(), md.ctime(), md.ctime_nsec())
 }
 
 struct Shard {
@@ -552,6 +564,7 @@ impl ChunkCache {
                             len: md.len(),
                             last_us: t,
                             touched_us: t,
+                            verified: None,
                         },
                     );
                 }
@@ -691,6 +704,7 @@ impl ChunkCache {
                         len,
                         last_us: now,
                         touched_us: touched,
+                        verified: None,
                     },
                 );
                 sh.fds.pop(h);
@@ -765,21 +779,25 @@ impl ChunkCache {
             self.discard(h, "of another length than its chunk");
             return Ok(None);
         }
-        // Verified on first use in this process: the whole file, against its name.
-        let mut bytes = vec![0u8; len as usize];
-        match file.read_exact_at(&mut bytes, 0) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                self.discard(h, "shorter than it was");
+        // Verified on first use in this process: the whole file, against its name (unless this
+        // process verified this very file, unchanged since, before its descriptor was closed).
+        let id = file_id(&md);
+        let known_good = self.shard(h).index.peek(h).and_then(|e| e.verified) == Some(id);
+        if !known_good {
+            let mut bytes = vec![0u8; len as usize];
+            match file.read_exact_at(&mut bytes, 0) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.discard(h, "shorter than it was");
+                    return Ok(None);
+                }
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+            if Hash::of(&bytes) != *h {
+                self.discard(h, "holding other bytes than its name says");
                 return Ok(None);
             }
-            Err(e) => return Err(io_err(&path)(e)),
         }
-        if Hash::of(&bytes) != *h {
-            self.discard(h, "holding other bytes than its name says");
-            return Ok(None);
-        }
-        drop(bytes);
         let mtime = known_len.is_none().then(|| mtime_us(&md));
         let file = Arc::new(OpenChunk { file });
         let mut sh = self.shard(h);
@@ -790,6 +808,7 @@ impl ChunkCache {
                 if known_len.is_none() {
                     e.len = len;
                 }
+                e.verified = Some(id);
                 (true, false)
             }
             (None, Some(touched)) => {
@@ -798,6 +817,7 @@ impl ChunkCache {
                     len,
                     last_us: now,
                     touched_us: if touch { now } else { touched },
+                    verified: Some(id),
                 };
                 sh.index.put(*h, entry);
                 (true, touch)
@@ -957,11 +977,13 @@ impl ChunkCache {
             let mut entries: Vec<(Hash, Entry)> = list
                 .into_iter()
                 .map(|(h, len, mt)| {
-                    let last = sh.index.peek(&h).map_or(mt, |e| e.last_us.max(mt));
+                    let old = sh.index.peek(&h);
+                    let last = old.map_or(mt, |e| e.last_us.max(mt));
                     let entry = Entry {
                         len,
                         last_us: last,
                         touched_us: mt,
+                        verified: old.and_then(|e| e.verified),
                     };
                     (h, entry)
                 })
