@@ -28,20 +28,8 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "HEX", help_heading = "Appliance")]
     pub digest: Option<String>,
 
-    /// Refuse an appliance URL that pins no manifest digest (`URL#<digest>` or --digest).
-    /// Unpinned, whatever manifest the origin serves is trusted (over plain http, whatever
-    /// the network serves; a warning says so).
-    #[arg(
-        long,
-        env = "VA_REQUIRE_PIN",
-        action = clap::ArgAction::Set,
-        value_parser = clap::builder::BoolishValueParser::new(),
-        num_args = 0..=1,
-        default_value = "false",
-        default_missing_value = "true",
-        help_heading = "Appliance"
-    )]
-    pub require_pin: bool,
+    #[command(flatten)]
+    pub pin: PinArgs,
 
     /// Serve this local raw image file instead of an appliance (testing and benchmarks).
     /// Writes go to the file itself (a second writer is refused); the appliance options do
@@ -184,6 +172,24 @@ fn user_dir(xdg: &str, under_home: &str, system: &str) -> PathBuf {
 /// Parses `123`, `64K`, `64KiB`, `10G`, `1.5G` (binary multiples).
 pub fn parse_size(s: &str) -> Result<u64, va_store::SizeError> {
     va_store::parse_size(s)
+}
+
+/// `--require-pin`, as every daemon and every `va` command that opens an appliance takes it.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct PinArgs {
+    /// Refuse an appliance URL that pins no manifest digest (`URL#<digest>` or --digest).
+    /// Unpinned, whatever manifest the origin serves is trusted (over plain http, whatever
+    /// the network serves; a warning says so).
+    #[arg(
+        long,
+        env = "VA_REQUIRE_PIN",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
+    pub require_pin: bool,
 }
 
 /// `--origin-deadline`: seconds, or `none` (wait for ever).

@@ -173,7 +173,7 @@ impl Config {
                 Source::Appliance {
                     url,
                     digest,
-                    require_pin: args.require_pin,
+                    require_pin: args.pin.require_pin,
                     cache_dir: args
                         .cache_dir
                         .unwrap_or_else(crate::args::default_cache_dir),

@@ -98,23 +98,7 @@ impl MachineArgs {
     }
 }
 
-/// `--require-pin` as every `va` command that opens an appliance takes it.
-#[derive(Debug, Clone, Copy, clap::Args)]
-pub struct PinArgs {
-    /// Refuse an appliance URL that pins no manifest digest (`URL#<digest>` or --digest).
-    /// Unpinned, whatever manifest the origin serves is trusted (over plain http, whatever
-    /// the network serves; a warning says so).
-    #[arg(
-        long,
-        env = "VA_REQUIRE_PIN",
-        action = clap::ArgAction::Set,
-        value_parser = clap::builder::BoolishValueParser::new(),
-        num_args = 0..=1,
-        default_value = "false",
-        default_missing_value = "true"
-    )]
-    pub require_pin: bool,
-}
+pub use va_daemon::args::PinArgs;
 
 /// `--digest HEX` as every `va` command parses it: the 64 hex digits of a manifest's BLAKE3.
 pub fn parse_digest(s: &str) -> Result<va_store::Hash, String> {
